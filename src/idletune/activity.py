@@ -1,0 +1,47 @@
+"""ActivityTracker: who is using the model right now, and since when it has been idle.
+
+Inference marks each request with :meth:`request`; the scheduler reads :meth:`idle_for` and the
+training engine polls :meth:`should_yield` at every layer boundary, so a request that arrives
+mid-step preempts training within about one layer's compute.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+
+class ActivityTracker:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._last_activity = time.monotonic()
+        self.preemptions = 0
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        with self._lock:
+            self._in_flight += 1
+            self._last_activity = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._last_activity = time.monotonic()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def should_yield(self) -> bool:
+        """True while any request is in flight (read without a lock: a plain int read is atomic)."""
+        return self._in_flight > 0
+
+    def idle_for(self) -> float:
+        """Seconds since the last request ended (0 while one is in flight)."""
+        with self._lock:
+            if self._in_flight:
+                return 0.0
+            return time.monotonic() - self._last_activity

@@ -1,0 +1,249 @@
+"""DataCollector: turns chat traffic and feedback into training examples.
+
+- Every exchange (context → the model's answer) becomes a chat pair; clients resend the whole
+  history every turn, and dedup in the queue keeps one copy of each pair.
+- An assistant turn in a resent history that differs from what the model generated for that
+  context is a user correction: queued with high priority.
+- Explicit feedback: a correction (messages + the right answer) is a high-priority example;
+  thumbs-up raises a pair to high priority, thumbs-down withdraws it from training.
+- Content processing: user messages that state something (not questions or requests) are
+  queued as text, so what the user tells the model is learned as knowledge.
+- Web scraping: links in user messages are imported in the background (WebsiteImporter).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .examples import Priority, Source, Status, TrainingExample
+from .queue import TrainingQueue
+
+_URL = re.compile(r"https?://[^\s<>()\"']+")
+_REQUEST_START = re.compile(
+    r"^(please|can|could|would|will|write|give|tell|explain|list|translate|summari[sz]e|make|create|show|help|"
+    r"what|who|whom|whose|when|where|why|how|which|is|are|do|does|did|should|generate|describe|hi|hello|hey|thanks)\b",
+    re.IGNORECASE)
+
+
+def context_key(messages: list[dict]) -> str:
+    """Identity of a conversation prefix (the context an answer was generated for)."""
+    key = json.dumps([[m["role"], m["content"].strip()] for m in messages], ensure_ascii=False)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def conversation_id(messages: list[dict]) -> str:
+    """Stable across turns: derived from the conversation's opening messages."""
+    head = [m for m in messages if m["role"] != "assistant"][:2]
+    return "conv-" + context_key(head)[:16]
+
+
+class ChatLog:
+    """Every message and every generated answer, in its own SQLite file (WAL)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript("""
+            CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, conversation_id TEXT, role TEXT,
+                content TEXT, metadata TEXT, created_at REAL);
+            CREATE TABLE IF NOT EXISTS generations (id TEXT PRIMARY KEY, context_key TEXT, conversation_id TEXT,
+                response TEXT, version INTEGER, rating INTEGER, created_at REAL);
+            CREATE INDEX IF NOT EXISTS generations_ctx ON generations (context_key);
+        """)
+
+    def add_message(self, conv: str, role: str, content: str, metadata: dict | None = None) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO messages (conversation_id, role, content, metadata, created_at) VALUES (?,?,?,?,?)",
+                             (conv, role, content, json.dumps(metadata or {}), time.time()))
+
+    def add_generation(self, gen_id: str, context: list[dict], conv: str, response: str, version: int) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO generations VALUES (?,?,?,?,?,NULL,?)",
+                             (gen_id, context_key(context), conv, response, version, time.time()))
+
+    def generated_for(self, context: list[dict]) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT response FROM generations WHERE context_key=?", (context_key(context),)).fetchall()
+        return [r[0] for r in rows]
+
+    def generation(self, gen_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT id, context_key, conversation_id, response, version FROM generations WHERE id=?",
+                                   (gen_id,)).fetchone()
+        return dict(zip(("id", "context_key", "conversation_id", "response", "version"), row)) if row else None
+
+    def rate(self, gen_id: str, rating: int) -> None:
+        with self._lock:
+            self._db.execute("UPDATE generations SET rating=? WHERE id=?", (rating, gen_id))
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+@dataclass
+class CollectResult:
+    queued: int = 0
+    duplicates: int = 0
+    corrections: int = 0
+    imports_started: list[str] = field(default_factory=list)
+
+
+class DataCollector:
+    """Collects training data from conversations.
+
+    Args:
+        queue: where examples go.
+        enable_chat_logging: keep every message in the chat log (``chatlog.db``).
+        enable_web_scraping: import pages linked in user messages (needs ``import_url``).
+        enable_content_processing: queue user statements as text to learn.
+        auto_collect: turn exchanges into chat pairs and detect corrections automatically.
+        chat_log: the ChatLog (default: ``chatlog.db`` next to the queue file).
+        import_url: called with a URL to import it in the background (the server passes its
+            import job runner); without it, web scraping has nothing to do and says so in stats.
+    """
+
+    def __init__(self, queue: TrainingQueue, *, enable_chat_logging: bool = True, enable_web_scraping: bool = True,
+                 enable_content_processing: bool = True, auto_collect: bool = True,
+                 chat_log: ChatLog | None = None, import_url: Callable[[str], str] | None = None):
+        self.queue = queue
+        self.enable_chat_logging = enable_chat_logging
+        self.enable_web_scraping = enable_web_scraping
+        self.enable_content_processing = enable_content_processing
+        self.auto_collect = auto_collect
+        self.chat_log = chat_log or ChatLog(Path(queue.path).with_name("chatlog.db"))
+        self.import_url = import_url
+        self._seen_urls: set[str] = set()
+        self.stats = {"exchanges": 0, "corrections": 0, "feedback": 0, "statements": 0, "urls_imported": 0}
+
+    # ---- logging --------------------------------------------------------------------------------
+    def log_message(self, conversation_id: str, role: str, content: str, **metadata) -> None:
+        """Record one message in the chat log (nothing is queued by this alone)."""
+        if self.enable_chat_logging:
+            self.chat_log.add_message(conversation_id, role, content, metadata)
+
+    def log_exchange(self, messages: list[dict], response: str, *, generation_id: str, version: int) -> CollectResult:
+        """Record a request's history and the model's answer; queue what there is to learn."""
+        conv = conversation_id(messages)
+        if self.enable_chat_logging:
+            self.log_message(conv, messages[-1]["role"], messages[-1]["content"])
+            self.log_message(conv, "assistant", response, generation_id=generation_id, version=version)
+        self.chat_log.add_generation(generation_id, messages, conv, response, version)
+        self.stats["exchanges"] += 1
+        res = CollectResult()
+        examples: list[TrainingExample] = []
+        if self.auto_collect:
+            examples += self._corrections_in(messages, conv)
+            res.corrections = len(examples)
+            if response.strip():
+                examples.append(TrainingExample.chat(messages + [{"role": "assistant", "content": response}],
+                                                     source=Source.CHAT, priority=Priority.NORMAL,
+                                                     conversation_id=conv, generation_id=generation_id,
+                                                     version=version))
+        if self.enable_content_processing:
+            examples += self._statements_in(messages, conv)
+        if examples:
+            added = self.queue.add_many(examples)
+            res.queued, res.duplicates = added.count, added.duplicates
+        if self.enable_web_scraping and self.import_url is not None:
+            res.imports_started = self._import_links(messages[-1])
+        return res
+
+    def _corrections_in(self, messages: list[dict], conv: str) -> list[TrainingExample]:
+        out = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant" or i == 0:
+                continue
+            context = messages[:i]
+            generated = self.chat_log.generated_for(context)
+            if generated and m["content"].strip() not in {g.strip() for g in generated}:
+                if not any(c["role"] == "user" for c in context):
+                    continue
+                out.append(TrainingExample.chat(context + [m], source=Source.CORRECTION, priority=Priority.HIGH,
+                                                conversation_id=conv, replaces=generated[-1][:200]))
+        self.stats["corrections"] += len(out)
+        return out
+
+    def _statements_in(self, messages: list[dict], conv: str) -> list[TrainingExample]:
+        last = messages[-1]
+        if last["role"] != "user":
+            return []
+        text = last["content"].strip()
+        if len(text.split()) < 6 or text.endswith("?") or _REQUEST_START.match(text):
+            return []
+        self.stats["statements"] += 1
+        return [TrainingExample.from_text(text, source=Source.STATEMENT, priority=Priority.NORMAL, conversation_id=conv)]
+
+    def _import_links(self, message: dict) -> list[str]:
+        if message["role"] != "user":
+            return []
+        started = []
+        for url in _URL.findall(message["content"]):
+            url = url.rstrip(".,;:!?")
+            if url in self._seen_urls:
+                continue
+            self._seen_urls.add(url)
+            try:
+                started.append(self.import_url(url))
+                self.stats["urls_imported"] += 1
+            except Exception as e:  # a refused URL must not break the chat; it is logged in stats
+                self.stats.setdefault("url_errors", []).append(f"{url}: {e}")
+        return started
+
+    # ---- feedback -------------------------------------------------------------------------------
+    def add_correction(self, messages: list[dict], correction: str) -> int | None:
+        """The right answer to ``messages`` (which end with the user's turn, or with the wrong
+        answer, which is replaced). Queued with high priority. Returns the example id."""
+        context = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+        ex = TrainingExample.chat(list(context) + [{"role": "assistant", "content": correction}],
+                                  source=Source.CORRECTION, priority=Priority.HIGH,
+                                  conversation_id=conversation_id(list(context)))
+        self.stats["feedback"] += 1
+        self.stats["corrections"] += 1
+        if self.enable_chat_logging:
+            self.log_message(conversation_id(list(context)), "correction", correction)
+        ids = self.queue.add_many([ex]).added
+        if not ids:  # already known: make sure it is high priority
+            self.queue.add_many([ex])
+            found = self.queue.find(ex.content_hash)
+            return found.id if found else None
+        return ids[0]
+
+    def rate(self, generation_id: str, rating: int) -> dict:
+        """+1 raises the answer's pair to high priority; -1 withdraws it from training."""
+        gen = self.chat_log.generation(generation_id)
+        if gen is None:
+            raise KeyError(f"no response with id {generation_id!r}")
+        self.chat_log.rate(generation_id, rating)
+        self.stats["feedback"] += 1
+        ex = self._pair_for(generation_id)
+        if ex is not None:
+            if rating > 0:
+                self.queue.add_many([TrainingExample.chat(ex.messages, source=Source.FEEDBACK, priority=Priority.HIGH)])
+            elif ex.status in (Status.PENDING,):
+                self.queue.mark_rejected([ex.id], "rated down by the user")
+        return {"generation_id": generation_id, "rating": rating, "example_id": ex.id if ex else None}
+
+    def _pair_for(self, generation_id: str) -> TrainingExample | None:
+        for ex in self.queue.recent(500):
+            if ex.metadata.get("generation_id") == generation_id:
+                return ex
+        return None
+
+    def get_stats(self) -> dict:
+        return dict(self.stats, chat_log_messages=self.chat_log.count())

@@ -1,0 +1,231 @@
+"""Configuration: plain dataclasses, validated with messages that name the field.
+
+One TOML file (``idletune.toml`` in the data directory, or ``--config FILE``) can set any field;
+command-line options override it. Sections: ``[training]`` (with ``[training.lora]``),
+``[scheduler]``, ``[gate]``, ``[server]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or of the wrong type; the message names it."""
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+# Generic module names mapped to each architecture's own (Llama/Qwen/Mistral/Gemma/Phi-3 share
+# the Llama names; GPT-2 style models fuse q/k/v and are listed separately).
+GENERIC_TARGETS = {
+    "attention.q": "q_proj", "attention.k": "k_proj", "attention.v": "v_proj", "attention.o": "o_proj",
+    "ffn.gate": "gate_proj", "ffn.up": "up_proj", "ffn.down": "down_proj",
+}
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    """LoRA rank r (4–16)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator; the update is scaled by alpha / rank."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input (0–0.1)."""
+    target_modules: list[str] = field(default_factory=lambda: ["attention.q", "attention.v", "ffn.gate", "ffn.up"])
+    """Generic names (attention.q/k/v/o, ffn.gate/up/down) or the architecture's raw module names."""
+    enable_bias: bool = False
+    """Also train the biases of the target modules (PEFT bias='lora_only')."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.rank, int) and 4 <= self.rank <= 16, "lora.rank", f"must be an integer in 4–16, got {self.rank!r}")
+        _check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha!r}")
+        _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout <= 0.1, "lora.dropout", f"must be in 0–0.1, got {self.dropout!r}")
+        _check(isinstance(self.target_modules, list) and self.target_modules and all(isinstance(t, str) and t for t in self.target_modules),
+               "lora.target_modules", "must be a non-empty list of module names")
+
+    def module_names(self) -> list[str]:
+        """Generic names resolved to Llama-style module names; raw names pass through."""
+        return [GENERIC_TARGETS.get(t, t) for t in self.target_modules]
+
+
+@dataclass
+class TrainingConfig:
+    mode: str = "lora"
+    """"lora" (adapter only), "full" (all weights) or "hybrid" (LoRA, then full when LoRA plateaus)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    learning_rate: float = 1e-3
+    """Peak learning rate (1e-5–1e-3). A tiny model learning a new fact from one example needs the
+    top of the range; see docs/CONFIGURATION.md."""
+    batch_size: int = 4
+    """Examples per optimizer step while the user is active; the batch manager grows it after long idle (1–32)."""
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.01
+    warmup_steps: int = 3
+    max_steps: int = 60
+    """Most optimizer steps in one training round."""
+    max_seq_len: int = 512
+    """Longer examples are truncated from the left (context), keeping the target."""
+    target_loss: float = 0.15
+    """A round stops early once every new example's mean token loss is below this (it is learned)."""
+    replay_examples: int = 2
+    """Already-trained examples or retention probes mixed into each batch so old lessons are kept."""
+    full_learning_rate_factor: float = 0.1
+    """Full fine-tuning (and hybrid after the switch) uses learning_rate times this."""
+    plateau_window: int = 20
+    """Hybrid: steps over which the loss EMA must improve by plateau_min_delta, or it has plateaued."""
+    plateau_min_delta: float = 0.01
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = _build(LoraConfig, self.lora, "training.lora")
+        _check(self.mode in ("lora", "full", "hybrid"), "training.mode", f"must be lora, full or hybrid, got {self.mode!r}")
+        _check(_num(self.learning_rate) and 1e-5 <= self.learning_rate <= 1e-3, "training.learning_rate", f"must be in 1e-5–1e-3, got {self.learning_rate!r}")
+        _check(_int(self.batch_size) and 1 <= self.batch_size <= 32, "training.batch_size", f"must be an integer in 1–32, got {self.batch_size!r}")
+        _check(_int(self.gradient_accumulation_steps) and self.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "must be ≥ 1")
+        _check(_num(self.max_grad_norm) and self.max_grad_norm > 0, "training.max_grad_norm", f"must be > 0, got {self.max_grad_norm!r}")
+        _check(_num(self.weight_decay) and 0 <= self.weight_decay <= 1, "training.weight_decay", f"must be in 0–1, got {self.weight_decay!r}")
+        _check(_int(self.warmup_steps) and self.warmup_steps >= 0, "training.warmup_steps", "must be ≥ 0")
+        _check(_int(self.max_steps) and 1 <= self.max_steps <= 100_000, "training.max_steps", f"must be in 1–100000, got {self.max_steps!r}")
+        _check(_int(self.max_seq_len) and 16 <= self.max_seq_len <= 32768, "training.max_seq_len", "must be in 16–32768")
+        _check(_num(self.target_loss) and self.target_loss >= 0, "training.target_loss", "must be ≥ 0")
+        _check(_int(self.replay_examples) and 0 <= self.replay_examples <= 16, "training.replay_examples", "must be in 0–16")
+        _check(_num(self.full_learning_rate_factor) and 0 < self.full_learning_rate_factor <= 1, "training.full_learning_rate_factor", "must be in (0, 1]")
+        _check(_int(self.plateau_window) and self.plateau_window >= 2, "training.plateau_window", "must be ≥ 2")
+
+
+@dataclass
+class SchedulerConfig:
+    enable_background_training: bool = True
+    """Train automatically when idle. Off: only `force_training()` / POST /api/training/force train."""
+    max_idle_time_ms: int = 30_000
+    """Longest slice of training before the scheduler yields, evaluates and publishes."""
+    min_idle_time_ms: int = 2_000
+    """How long no request must have been in flight before training starts."""
+    check_interval_ms: int = 250
+    """How often the scheduler looks for idle time and pending examples."""
+    max_cpu_usage: float = 90.0
+    """Do not start training while other processes use more than this share of the CPU (percent)."""
+    pause_on_inference: bool = True
+    """Preempt a running training step (at the next layer boundary) when a request arrives."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.enable_background_training, bool), "scheduler.enable_background_training", "must be true or false")
+        _check(_int(self.max_idle_time_ms) and self.max_idle_time_ms >= 100, "scheduler.max_idle_time_ms", "must be ≥ 100")
+        _check(_int(self.min_idle_time_ms) and self.min_idle_time_ms >= 0, "scheduler.min_idle_time_ms", "must be ≥ 0")
+        _check(_int(self.check_interval_ms) and 10 <= self.check_interval_ms <= 60_000, "scheduler.check_interval_ms", "must be in 10–60000")
+        _check(_num(self.max_cpu_usage) and 0 < self.max_cpu_usage <= 100, "scheduler.max_cpu_usage", "must be in (0, 100]")
+        _check(isinstance(self.pause_on_inference, bool), "scheduler.pause_on_inference", "must be true or false")
+
+
+@dataclass
+class GateConfig:
+    max_retention_loss_increase: float = 0.5
+    """Reject an update if the loss on retention probes rises by more than this fraction (0.5 = +50 %)."""
+    max_heldout_loss_increase: float = 0.25
+    """Reject an update if the loss on held-out examples rises by more than this fraction."""
+    num_retention_probes: int = 16
+    heldout_examples: int = 32
+
+    def __post_init__(self) -> None:
+        _check(_num(self.max_retention_loss_increase) and self.max_retention_loss_increase >= 0, "gate.max_retention_loss_increase", "must be ≥ 0")
+        _check(_num(self.max_heldout_loss_increase) and self.max_heldout_loss_increase >= 0, "gate.max_heldout_loss_increase", "must be ≥ 0")
+        _check(_int(self.num_retention_probes) and 0 <= self.num_retention_probes <= 64, "gate.num_retention_probes", "must be in 0–64")
+        _check(_int(self.heldout_examples) and 0 <= self.heldout_examples <= 1024, "gate.heldout_examples", "must be in 0–1024")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_prompt_tokens: int = 4096
+    max_new_tokens: int = 1024
+    default_max_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        _check(_int(self.port) and 0 <= self.port <= 65535, "server.port", f"must be in 0–65535, got {self.port!r}")
+        _check(_int(self.max_body_bytes) and self.max_body_bytes >= 1024, "server.max_body_bytes", "must be ≥ 1024")
+        _check(_int(self.max_new_tokens) and self.max_new_tokens >= 1, "server.max_new_tokens", "must be ≥ 1")
+        _check(_int(self.default_max_tokens) and 1 <= self.default_max_tokens <= self.max_new_tokens, "server.default_max_tokens", "must be in 1–max_new_tokens")
+
+
+@dataclass
+class Config:
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "Config":
+        """Read a TOML file (if given and present) and apply dotted overrides like {"training.mode": "full"}."""
+        data: dict[str, Any] = {}
+        if path is not None and Path(path).exists():
+            try:
+                data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        for key, value in (overrides or {}).items():
+            node = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return _build(cls, data, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: must be a table, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown field(s) {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = {Config: {"training": TrainingConfig, "scheduler": SchedulerConfig, "gate": GateConfig,
+                        "server": ServerConfig}, TrainingConfig: {"lora": LoraConfig}}.get(cls, {}).get(name)
+        kwargs[name] = _build(sub, value, f"{where + '.' if where else ''}{name}") if sub else value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def default_data_dir() -> Path:
+    """Per-user data directory: $IDLETUNE_HOME, else $XDG_DATA_HOME/idletune, else ~/.local/share/idletune."""
+    if os.environ.get("IDLETUNE_HOME"):
+        return Path(os.environ["IDLETUNE_HOME"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "idletune"
+
+
+def default_cache_dir() -> Path:
+    """Where converted models are kept: $IDLETUNE_CACHE, else $XDG_CACHE_HOME/idletune, else ~/.cache/idletune."""
+    if os.environ.get("IDLETUNE_CACHE"):
+        return Path(os.environ["IDLETUNE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "idletune"

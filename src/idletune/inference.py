@@ -1,0 +1,158 @@
+"""InferenceEngine: chat completions from the live weights, token by token.
+
+Generation holds the model lock for one request at a time; the training thread never holds it
+while a request is in flight (it yields at the next layer boundary), so a request waits at most
+about one layer's compute for training to get out of the way.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .activity import ActivityTracker
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+@dataclass
+class GenerationParams:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    """0 is greedy: small models ramble when sampled; pass a temperature to sample."""
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    version: int
+    seconds: float
+
+
+class InferenceEngine:
+    """Serves the model's *live* weights.
+
+    Args:
+        model: the (PEFT-wrapped) model shared with training.
+        tokenizer: its tokenizer, with a chat template.
+        weights: the WeightUpdater; ``weights.serving()`` is a context manager that selects the
+            live weights and yields their version.
+        lock: the model lock shared with training.
+        activity: marks requests in flight so training yields.
+    """
+
+    def __init__(self, model, tokenizer, weights, lock: threading.Lock, activity: ActivityTracker,
+                 max_prompt_tokens: int = 4096):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.weights = weights
+        self.lock = lock
+        self.activity = activity
+        limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.max_prompt_tokens = min(max_prompt_tokens, limit)
+        self.max_context = limit
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = eos if isinstance(eos, list) else [eos]
+        self.stop_ids = {i for i in eos + [tokenizer.eos_token_id] if i is not None}
+        self.device = next(model.parameters()).device
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def count_prompt_tokens(self, messages: list[dict]) -> int:
+        return len(self.encode_chat(messages))
+
+    def generate(self, messages: list[dict], params: GenerationParams,
+                 on_text: Callable[[str], None] | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> Completion:
+        """Generate a reply to ``messages``. ``on_text`` receives each new piece of text."""
+        prompt = self.encode_chat(messages)
+        if len(prompt) > self.max_prompt_tokens:
+            raise PromptTooLong(f"the prompt is {len(prompt)} tokens; the limit is {self.max_prompt_tokens}")
+        max_new = max(1, min(params.max_tokens, self.max_context - len(prompt)))
+        gen = torch.Generator(device="cpu")
+        if params.seed is not None:
+            gen.manual_seed(params.seed)
+        else:
+            gen.seed()
+        with self.activity.request():
+            t0 = time.perf_counter()
+            with self.lock, self.weights.serving() as version, torch.inference_mode():
+                text, reason, n = self._decode(prompt, max_new, params, gen, on_text, cancelled)
+            return Completion(text, reason, len(prompt), n, version, time.perf_counter() - t0)
+
+    def _decode(self, prompt, max_new, params, gen, on_text, cancelled):
+        tok = self.tokenizer
+        ids = torch.tensor([prompt], device=self.device)
+        past = None
+        out: list[int] = []
+        counts: dict[int, int] = {}
+        emitted = ""
+        hold = max((len(s) for s in params.stop), default=1) - 1  # chars held back for stop strings
+        reason = "length"
+        for _ in range(max_new):
+            if cancelled is not None and cancelled():
+                reason = "cancelled"
+                break
+            res = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            logits = res.logits[0, -1].float()  # (V,)
+            nxt = self._pick(logits, params, gen, counts)
+            if nxt in self.stop_ids:
+                reason = "stop"
+                break
+            out.append(nxt)
+            counts[nxt] = counts.get(nxt, 0) + 1
+            ids = torch.tensor([[nxt]], device=self.device)
+            text = tok.decode(out, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue  # an incomplete UTF-8 sequence: wait for the next token
+            cut = min((text.find(s) for s in params.stop if s and s in text), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+            safe = text if cut >= 0 else text[: max(len(emitted), len(text) - hold)]
+            if on_text is not None and len(safe) > len(emitted):
+                on_text(safe[len(emitted):])
+            emitted = safe
+            if cut >= 0:
+                break
+        final = tok.decode(out, skip_special_tokens=True).replace("\ufffd", "")
+        for s in params.stop:
+            if s and s in final:
+                final = final[: final.find(s)]
+        if on_text is not None and len(final) > len(emitted) and final.startswith(emitted):
+            on_text(final[len(emitted):])
+        return final, reason, len(out)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, p: GenerationParams, gen: torch.Generator, counts: dict[int, int]) -> int:
+        if counts and (p.presence_penalty or p.frequency_penalty):
+            idx = torch.tensor(list(counts), device=logits.device)
+            c = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+            logits = logits.clone()
+            logits[idx] -= p.presence_penalty + p.frequency_penalty * c
+        if p.temperature <= 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sp, si = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sp, dim=-1) - sp < p.top_p
+            probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
+        return int(torch.multinomial(probs.cpu(), 1, generator=gen))

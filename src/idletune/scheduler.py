@@ -1,0 +1,205 @@
+"""TrainingScheduler: trains in the model's idle time, checks each update, publishes or discards.
+
+A background thread wakes every ``check_interval_ms``. When background training is on, nothing
+is in flight, the server has been idle for ``min_idle_time_ms``, other processes leave the CPU
+free enough and examples are pending, it runs a round: the engine trains for at most
+``max_idle_time_ms`` (yielding at once to any request), then the quality gate compares the
+trained weights with the live ones; accepted → published as a new version, rejected → discarded
+and the examples marked with the reason. A round cut short by a request is resumed later.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Callable
+
+from .activity import ActivityTracker
+from .config import SchedulerConfig
+from .examples import Status
+
+log = logging.getLogger("idletune.scheduler")
+
+
+class TrainingScheduler:
+    def __init__(self, queue, engine, weights, batches, *, activity: ActivityTracker,
+                 config: SchedulerConfig | None = None, probes: Callable[[], list] = list,
+                 heldout_examples: int = 32):
+        self.queue, self.engine, self.weights, self.batches = queue, engine, weights, batches
+        self.activity = activity
+        self.config = config or SchedulerConfig()
+        self.probes = probes
+        self.heldout_examples = heldout_examples
+        self.state = "stopped"
+        self.training_count = 0
+        self.rounds_rejected = 0
+        self.last_training_time: float | None = None
+        self.last_round: dict | None = None
+        self.last_error: str | None = None
+        self._paused = False
+        self._force = threading.Event()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._round_done = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._busy = False
+
+    # ---- control --------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self.state = "paused" if self._paused else "idle"
+        self._thread = threading.Thread(target=self._run, name="idletune-trainer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+        self.state = "stopped"
+
+    def pause(self) -> None:
+        """Stop background training (a round in progress ends at its next step)."""
+        self._paused = True
+        self.state = "paused"
+
+    def resume(self) -> None:
+        self._paused = False
+        if self.state == "paused":
+            self.state = "idle"
+        self._wake.set()
+
+    def force_training(self, wait: bool = False, timeout: float = 600.0) -> dict:
+        """Train on what is pending now, even if background training is off or paused.
+        With ``wait``, block until the round is over and return its summary."""
+        done_before = self._rounds_finished()
+        self._force.set()
+        self._wake.set()
+        if not wait:
+            return {"started": True, "pending": self.queue.pending_count()}
+        deadline = time.monotonic() + timeout
+        with self._round_done:
+            while self._force.is_set() or self._busy:
+                if self._rounds_finished() > done_before and not self._force.is_set() and not self._busy:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("training did not finish in time")
+                self._round_done.wait(min(left, 0.5))
+        return self.last_round or {"trained": 0}
+
+    def _rounds_finished(self) -> int:
+        return self.training_count + self.rounds_rejected
+
+    def update_config(self, **changes) -> SchedulerConfig:
+        """Change scheduler settings at run time (validated; unknown names are refused)."""
+        self.config = dataclasses.replace(self.config, **changes)
+        self._wake.set()
+        return self.config
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.config.check_interval_ms / 1000)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            forced = self._force.is_set()
+            if not forced and not self._due():
+                continue
+            if self.activity.should_yield():
+                continue  # a request is being served; forced training waits for it too
+            self._busy = True
+            try:
+                finished = self.run_round(forced=forced)
+            except Exception as e:  # keep serving; report the failure in the status
+                log.exception("training round failed")
+                self.last_error = f"{type(e).__name__}: {e}"
+                finished = True
+            finally:
+                self._busy = False
+            if forced and (finished or self.queue.pending_count() == 0):
+                self._force.clear()
+            with self._round_done:
+                self._round_done.notify_all()
+            if not self._paused and self.state != "stopped":
+                self.state = "idle"
+
+    def _due(self) -> bool:
+        c = self.config
+        if self._paused or not c.enable_background_training:
+            return False
+        if self.activity.idle_for() * 1000 < c.min_idle_time_ms:
+            return False
+        if self.queue.pending_count() == 0:
+            return False
+        return self._cpu_free()
+
+    def _cpu_free(self) -> bool:
+        try:
+            import psutil
+
+            others = psutil.cpu_percent(interval=None) - psutil.Process().cpu_percent(interval=None) / psutil.cpu_count()
+            return others <= self.config.max_cpu_usage
+        except Exception:
+            return True
+
+    def run_round(self, forced: bool = False) -> bool:
+        """One round: select, train, gate, publish or discard. Returns False if preempted."""
+        examples = self.batches.select_round(self.queue)
+        if not examples:
+            return True
+        probes = self.probes()
+        self.state = "training"
+        replay = self.batches.replay(self.queue, probes)
+        bs = self.batches.batch_size(self.activity.idle_for())
+        deadline = time.monotonic() + self.config.max_idle_time_ms / 1000
+        result = self.engine.train_round(examples, replay, batch_size=bs, deadline=deadline)
+        if result.preempted and self.activity.should_yield():
+            self.activity.preemptions += 1
+            self.state = "preempted"  # resumed in the next idle gap; the steps so far are kept
+            return False
+        if result.steps == 0:
+            return False
+        # Gate: retention probes and held-out examples, trained weights vs live weights.
+        self.state = "evaluating"
+        heldout = self.queue.sample(Status.HELD_OUT, self.heldout_examples) if self.heldout_examples else []
+        decision = self.weights.evaluate(self.engine, probes, heldout)
+        ids = [e.id for e in examples]
+        summary = {"examples": len(ids), "learned": len(result.learned_ids), "steps": result.steps,
+                   "seconds": round(result.seconds, 2), "accepted": decision.accepted, "reason": decision.reason,
+                   "time": time.time()}
+        if decision.accepted:
+            metrics = dict(self.engine.get_latest_metrics() or {}, examples=len(ids), learned=len(result.learned_ids))
+            summary["version"] = self.weights.publish(metrics)
+            self.queue.mark_trained(ids)
+            self.training_count += 1
+        else:
+            self.weights.discard_candidate()
+            self.engine.reset_optimizer()
+            self.queue.mark_rejected(ids, f"update rejected by the quality gate: {decision.reason}")
+            self.rounds_rejected += 1
+        self.last_training_time = time.time()
+        self.last_round = summary
+        log.info("training round: %s", summary)
+        return True
+
+    # ---- status ---------------------------------------------------------------------------------
+    def get_stats(self) -> dict:
+        alive = bool(self._thread and self._thread.is_alive())
+        return {
+            "state": self.state,
+            "is_scheduled": alive and self.config.enable_background_training and not self._paused,
+            "is_training_active": self._busy,
+            "paused": self._paused,
+            "training_count": self.training_count,
+            "rounds_rejected": self.rounds_rejected,
+            "time_since_last_training": (time.time() - self.last_training_time) if self.last_training_time else None,
+            "last_round": self.last_round,
+            "last_error": self.last_error,
+            "preemptions": self.activity.preemptions,
+            "config": dataclasses.asdict(self.config),
+        }

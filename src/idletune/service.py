@@ -1,0 +1,105 @@
+"""The composition root: builds every component once, wired together, for one data directory."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .activity import ActivityTracker
+from .collect import ChatLog, DataCollector
+from .config import Config
+from .inference import InferenceEngine
+from .models import load_model, resolve_model_dir
+from .queue import TrainingQueue
+from .scheduler import TrainingScheduler
+from .training import probes as probes_mod
+from .training.adapters import attach_lora
+from .training.batching import BatchManager
+from .training.engine import TrainingEngine
+from .training.weights import WeightUpdater
+
+log = logging.getLogger("idletune")
+
+
+@dataclass
+class Service:
+    config: Config
+    data_dir: Path
+    model_dir: Path
+    model: object
+    tokenizer: object
+    queue: TrainingQueue
+    collector: DataCollector
+    engine: TrainingEngine
+    weights: WeightUpdater
+    batches: BatchManager
+    scheduler: TrainingScheduler
+    inference: InferenceEngine
+    activity: ActivityTracker
+    _probes: list | None = field(default=None, repr=False)
+
+    def probes(self) -> list:
+        """Retention probes, recorded with the base model on first use."""
+        if self._probes is None:
+            with self.engine.lock:
+                self._probes = probes_mod.load_or_record(self.data_dir / "probes.json", self.model, self.tokenizer,
+                                                         self.config.gate.num_retention_probes, str(self.model_dir))
+        return self._probes
+
+    @property
+    def model_name(self) -> str:
+        return self.model_dir.name
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.queue.close()
+        self.collector.chat_log.close()
+
+
+def build_service(data_dir: str | Path, *, model: str | Path | None = None, config: Config | None = None,
+                  cache_dir: str | Path | None = None, start_scheduler: bool = True) -> Service:
+    config = config or Config()
+    data_dir = Path(data_dir).expanduser()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model_dir(model, cache_dir)
+    _check_same_model(data_dir, model_dir)
+    base, tokenizer = load_model(model_dir)
+    if config.training.mode != "lora":
+        raise NotImplementedError(f"training.mode={config.training.mode!r} is not available yet; use 'lora'")
+    peft_model = attach_lora(base, config.training.lora)
+    lock = threading.Lock()
+    activity = ActivityTracker()
+    queue = TrainingQueue(data_dir / "queue.db")
+    collector = DataCollector(queue, chat_log=ChatLog(data_dir / "chatlog.db"))
+    batches = BatchManager(config.training)
+    engine = TrainingEngine(peft_model, tokenizer, config.training, lock=lock, should_yield=activity.should_yield,
+                            metrics_path=data_dir / "metrics.jsonl", batch_manager=batches)
+    weights = WeightUpdater(peft_model, data_dir, lock=lock, gate=config.gate, base_model_path=str(model_dir))
+    restored = weights.restore_at_start()
+    for problem in weights.problems:
+        log.warning(problem)
+    inference = InferenceEngine(peft_model, tokenizer, weights, lock, activity,
+                                max_prompt_tokens=config.server.max_prompt_tokens)
+    svc = Service(config, data_dir, model_dir, peft_model, tokenizer, queue, collector, engine, weights, batches,
+                  None, inference, activity)  # type: ignore[arg-type]
+    svc.scheduler = TrainingScheduler(queue, engine, weights, batches, activity=activity, config=config.scheduler,
+                                      probes=svc.probes, heldout_examples=config.gate.heldout_examples)
+    if restored:
+        log.info("serving weights version %d", restored)
+    if start_scheduler:
+        svc.scheduler.start()
+    return svc
+
+
+def _check_same_model(data_dir: Path, model_dir: Path) -> None:
+    """Adapters are only valid on the base they were trained on: refuse to mix models."""
+    marker = data_dir / "model.json"
+    if marker.exists():
+        known = json.loads(marker.read_text(encoding="utf-8")).get("model_dir")
+        if known and Path(known).name != model_dir.name:
+            raise ValueError(f"data directory {data_dir} belongs to model {known}; "
+                             f"use another --data-dir for {model_dir}")
+    else:
+        marker.write_text(json.dumps({"model_dir": str(model_dir)}), encoding="utf-8")

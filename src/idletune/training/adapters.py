@@ -1,0 +1,165 @@
+"""Two LoRA adapters on one frozen base: ``live`` (served) and ``candidate`` (learning).
+
+Publishing copies ``candidate`` into ``live`` in place (a few MB); a request never sees a
+half-trained or unchecked adapter. Adapters are PEFT's own, so they save in PEFT's format.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ConfigError, LoraConfig
+
+TRAIN, LIVE = "candidate", "live"  # "train" would clash with nn.Module.train
+
+
+def attach_lora(model, cfg: LoraConfig):
+    """Wrap ``model`` with the two adapters. Returns the PeftModel."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    targets = cfg.module_names()
+    leaf_names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                  if isinstance(mod, torch.nn.Linear)}
+    missing = [t for t in targets if t not in leaf_names]
+    if missing:
+        raise ConfigError(f"lora.target_modules: {', '.join(missing)} not found in this model; "
+                          f"its linear modules are: {', '.join(sorted(leaf_names))}")
+    pcfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                          bias="lora_only" if cfg.enable_bias else "none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, pcfg, adapter_name=TRAIN)
+    peft_model.add_adapter(LIVE, pcfg)
+    for name, p in peft_model.named_parameters():
+        p.requires_grad_(f".{TRAIN}." in name or name.endswith(f".{TRAIN}"))
+    copy_adapter(peft_model, TRAIN, LIVE)
+    activate(peft_model, LIVE)
+    return peft_model
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def activate(model, name: str) -> None:
+    """Make adapter ``name`` the one every LoRA layer applies.
+
+    Only the ``candidate`` adapter ever requires grad. PEFT's own switches (``set_adapter``,
+    leaving ``disable_adapter()``) hand requires_grad to whichever adapter is active, so the
+    flags are re-asserted here, on cached lists (cheap)."""
+    cache = getattr(model, "_idletune_cache", None)
+    if cache is None:
+        cache = (_lora_layers(model), list(adapter_tensors(model, TRAIN).values()),
+                 list(adapter_tensors(model, LIVE).values()))
+        model._idletune_cache = cache
+    layers, train_params, live_params = cache
+    for m in layers:
+        m._active_adapter = [name]
+    if not train_params[0].requires_grad or live_params[0].requires_grad:
+        for p in train_params:
+            p.requires_grad_(True)
+        for p in live_params:
+            p.requires_grad_(False)
+
+
+def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
+    """The adapter's parameters by name (adapter name removed, so two adapters' keys match)."""
+    tag = f".{name}."
+    return {k.replace(tag, "."): p for k, p in model.named_parameters()
+            if tag in k and ("lora_" in k)}
+
+
+@torch.no_grad()
+def copy_adapter(model, src: str, dst: str) -> None:
+    a, b = adapter_tensors(model, src), adapter_tensors(model, dst)
+    for k, t in a.items():
+        b[k].copy_(t)
+
+
+@torch.no_grad()
+def clone_adapter(model, name: str) -> dict[str, torch.Tensor]:
+    return {k: t.detach().clone() for k, t in adapter_tensors(model, name).items()}
+
+
+@torch.no_grad()
+def load_adapter_tensors(model, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    dst = adapter_tensors(model, name)
+    if set(dst) != set(tensors):
+        missing, extra = set(dst) - set(tensors), set(tensors) - set(dst)
+        raise ValueError(f"adapter tensors do not match the model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(extra)[:3]}")
+    for k, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"adapter tensor {k} has non-finite values")
+        dst[k].copy_(t)
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The transformer blocks (the largest ModuleList), where training can be preempted."""
+    best: list = []
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > len(best):
+            best = list(mod)
+    return best
+
+
+def save_adapter(model, name: str, path, base_model_path: str | None = None) -> str:
+    """Write adapter ``name`` in PEFT's format (adapter_config.json + adapter_model.safetensors)
+    so ``peft.PeftModel.from_pretrained(base, path)`` loads it. Returns the weights' sha256."""
+    return write_adapter(clone_adapter(model, name), model.peft_config[name], path, base_model_path)
+
+
+def write_adapter(tensors: dict[str, torch.Tensor], peft_config, path, base_model_path: str | None = None) -> str:
+    """Write adapter tensors (keyed like PEFT's saved state dict) and config; files fsynced,
+    weights renamed into place. Returns the sha256 of adapter_model.safetensors."""
+    import copy
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    tmp = path / "adapter_model.safetensors.tmp"
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    _fsync(tmp)
+    os.replace(tmp, path / "adapter_model.safetensors")
+    cfg = copy.deepcopy(peft_config)
+    if base_model_path:
+        cfg.base_model_name_or_path = str(base_model_path)
+    cfg.inference_mode = True
+    cfg.save_pretrained(str(path))
+    _fsync(path / "adapter_config.json")
+    return hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def read_adapter(model, name: str, path) -> dict[str, torch.Tensor]:
+    """Read a PEFT-format adapter folder into tensors keyed like :func:`adapter_tensors`."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    sd = load_file(str(Path(path) / "adapter_model.safetensors"))
+    own = adapter_tensors(model, name)
+    out = {}
+    for k, v in sd.items():
+        # PEFT drops the adapter name: "...q_proj.lora_A.weight" -> ours "...q_proj.lora_A.weight"
+        key = k if k in own else None
+        if key is None:
+            matches = [o for o in own if o.endswith(k.split("base_model.model.", 1)[-1])]
+            key = matches[0] if len(matches) == 1 else None
+        if key is None:
+            raise ValueError(f"{path}: tensor {k} does not belong to this model's adapter")
+        out[key] = v
+    return out
+
+
+def _fsync(path) -> None:
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,284 @@
+"""TrainingEngine: one training round, read top to bottom in :meth:`TrainingEngine.train_round`.
+
+The engine trains the ``candidate`` adapter (LoRA) on the shared model. It holds the model lock one
+optimizer step at a time and yields to inference at every layer boundary: when a request
+arrives mid-step, the forward or backward pass raises :class:`Preempted`, the partial step is
+discarded and the round ends early (what was already stepped stays in the ``candidate`` adapter).
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import TrainingConfig
+from ..examples import TrainingExample
+from . import adapters
+from .adapters import TRAIN
+from .data import Encoded, collate, encode, per_example_loss
+
+
+class Preempted(Exception):
+    """A request arrived while a training step was running."""
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: float
+    learning_rate: float
+    grad_norm: float
+    examples_processed: int
+    tokens_per_second: float
+    mode: str
+    batch_size: int
+    time: float = field(default_factory=time.time)
+
+
+@dataclass
+class RoundResult:
+    example_ids: list[int]
+    learned_ids: list[int]
+    steps: int = 0
+    preempted: bool = False
+    skipped_nonfinite: int = 0
+    final_losses: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class TrainingEngine:
+    """Trains the model's ``candidate`` weights on batches of examples.
+
+    Args:
+        model: the PeftModel from :func:`adapters.attach_lora` (shared with inference).
+        tokenizer: the model's tokenizer.
+        config: a validated TrainingConfig.
+        lock: the model lock shared with inference; held one step at a time.
+        should_yield: polled at every layer boundary; True preempts the step.
+        metrics_path: JSONL file each step's metrics are appended to.
+    """
+
+    def __init__(self, model, tokenizer, config: TrainingConfig, *, lock: threading.Lock | None = None,
+                 should_yield: Callable[[], bool] | None = None, metrics_path: str | Path | None = None,
+                 batch_manager=None):
+        from .batching import BatchManager
+
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.lock = lock or threading.Lock()
+        self.should_yield = should_yield or (lambda: False)
+        self.metrics_path = Path(metrics_path) if metrics_path else None
+        self.batches = batch_manager or BatchManager(config)
+        self.device = next(model.parameters()).device
+        self.mode = config.mode
+        self.global_step = 0
+        self.examples_processed = 0
+        self._latest: StepMetrics | None = None
+        self._in_step = False
+        self._optimizer = None
+        self._install_preemption_hooks()
+        if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def train_round(self, examples: list[TrainingExample], replay: list[TrainingExample] = (), *,
+                    batch_size: int | None = None, deadline: float | None = None) -> RoundResult:
+        """Train until every example is learned (mean token loss below ``target_loss``) or
+        ``max_steps``; replayed examples ride along in each batch so old lessons are kept."""
+        cfg = self.config
+        t0 = time.monotonic()
+        items = [encode(e, self.tokenizer, cfg.max_seq_len) for e in examples]
+        items = [it for it in items if it.num_target_tokens > 0]
+        rep = [encode(e, self.tokenizer, cfg.max_seq_len) for e in replay]
+        loss_of = {it.key: math.inf for it in items}
+        result = RoundResult(example_ids=[e.id for e in examples], learned_ids=[])
+        opt = self._get_optimizer()
+        bs = batch_size or cfg.batch_size
+
+        for step in range(cfg.max_steps):
+            # 1. stop when everything is learned, a request is waiting, or the slice is over
+            todo = [it for it in items if loss_of[it.key] > cfg.target_loss]
+            if not todo:
+                break
+            if self.should_yield() or (deadline is not None and time.monotonic() > deadline):
+                result.preempted = True
+                break
+            # 2. set the learning rate: linear warmup, then linear decay over the round
+            lr = self._lr(step)
+            for group in opt.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            batch = self.batches.compose(todo, rep, bs, step)
+            t_step = time.perf_counter()
+            # 3. forward/backward over micro-batches, clip, step — or discard if preempted
+            try:
+                with self.lock:
+                    self._in_step = True
+                    self._enter_training()
+                    sums, counts = self._forward_backward(batch)
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self._trainable(), cfg.max_grad_norm))
+                    loss = float(sums.sum() / counts.sum().clamp(min=1))
+                    if math.isfinite(loss) and math.isfinite(grad_norm):
+                        opt.step()
+                    else:
+                        result.skipped_nonfinite += 1
+                    opt.zero_grad(set_to_none=True)
+            except Preempted:
+                opt.zero_grad(set_to_none=True)
+                result.preempted = True
+                break
+            finally:
+                self._in_step = False
+            # 4. bookkeeping: which examples are learned, metrics
+            for it, s, c in zip(batch, sums.tolist(), counts.tolist()):
+                if it.key in loss_of and c:
+                    loss_of[it.key] = s / c
+            self.global_step += 1
+            result.steps += 1
+            self.examples_processed += len(batch)
+            ntok = sum(len(it.input_ids) for it in batch)
+            self._record(StepMetrics(step=self.global_step, loss=loss, learning_rate=lr, grad_norm=grad_norm,
+                                     examples_processed=self.examples_processed,
+                                     tokens_per_second=ntok / max(time.perf_counter() - t_step, 1e-9),
+                                     mode=self.mode, batch_size=len(batch)))
+
+        result.final_losses = {k: v for k, v in loss_of.items()}
+        result.learned_ids = [k for k, v in loss_of.items() if v <= cfg.target_loss]
+        result.seconds = time.monotonic() - t0
+        return result
+
+    # ---- pieces of a step -------------------------------------------------------------------
+    def _forward_backward(self, batch: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss summed per example, gradients accumulated over micro-batches; (B,), (B,)."""
+        n_micro = max(1, min(self.config.gradient_accumulation_steps, len(batch)))
+        total_tokens = max(1, sum(it.num_target_tokens for it in batch))
+        sums, counts = [], []
+        size = math.ceil(len(batch) / n_micro)
+        for i in range(0, len(batch), size):
+            micro = collate(batch[i:i + size], self.tokenizer.pad_token_id, self.device)
+            with self._autocast():
+                logits = self.model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
+            s, c = per_example_loss(logits, micro["labels"])
+            (s.sum() / total_tokens).backward()
+            sums.append(s.detach().float().cpu())
+            counts.append(c.detach().cpu())
+        return torch.cat(sums), torch.cat(counts)
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def _lr(self, step: int) -> float:
+        cfg = self.config
+        peak = cfg.learning_rate * (cfg.full_learning_rate_factor if self.mode == "full" else 1.0)
+        if step < cfg.warmup_steps:
+            return peak * (step + 1) / (cfg.warmup_steps + 1)
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        return peak * max(0.1, 1.0 - (step - cfg.warmup_steps) / span)
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _get_optimizer(self):
+        if self._optimizer is None:
+            params = self._trainable()
+            decay = [p for p in params if p.ndim >= 2]
+            no_decay = [p for p in params if p.ndim < 2]
+            groups = [{"params": decay, "weight_decay": self.config.weight_decay}]
+            if no_decay:
+                groups.append({"params": no_decay, "weight_decay": 0.0})
+            fused = self.device.type == "cuda"
+            self._optimizer = torch.optim.AdamW(groups, lr=self.config.learning_rate, fused=fused or None)
+        return self._optimizer
+
+    def reset_optimizer(self) -> None:
+        """Forget optimizer state (after a rejected update or a rollback)."""
+        self._optimizer = None
+
+    def _enter_training(self) -> None:
+        adapters.activate(self.model, TRAIN)
+        self.model.train()
+
+    # ---- preemption at layer boundaries -------------------------------------------------------
+    def _install_preemption_hooks(self) -> None:
+        def check() -> None:
+            if self._in_step and self.should_yield():
+                raise Preempted()
+
+        def grad_hook(grad):
+            check()
+            return grad
+
+        def fwd_hook(module, args, output):
+            check()
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            if torch.is_tensor(hidden) and hidden.requires_grad:
+                hidden.register_hook(grad_hook)  # fires during backward through this layer
+            return None
+
+        for layer in adapters.decoder_layers(self.model):
+            layer.register_forward_hook(fwd_hook)
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, examples: list[TrainingExample], adapter: str, batch_size: int = 8) -> float:
+        """Mean token loss of ``examples`` under adapter ``adapter`` (live or train)."""
+        items = [encode(e, self.tokenizer, self.config.max_seq_len) for e in examples]
+        items = [it for it in items if it.num_target_tokens]
+        if not items:
+            return float("nan")
+        total, count = 0.0, 0
+        for i in range(0, len(items), batch_size):
+            with self.lock:
+                adapters.activate(self.model, adapter)
+                self.model.eval()
+                b = collate(items[i:i + batch_size], self.tokenizer.pad_token_id, self.device)
+                with self._autocast():
+                    logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                s, c = per_example_loss(logits, b["labels"])
+            total += float(s.sum())
+            count += int(c.sum())
+        return total / max(count, 1)
+
+    # ---- metrics ------------------------------------------------------------------------------
+    def _record(self, m: StepMetrics) -> None:
+        self._latest = m
+        if self.metrics_path is not None:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(asdict(m)) + "\n")
+
+    def get_latest_metrics(self) -> dict | None:
+        """step, loss, learning_rate, grad_norm, examples_processed, tokens_per_second, mode."""
+        return asdict(self._latest) if self._latest else None
+
+    def metrics_history(self, limit: int = 500) -> list[dict]:
+        if self.metrics_path is None or not self.metrics_path.exists():
+            return []
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()[-limit:]
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+        return out
+
+    # ---- save / load --------------------------------------------------------------------------
+    def save_model(self, path: str | Path) -> Path:
+        """Save the trained adapter in PEFT's format."""
+        base = getattr(self.model.peft_config[TRAIN], "base_model_name_or_path", None)
+        with self.lock:
+            adapters.save_adapter(self.model, TRAIN, path, base)
+        return Path(path)
+
+    def load_model(self, path: str | Path) -> None:
+        """Load a PEFT-format adapter into the trained weights."""
+        tensors = adapters.read_adapter(self.model, TRAIN, path)
+        with self.lock:
+            adapters.load_adapter_tensors(self.model, TRAIN, tensors)
+        self.reset_optimizer()
