@@ -185,15 +185,18 @@ def html_title(html: str | bytes) -> str | None:
 def html_to_text(html: str | bytes, url: str | None = None) -> str:
     """Main text of an HTML page as Markdown (headings kept), navigation and boilerplate dropped.
 
-    trafilatura finds the main content; for short pages it gives up on, a plain walk over the
-    document (without nav/header/footer/aside/script/style) is used instead.
+    trafilatura finds the main content; when it finds little (under 250 characters, where it
+    falls back to any text including menus), a plain walk over the document without
+    nav/header/footer/aside/script/style/form elements is used instead.
     """
     import trafilatura
 
     text = trafilatura.extract(html, url=url, output_format="markdown", include_comments=False,
                                include_tables=True, include_images=False, include_links=False)
-    if text and text.strip():
+    if text and len(text.strip()) >= 250:
         return clean_markdown(text)[0]
+    # Short results are where trafilatura falls back to whatever text there is, menus included;
+    # a walk that drops the page furniture is more faithful there.
     return _html_fallback(html)
 
 

@@ -36,6 +36,7 @@ _SKIP_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg", ".ico", ".
                     ".gz", ".tgz", ".tar", ".7z", ".rar", ".mp3", ".mp4", ".avi", ".mov", ".webm", ".woff",
                     ".woff2", ".ttf", ".exe", ".dmg", ".iso", ".apk", ".bin", ".xml", ".rss", ".atom")
 _REDIRECTS = (301, 302, 303, 307, 308)
+_MENU_TAGS = ("nav", "header", "footer", "aside")
 
 
 @dataclass
@@ -346,7 +347,9 @@ def _norm(url: str) -> str:
 
 
 def _links(html: str | bytes, base: str) -> list[str]:
-    """Absolute http(s) links of a page, in document order, without fragments and non-page files."""
+    """Absolute http(s) links of a page without fragments and non-page files: links in the main
+    content first, then those in navigation, headers, footers and sidebars (so a crawl's
+    ``max_pages`` is spent on what the page links to, not on its menu)."""
     import lxml.html
     from lxml import etree
 
@@ -356,7 +359,7 @@ def _links(html: str | bytes, base: str) -> list[str]:
         return []
     base_el = doc.find(".//base[@href]")
     base = urljoin(base, base_el.get("href")) if base_el is not None else base
-    out = []
+    content, boilerplate = [], []
     for a in doc.iter("a"):
         href = (a.get("href") or "").strip()
         if not href or "nofollow" in (a.get("rel") or "").lower():
@@ -365,5 +368,6 @@ def _links(html: str | bytes, base: str) -> list[str]:
         p = urlsplit(link)
         if p.scheme not in ("http", "https") or p.path.lower().endswith(_SKIP_EXTENSIONS):
             continue
-        out.append(link)
-    return out
+        in_menu = any(el.tag in _MENU_TAGS or (el.get("role") or "") == "navigation" for el in a.iterancestors())
+        (boilerplate if in_menu else content).append(link)
+    return content + boilerplate
