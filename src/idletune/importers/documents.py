@@ -250,6 +250,9 @@ def pdf_pages(data: bytes, name: str, *, max_pages: int, progress=None) -> Pages
     from pypdf import PdfReader
     from pypdf.errors import PdfReadError, PyPdfError
 
+    if b"%%EOF" not in data[-2048:]:
+        raise ImportFailed(f"{name} is a truncated PDF (it does not end with the %%EOF marker); nothing was "
+                           "imported", code="corrupt_file", source=name)
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
