@@ -64,3 +64,12 @@ def test_old_jobs_are_forgotten_and_unknown_ids(jobs):
         jobs.get(ids[0])
     with pytest.raises(ValueError):
         ImportJobs(max_workers=0)
+
+
+def test_public_names():
+    """Everything the package re-exports is in __all__, and only that (httpx's habit)."""
+    import idletune.importers as importers
+
+    exported = {n for n, v in vars(importers).items()
+                if not n.startswith("_") and getattr(v, "__module__", "").startswith("idletune.importers")}
+    assert set(importers.__all__) == exported

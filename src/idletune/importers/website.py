@@ -131,6 +131,10 @@ class WebsiteImporter:
                         time.sleep(delay)
                     fetched += 1
                     resp = self._fetch(client, page_url, cfg.max_page_bytes, min(deadline, time.monotonic() + cfg.page_time_s))
+                    if _origin(resp.url) != _origin(page_url) and \
+                            not self._robots(client, resp.url, robots).allowed(cfg.user_agent, resp.url):
+                        raise ImportFailed(f"{page_url} redirects to {resp.url}, which robots.txt of "
+                                           f"{_origin(resp.url)} disallows", code="robots_disallowed", source=page_url)
                     if resp.status >= 400:
                         raise ImportFailed(f"{page_url} answered HTTP {resp.status}", code=f"http_{resp.status}",
                                            source=page_url)
