@@ -151,12 +151,12 @@ class ImageImporter:
                                code="too_large", source=name)
         if not data:
             raise ImportFailed(f"{name} is empty", code="empty", source=name)
+        image, meta = self._open(data, name)  # a bad file is reported as such, whatever else is missing
         ocr_problem = self.ocr_status()
         if ocr_problem and self.captioner is None:
             raise ImportFailed(ocr_problem + "; no captioning model is configured either, so nothing can be "
                                "learned from the image", code="ocr_unavailable", source=name)
         steps = 3 if self.captioner else 2
-        image, meta = self._open(data, name)
         result = ImportResult(source=name, importer="image", metadata={"file": name, **meta})
         if progress:
             progress(1, steps)
