@@ -153,8 +153,11 @@ class TrainingScheduler:
         if not examples:
             return True
         probes = self.probes()
+        # Half the probes are replayed (self-distillation), the other half only measure forgetting:
+        # measuring on what was replayed would hide it.
+        replay_probes, gate_probes = probes[0::2], probes[1::2]
         self.state = "training"
-        replay = self.batches.replay(self.queue, probes)
+        replay = self.batches.replay(self.queue, replay_probes)
         bs = self.batches.batch_size(self.activity.idle_for())
         deadline = time.monotonic() + self.config.max_idle_time_ms / 1000
         result = self.engine.train_round(examples, replay, batch_size=bs, deadline=deadline)
@@ -167,7 +170,7 @@ class TrainingScheduler:
         # Gate: retention probes and held-out examples, trained weights vs live weights.
         self.state = "evaluating"
         heldout = self.queue.sample(Status.HELD_OUT, self.heldout_examples) if self.heldout_examples else []
-        decision = self.weights.evaluate(self.engine, probes, heldout)
+        decision = self.weights.evaluate(self.engine, gate_probes, heldout)
         ids = [e.id for e in examples]
         summary = {"examples": len(ids), "learned": len(result.learned_ids), "steps": result.steps,
                    "seconds": round(result.seconds, 2), "accepted": decision.accepted, "reason": decision.reason,

@@ -38,6 +38,8 @@ class Service:
     scheduler: TrainingScheduler
     inference: InferenceEngine
     activity: ActivityTracker
+    import_jobs: object = None
+    importers_config: object = None
     _probes: list | None = field(default=None, repr=False)
 
     def probes(self) -> list:
@@ -54,6 +56,8 @@ class Service:
 
     def close(self) -> None:
         self.scheduler.stop()
+        if self.import_jobs is not None:
+            self.import_jobs.shutdown(wait=False)
         self.queue.close()
         self.collector.chat_log.close()
 
@@ -72,7 +76,8 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     lock = threading.Lock()
     activity = ActivityTracker()
     queue = TrainingQueue(data_dir / "queue.db")
-    collector = DataCollector(queue, chat_log=ChatLog(data_dir / "chatlog.db"))
+    importers_config, import_jobs, import_url = _importers(config, queue, tokenizer)
+    collector = DataCollector(queue, chat_log=ChatLog(data_dir / "chatlog.db"), import_url=import_url)
     batches = BatchManager(config.training)
     engine = TrainingEngine(peft_model, tokenizer, config.training, lock=lock, should_yield=activity.should_yield,
                             metrics_path=data_dir / "metrics.jsonl", batch_manager=batches)
@@ -83,7 +88,7 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     inference = InferenceEngine(peft_model, tokenizer, weights, lock, activity,
                                 max_prompt_tokens=config.server.max_prompt_tokens)
     svc = Service(config, data_dir, model_dir, peft_model, tokenizer, queue, collector, engine, weights, batches,
-                  None, inference, activity)  # type: ignore[arg-type]
+                  None, inference, activity, import_jobs, importers_config)  # type: ignore[arg-type]
     svc.scheduler = TrainingScheduler(queue, engine, weights, batches, activity=activity, config=config.scheduler,
                                       probes=svc.probes, heldout_examples=config.gate.heldout_examples)
     if restored:
@@ -103,3 +108,21 @@ def _check_same_model(data_dir: Path, model_dir: Path) -> None:
                              f"use another --data-dir for {model_dir}")
     else:
         marker.write_text(json.dumps({"model_dir": str(model_dir)}), encoding="utf-8")
+
+
+def _importers(config: Config, queue: TrainingQueue, tokenizer):
+    """Import settings (chunks sized by the model's own tokenizer), the job runner, and the
+    function the collector calls for links found in chat messages."""
+    from .importers import ImportersConfig, ImportJobs, WebImportConfig, WebsiteImporter
+
+    cfg = ImportersConfig(web=WebImportConfig(allow_hosts=list(config.server.import_allow_hosts)),
+                          max_upload_bytes=config.server.max_upload_bytes,
+                          count_tokens=lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"]))
+    jobs = ImportJobs()
+    web = WebsiteImporter(queue, cfg.web, count_tokens=cfg.count_tokens)
+
+    def import_url(url: str) -> str:
+        url = web.check_url(url)  # refused URLs raise here, with the reason
+        return jobs.submit(web.import_website, url, kind="url", source=url)
+
+    return cfg, jobs, import_url

@@ -1,0 +1,358 @@
+"""The `idletune` command: serve, chat, import, status, train, export, snapshots, rollback."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, default_data_dir
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_config(args) -> Config:
+    overrides = {}
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: use section.field=value, e.g. training.learning_rate=5e-4")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = _parse_value(value.strip())
+    if getattr(args, "mode", None):
+        overrides["training.mode"] = args.mode
+    if getattr(args, "host", None):
+        overrides["server.host"] = args.host
+    if getattr(args, "port", None) is not None:
+        overrides["server.port"] = args.port
+    path = args.config or (Path(args.data_dir) / "idletune.toml")
+    if args.config and not Path(args.config).exists():
+        raise ConfigError(f"--config {args.config}: no such file")
+    return Config.load(path, overrides)
+
+
+def _service(args, start_scheduler: bool):
+    from .service import build_service
+
+    return build_service(args.data_dir, model=args.model, config=load_config(args), start_scheduler=start_scheduler)
+
+
+# ---- subcommands ------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .server import create_app
+
+    config = load_config(args)
+    print(f"[idletune] data directory: {args.data_dir}", file=sys.stderr, flush=True)
+    print("[idletune] loading the model…", file=sys.stderr, flush=True)
+    from .service import build_service
+
+    svc = build_service(args.data_dir, model=args.model, config=config)
+    app = create_app(svc)
+    host, port = config.server.host, config.server.port
+    print(f"[idletune] serving {svc.model_name} (weights v{svc.weights.version}) on http://{host}:{port}",
+          file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        svc.close()
+    return 0
+
+
+def _server_up(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/api/status", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def cmd_chat(args) -> int:
+    """A terminal chat: through a running server if there is one, else in-process."""
+    history: list[dict] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    remote = not args.local and _server_up(args.url)
+    if remote:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{args.url}/v1", api_key=os.environ.get("IDLETUNE_API_KEY", "none"))
+        print(f"connected to {args.url}. Commands: /new, /correct TEXT, /train, /status, /quit", flush=True)
+
+        def reply(msgs):
+            stream = client.chat.completions.create(model="idletune", messages=msgs, stream=True,
+                                                    max_tokens=args.max_tokens)
+            parts, version = [], "?"
+            for ch in stream:
+                version = ch.system_fingerprint or version
+                if ch.choices and ch.choices[0].delta.content:
+                    print(ch.choices[0].delta.content, end="", flush=True)
+                    parts.append(ch.choices[0].delta.content)
+            return "".join(parts), version
+    else:
+        from .inference import GenerationParams
+
+        svc = _service(args, start_scheduler=True)
+        print(f"{svc.model_name} loaded locally (weights v{svc.weights.version}); it trains while you think. "
+              "Commands: /new, /correct TEXT, /train, /status, /quit", flush=True)
+
+        def reply(msgs):
+            import uuid
+
+            c = svc.inference.generate(msgs, GenerationParams(max_tokens=args.max_tokens),
+                                       on_text=lambda t: print(t, end="", flush=True))
+            svc.collector.log_exchange(msgs, c.text, generation_id="chatcmpl-" + uuid.uuid4().hex[:24],
+                                       version=c.version)
+            return c.text, f"idletune-v{c.version}"
+
+    def api(path: str, body: dict | None = None) -> dict:
+        import httpx
+
+        return httpx.post(f"{args.url}{path}", json=body or {}, timeout=600).json()
+
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/new":
+            history = [m for m in history if m["role"] == "system"]
+            print("(new conversation)")
+            continue
+        if line.startswith("/correct"):
+            text = line[len("/correct"):].strip()
+            if not text or len(history) < 2:
+                print("usage: /correct THE RIGHT ANSWER (after the model has answered)")
+                continue
+            if remote:
+                api("/api/feedback", {"messages": history, "correction": text})
+            else:
+                svc.collector.add_correction(history, text)
+            history[-1] = {"role": "assistant", "content": text}
+            print("(correction queued with high priority)")
+            continue
+        if line == "/train":
+            res = api("/api/training/force?wait=true") if remote else svc.scheduler.force_training(wait=True)
+            print(f"(training: {json.dumps(res.get('result', res), default=str)})")
+            continue
+        if line == "/status":
+            import httpx
+
+            st = httpx.get(f"{args.url}/api/status").json() if remote else _local_status(svc)
+            print(json.dumps({k: st[k] for k in ("live_version", "queue", "training")}, indent=1, default=str))
+            continue
+        history.append({"role": "user", "content": line})
+        print("bot> ", end="", flush=True)
+        try:
+            text, version = reply(history)
+        except Exception as e:  # show the problem, keep the session
+            print(f"\n(error: {e})")
+            history.pop()
+            continue
+        print(f"   [{version}]")
+        history.append({"role": "assistant", "content": text})
+    if not remote:
+        svc.close()
+    return 0
+
+
+def _local_status(svc) -> dict:
+    from .server.routes_api import status_of
+
+    return status_of(svc)
+
+
+def cmd_status(args) -> int:
+    import httpx
+
+    if _server_up(args.url):
+        st = httpx.get(f"{args.url}/api/status", timeout=10).json()
+    else:
+        from .queue import TrainingQueue
+
+        q = TrainingQueue(Path(args.data_dir) / "queue.db")
+        st = {"server": f"not running at {args.url}", "queue": q.get_stats()}
+    print(json.dumps(st, indent=2, default=str))
+    return 0
+
+
+def cmd_train(args) -> int:
+    """Train now on what is pending (through the server if it is running)."""
+    import httpx
+
+    if _server_up(args.url):
+        res = httpx.post(f"{args.url}/api/training/force", params={"wait": "true"}, timeout=3600).json()
+        print(json.dumps(res.get("result", res), indent=2, default=str))
+        return 0
+    svc = _service(args, start_scheduler=True)
+    try:
+        print(json.dumps(svc.scheduler.force_training(wait=True, timeout=3600), indent=2, default=str))
+    finally:
+        svc.close()
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .importers.cli import run_import
+    from .queue import TrainingQueue
+
+    q = TrainingQueue(Path(args.data_dir) / "queue.db")
+    try:
+        return run_import(args.sources, q, depth=args.depth, max_pages=args.max_pages,
+                          allow_private=args.allow_private)
+    finally:
+        q.close()
+
+
+def cmd_export(args) -> int:
+    svc = _service(args, start_scheduler=False)
+    try:
+        out = Path(args.out)
+        if args.merged:
+            from .training.export import export_merged
+
+            export_merged(svc, out)
+        else:
+            from .training.adapters import LIVE, save_adapter
+
+            with svc.engine.lock:
+                save_adapter(svc.model, LIVE, out, str(svc.model_dir))
+        print(f"wrote {'merged model' if args.merged else 'LoRA adapter (PEFT format)'} "
+              f"of weights v{svc.weights.version} to {out}")
+    finally:
+        svc.close()
+    return 0
+
+
+def _snapshot_dir_list(data_dir: Path) -> list[dict]:
+    out = []
+    live = None
+    pointer = data_dir / "snapshots" / "LIVE"
+    if pointer.exists():
+        live = int(pointer.read_text().strip() or 0)
+    for p in sorted((data_dir / "snapshots").glob("v[0-9]*")):
+        try:
+            meta = json.loads((p / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        out.append({"id": p.name, "version": meta["version"], "created_at": meta.get("created_at"),
+                    "loss": (meta.get("metrics") or {}).get("loss"), "live": meta["version"] == live})
+    return out
+
+
+def cmd_snapshots(args) -> int:
+    import datetime
+
+    import httpx
+
+    if _server_up(args.url):
+        rows = httpx.get(f"{args.url}/api/snapshots").json()["data"]
+    else:
+        rows = _snapshot_dir_list(Path(args.data_dir))
+    if not rows:
+        print("no snapshots yet (version 0, the base model, is live)")
+    for r in rows:
+        when = datetime.datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M:%S") if r.get("created_at") else "?"
+        loss = (r.get("metrics") or {}).get("loss", r.get("loss"))
+        print(f"{'*' if r.get('live') else ' '} {r['id']}  {when}  loss={loss}")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    import httpx
+
+    version = int(args.id.lstrip("v")) if args.id else None
+    if _server_up(args.url):
+        r = httpx.post(f"{args.url}/api/snapshots/rollback", json={"version": version})
+        body = r.json()
+        if r.status_code != 200:
+            print(f"error: {body['error']['message']}", file=sys.stderr)
+            return 1
+        print(f"live weights are now v{body['live_version']}")
+        return 0
+    svc = _service(args, start_scheduler=False)
+    try:
+        v = svc.weights.rollback(version, "requested on the command line")
+        print(f"live weights are now v{v}")
+    finally:
+        svc.close()
+    return 0
+
+
+# ---- argument parsing -------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default=str(default_data_dir()),
+                        help="queue, chat log, snapshots and metrics (default: %(default)s)")
+    common.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder (default: SmolLM2-135M-Instruct)")
+    common.add_argument("--config", default=None, help="a TOML config file (default: DATA_DIR/idletune.toml if present)")
+    common.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set training.learning_rate=5e-4 (repeatable)")
+    common.add_argument("--url", default=os.environ.get("IDLETUNE_URL", DEFAULT_URL),
+                        help="a running idletune server (default: %(default)s)")
+
+    p = argparse.ArgumentParser(prog="idletune", description="A local chat model that learns from you while idle.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", parents=[common], help="start the server (API and web page)")
+    s.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    s.add_argument("--mode", choices=["lora", "full", "hybrid"], default=None)
+    s.set_defaults(func=cmd_serve)
+    c = sub.add_parser("chat", parents=[common], help="chat in the terminal")
+    c.add_argument("--local", action="store_true", help="load the model here even if a server is running")
+    c.add_argument("--system", default=None, help="a system prompt")
+    c.add_argument("--max-tokens", type=int, default=256)
+    c.set_defaults(func=cmd_chat)
+    i = sub.add_parser("import", parents=[common], help="import web pages, images, documents or chat exports")
+    i.add_argument("sources", nargs="+", metavar="URL_OR_PATH")
+    i.add_argument("--depth", type=int, default=0, help="follow same-site links this deep")
+    i.add_argument("--max-pages", type=int, default=20)
+    i.add_argument("--allow-private", action="store_true", help="allow URLs on private or loopback addresses")
+    i.set_defaults(func=cmd_import)
+    sub.add_parser("status", parents=[common], help="show queue, training and weights").set_defaults(func=cmd_status)
+    sub.add_parser("train", parents=[common], help="train now on pending examples").set_defaults(func=cmd_train)
+    e = sub.add_parser("export", parents=[common], help="write the live weights")
+    e.add_argument("--out", required=True)
+    e.add_argument("--merged", action="store_true", help="a full model with the adapter merged in")
+    e.set_defaults(func=cmd_export)
+    sn = sub.add_parser("snapshots", parents=[common], help="list accepted weight versions")
+    sn.add_argument("action", nargs="?", default="list", choices=["list"])
+    sn.set_defaults(func=cmd_snapshots)
+    r = sub.add_parser("rollback", parents=[common], help="serve an earlier version (default: the previous one)")
+    r.add_argument("id", nargs="?", default=None, help="a snapshot id like v000003, or a version number")
+    r.set_defaults(func=cmd_rollback)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[idletune] %(message)s")
+    for noisy in ("httpx", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"idletune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
