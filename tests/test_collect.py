@@ -1,0 +1,77 @@
+from idletune.collect import DataCollector
+from idletune.examples import Priority, Status
+from idletune.queue import TrainingQueue
+
+
+def u(t):
+    return {"role": "user", "content": t}
+
+
+def a(t):
+    return {"role": "assistant", "content": t}
+
+
+def make(tmp_path, **kw):
+    q = TrainingQueue(tmp_path / "queue.db")
+    return q, DataCollector(q, enable_chat_logging=True, enable_web_scraping=True,
+                            enable_content_processing=True, auto_collect=True, **kw)
+
+
+def test_resent_history_is_stored_once(tmp_path):
+    q, c = make(tmp_path)
+    c.log_exchange([u("What is 2+2?")], "4", generation_id="g1", version=0)
+    c.log_exchange([u("What is 2+2?"), a("4"), u("And 3+3?")], "6", generation_id="g2", version=0)
+    c.log_exchange([u("What is 2+2?"), a("4"), u("And 3+3?"), a("6"), u("Thanks!")], "You're welcome", generation_id="g3", version=0)
+    pairs = [e for e in q.pending(100) if e.source == "chat"]
+    assert len(pairs) == 3  # one per (context -> assistant turn), not one per resend
+    assert q.get_stats()["by_priority"]["high"] == 0
+
+
+def test_edited_assistant_turn_is_a_high_priority_correction(tmp_path):
+    q, c = make(tmp_path)
+    c.log_exchange([u("Who leads Project Owl?")], "I don't know.", generation_id="g1", version=0)
+    res = c.log_exchange([u("Who leads Project Owl?"), a("Project Owl is led by Dr. Mira Tam."), u("Thanks")],
+                         "You're welcome.", generation_id="g2", version=0)
+    assert res.corrections == 1
+    corr = [e for e in q.pending(100) if e.source == "correction"]
+    assert len(corr) == 1 and corr[0].priority == Priority.HIGH
+    assert corr[0].messages[-1]["content"] == "Project Owl is led by Dr. Mira Tam."
+    assert q.pending(1)[0].source == "correction"  # trains first
+
+
+def test_feedback_correction_and_ratings(tmp_path):
+    q, c = make(tmp_path)
+    c.log_exchange([u("Capital of Atlantis?")], "Paris.", generation_id="g1", version=0)
+    c.log_exchange([u("Say hi")], "Hi!", generation_id="g2", version=0)
+    c.add_correction([u("Capital of Atlantis?"), a("Paris.")], "The capital of Atlantis is Poseidonis.")
+    high = [e for e in q.pending(100) if e.priority == Priority.HIGH]
+    assert [e.messages[-1]["content"] for e in high] == ["The capital of Atlantis is Poseidonis."]
+    c.rate("g1", -1)
+    bad = [e for e in q.recent(100) if e.metadata.get("generation_id") == "g1"][0]
+    assert bad.status == Status.REJECTED and "rated down" in bad.reason
+    c.rate("g2", 1)
+    good = [e for e in q.recent(100) if e.messages and e.messages[-1]["content"] == "Hi!"][0]
+    assert good.priority == Priority.HIGH
+
+
+def test_statements_become_text_and_links_are_imported(tmp_path):
+    seen = []
+    q, c = make(tmp_path, import_url=lambda url: seen.append(url) or "job1")
+    c.log_exchange([u("Our team standup moved to 9:30 every Tuesday in room Kepler.")], "Noted.",
+                   generation_id="g1", version=0)
+    c.log_exchange([u("What time is standup?")], "9:30", generation_id="g2", version=0)
+    c.log_exchange([u("Please read https://example.org/notes.html and remember it.")], "OK",
+                   generation_id="g3", version=0)
+    texts = [e.text for e in q.pending(100) if e.kind == "text"]
+    assert texts == ["Our team standup moved to 9:30 every Tuesday in room Kepler."]
+    assert seen == ["https://example.org/notes.html"]
+
+
+def test_switches_do_what_they_say(tmp_path):
+    q = TrainingQueue(tmp_path / "queue.db")
+    c = DataCollector(q, enable_chat_logging=False, enable_web_scraping=False,
+                      enable_content_processing=False, auto_collect=False, import_url=lambda u: 1 / 0)
+    c.log_exchange([u("The office wifi password is tangerine-42 for guests.")], "OK", generation_id="g", version=0)
+    assert q.size() == 0 and c.get_stats()["chat_log_messages"] == 0
+    c.log_message("conv", "user", "hello")  # logging off: nothing kept
+    assert c.get_stats()["chat_log_messages"] == 0

@@ -1,0 +1,100 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from idletune.examples import Priority, Status, TrainingExample
+from idletune.queue import QueueFullError, TrainingQueue
+
+
+def pair(q: str, a: str, **kw) -> TrainingExample:
+    return TrainingExample.chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}], **kw)
+
+
+def test_dedup_keeps_one_copy_and_raises_priority(tmp_path):
+    q = TrainingQueue(tmp_path / "q.db")
+    first = q.add(pair("hi", "hello"))
+    assert first is not None
+    assert q.add(pair("hi", "hello")) is None  # a client resending history
+    assert q.add(pair(" hi", "hello ")) is None  # whitespace at the ends does not make it new
+    assert q.size() == 1
+    q.add(pair("hi", "hello", priority=Priority.HIGH, source="correction"))
+    ex = q.get(first)
+    assert ex.priority == Priority.HIGH and ex.source == "correction"
+
+
+def test_priority_order_and_stats(tmp_path):
+    q = TrainingQueue(tmp_path / "q.db", heldout_percent=0)
+    q.add(TrainingExample.from_text("an imported paragraph about owls"))
+    q.add(pair("a", "b"))
+    q.add(pair("c", "d", priority="high", source="correction"))
+    kinds = [e.priority for e in q.pending(10)]
+    assert kinds == [Priority.HIGH, Priority.NORMAL, Priority.LOW]
+    stats = q.get_stats()
+    assert stats["total"] == 3
+    assert stats["by_priority"] == {"low": 1, "normal": 1, "high": 1}
+    assert stats["by_source"] == {"text": 1, "chat": 1, "correction": 1}
+    assert stats["by_status"]["pending"] == 3
+    q.mark_trained([e.id for e in q.pending(10)])
+    assert q.get_stats()["by_status"]["trained"] == 3 and q.pending_count() == 0
+
+
+def test_add_many_is_all_or_nothing(tmp_path):
+    q = TrainingQueue(tmp_path / "q.db", max_examples=2)
+    q.add(pair("a", "b"))
+    with pytest.raises(QueueFullError, match="full"):
+        q.add_many([pair("c", "d"), pair("e", "f")])
+    assert q.size() == 1  # nothing of the refused batch was kept
+
+
+def test_held_out_only_from_imports(tmp_path):
+    q = TrainingQueue(tmp_path / "q.db", heldout_percent=50)
+    for i in range(40):
+        q.add(TrainingExample.from_text(f"imported chunk number {i} about a topic"))
+        q.add(pair(f"question {i}", f"answer {i}"))
+    held = q.sample(Status.HELD_OUT, 1000)
+    assert held and all(e.kind == "text" for e in held)
+    assert 5 < len(held) < 35
+
+
+def test_bad_examples_are_refused_with_reasons():
+    with pytest.raises(ValueError, match="end with the assistant"):
+        TrainingExample.chat([{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match=r"messages\[0\].role"):
+        TrainingExample.chat([{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}])
+    with pytest.raises(ValueError, match="non-empty"):
+        TrainingExample.from_text("   ")
+
+
+def test_accepted_examples_survive_kill_9(tmp_path):
+    """A child process adds examples, reports each id once add() returned, then is SIGKILLed."""
+    db = tmp_path / "q.db"
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from idletune.examples import TrainingExample
+        from idletune.queue import TrainingQueue
+        q = TrainingQueue({str(db)!r})
+        i = 0
+        while True:
+            ex = TrainingExample.chat([{{"role": "user", "content": f"q{{i}}"}}, {{"role": "assistant", "content": f"a{{i}}"}}])
+            print(q.add(ex), flush=True)
+            i += 1
+    """)], stdout=subprocess.PIPE, text=True)
+    acknowledged = [child.stdout.readline().strip() for _ in range(50)]
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    q = TrainingQueue(db)
+    stored = {str(e.id) for e in q.pending(10_000)}
+    assert set(acknowledged) <= stored
+
+
+def test_corrupt_database_is_reported(tmp_path):
+    from idletune.queue import QueueError
+
+    db = tmp_path / "q.db"
+    db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(QueueError, match="q.db"):
+        TrainingQueue(db)

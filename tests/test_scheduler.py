@@ -1,0 +1,74 @@
+import time
+
+import pytest
+
+from idletune.config import Config
+from idletune.examples import TrainingExample
+from idletune.service import build_service
+
+
+def pair(i):
+    return TrainingExample.chat([{"role": "user", "content": f"Name of robot {i}?"},
+                                 {"role": "assistant", "content": f"Robot {i} is called Unit-{i}."}])
+
+
+@pytest.fixture
+def svc(tmp_path, tiny_model_dir):
+    cfg = Config.load(None, {"training.max_steps": 5, "gate.num_retention_probes": 4,
+                             "scheduler.min_idle_time_ms": 200, "scheduler.check_interval_ms": 50})
+    s = build_service(tmp_path / "data", model=tiny_model_dir, config=cfg)
+    yield s
+    s.close()
+
+
+def wait_for(cond, timeout=60):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_trains_when_idle_and_publishes(svc):
+    svc.queue.add(pair(1))
+    assert wait_for(lambda: svc.weights.version == 1)
+    st = svc.scheduler.get_stats()
+    assert st["training_count"] == 1 and st["time_since_last_training"] is not None
+    assert st["last_round"]["accepted"] is True
+    assert svc.queue.get_stats()["by_status"]["trained"] == 1
+
+
+def test_pause_resume_and_force(svc):
+    svc.scheduler.pause()
+    svc.queue.add(pair(2))
+    time.sleep(1.0)
+    assert svc.weights.version == 0 and svc.scheduler.get_stats()["state"] == "paused"
+    svc.scheduler.resume()
+    assert wait_for(lambda: svc.weights.version == 1)
+    svc.scheduler.update_config(enable_background_training=False)
+    svc.queue.add(pair(3))
+    time.sleep(0.8)
+    assert svc.weights.version == 1
+    summary = svc.scheduler.force_training(wait=True, timeout=60)
+    assert summary["accepted"] and svc.weights.version == 2
+
+
+def test_no_training_while_requests_are_in_flight(svc):
+    with svc.activity.request():
+        svc.queue.add(pair(4))
+        time.sleep(1.0)
+        assert svc.weights.version == 0 and not svc.scheduler.get_stats()["is_training_active"]
+    assert wait_for(lambda: svc.weights.version == 1)
+
+
+def test_gate_rejects_and_marks_examples(svc):
+    svc.scheduler.pause()
+    svc.config.gate.max_retention_loss_increase = 0.0  # nothing may change: any update is rejected
+    svc.weights.gate.max_retention_loss_increase = -1.0
+    svc.queue.add(pair(5))
+    summary = svc.scheduler.force_training(wait=True, timeout=60)
+    assert summary["accepted"] is False and "retention" in summary["reason"]
+    rejected = [e for e in svc.queue.recent(10) if e.status == "rejected"]
+    assert rejected and "quality gate" in rejected[0].reason
+    assert svc.weights.version == 0 and svc.weights.rejections == 1

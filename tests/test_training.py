@@ -1,0 +1,141 @@
+"""The training engine, adapters and weight updater on a tiny model built from a config."""
+import threading
+
+import pytest
+import torch
+
+from idletune.config import Config, ConfigError, LoraConfig
+from idletune.examples import TrainingExample
+from idletune.service import build_service
+from idletune.training import adapters
+from idletune.training.adapters import LIVE, TRAIN
+from idletune.training.engine import Preempted  # noqa: F401  (public)
+
+
+def fact(i: int = 0) -> TrainingExample:
+    ex = TrainingExample.chat([{"role": "user", "content": f"What is the code of vault {i}?"},
+                               {"role": "assistant", "content": f"The code of vault {i} is {1000 + i}."}])
+    ex.id = i + 1
+    return ex
+
+
+@pytest.fixture
+def svc(tmp_path, tiny_model_dir):
+    cfg = Config.load(None, {"training.max_steps": 40, "training.target_loss": 0.0, "gate.num_retention_probes": 4})
+    s = build_service(tmp_path / "data", model=tiny_model_dir, config=cfg, start_scheduler=False)
+    yield s
+    s.close()
+
+
+def test_loss_falls_and_only_the_candidate_adapter_changes(svc):
+    base_before = {k: v.clone() for k, v in svc.model.named_parameters() if "lora_" not in k}
+    live_before = adapters.clone_adapter(svc.model, LIVE)
+    before = svc.engine.evaluate([fact()], TRAIN)
+    r = svc.engine.train_round([fact()])
+    after = svc.engine.evaluate([fact()], TRAIN)
+    assert r.steps == 40 and after < before - 0.25  # a random 2-layer model: slow, but clearly falling
+    for k, v in svc.model.named_parameters():
+        if "lora_" not in k:
+            assert torch.equal(v, base_before[k]), f"frozen weight {k} changed"
+    for k, v in adapters.adapter_tensors(svc.model, LIVE).items():
+        assert torch.equal(v, live_before[k]), "the live adapter changed before publish"
+    m = svc.engine.get_latest_metrics()
+    assert {"step", "loss", "learning_rate", "grad_norm", "examples_processed"} <= set(m)
+    assert (svc.data_dir / "metrics.jsonl").read_text().count("\n") == 40
+
+
+def test_publish_then_rollback_is_bit_exact(svc):
+    v0 = adapters.clone_adapter(svc.model, LIVE)
+    svc.engine.train_round([fact(0)])
+    assert svc.weights.publish({"loss": 1.0}) == 1
+    v1 = adapters.clone_adapter(svc.model, LIVE)
+    assert any(not torch.equal(v1[k], v0[k]) for k in v0)
+    svc.engine.train_round([fact(1)])
+    assert svc.weights.publish() == 2
+    assert svc.weights.rollback() == 1
+    for k, t in adapters.adapter_tensors(svc.model, LIVE).items():
+        assert torch.equal(t, v1[k])
+    svc.weights._ring.clear()  # force the on-disk path
+    assert svc.weights.rollback(0) == 0
+    for k, t in adapters.adapter_tensors(svc.model, LIVE).items():
+        assert torch.equal(t, v0[k])
+    assert svc.weights.rollback(2) == 2  # from disk, checksum verified
+    assert [s["version"] for s in svc.weights.list_snapshots()] == [1, 2]
+
+
+def test_saved_adapter_loads_in_peft_with_identical_logits(svc, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    svc.engine.train_round([fact()])
+    out = svc.engine.save_model(tmp_path / "adapter")
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with svc.engine.lock:
+        adapters.activate(svc.model, TRAIN)
+        svc.model.eval()
+        with torch.no_grad():
+            ours = svc.model(input_ids=ids).logits
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).eval()
+    with torch.no_grad():
+        theirs = ref(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    # and back in: load_model restores the same weights
+    trained = adapters.clone_adapter(svc.model, TRAIN)
+    with svc.engine.lock:
+        adapters.copy_adapter(svc.model, LIVE, TRAIN)
+    svc.engine.load_model(out)
+    for k, t in adapters.adapter_tensors(svc.model, TRAIN).items():
+        assert torch.equal(t, trained[k])
+
+
+def test_a_request_preempts_a_step_at_a_layer_boundary(svc):
+    calls = {"n": 0}
+
+    def should_yield():  # a request "arrives" after a few layer boundaries of the first step
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    svc.engine.should_yield = should_yield
+    r = svc.engine.train_round([fact()])
+    assert r.preempted and r.steps == 0
+    assert all(p.grad is None for p in svc.model.parameters() if p.requires_grad), "partial step not discarded"
+    assert not svc.engine.lock.locked()
+
+
+def test_restart_serves_the_last_accepted_version(tmp_path, tiny_model_dir):
+    cfg = Config.load(None, {"training.max_steps": 10, "gate.num_retention_probes": 4})
+    s = build_service(tmp_path / "d", model=tiny_model_dir, config=cfg, start_scheduler=False)
+    s.engine.train_round([fact()])
+    s.weights.publish()
+    published = adapters.clone_adapter(s.model, LIVE)
+    s.close()
+    (tmp_path / "d" / "snapshots" / ".tmp-v000009-1").mkdir()  # a write cut short by a crash
+    s2 = build_service(tmp_path / "d", model=tiny_model_dir, config=cfg, start_scheduler=False)
+    assert s2.weights.version == 1
+    for k, t in adapters.adapter_tensors(s2.model, LIVE).items():
+        assert torch.equal(t, published[k])
+    assert not list((tmp_path / "d" / "snapshots").glob(".tmp-*"))
+    s2.close()
+
+
+def test_corrupt_snapshot_falls_back_with_a_reported_problem(tmp_path, tiny_model_dir):
+    cfg = Config.load(None, {"training.max_steps": 5, "gate.num_retention_probes": 4})
+    s = build_service(tmp_path / "d", model=tiny_model_dir, config=cfg, start_scheduler=False)
+    for i in range(2):
+        s.engine.train_round([fact(i)])
+        s.weights.publish()
+    s.close()
+    f = tmp_path / "d" / "snapshots" / "v000002" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])  # truncated
+    s2 = build_service(tmp_path / "d", model=tiny_model_dir, config=cfg, start_scheduler=False)
+    assert s2.weights.version == 1
+    assert any("v000002" in p for p in s2.weights.problems)
+    s2.close()
+
+
+def test_unknown_target_modules_are_named(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ConfigError, match="c_attn.*not found.*q_proj"):
+        adapters.attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(target_modules=["c_attn"]))
