@@ -37,6 +37,8 @@ def test_edited_assistant_turn_is_a_high_priority_correction(tmp_path):
     assert len(corr) == 1 and corr[0].priority == Priority.HIGH
     assert corr[0].messages[-1]["content"] == "Project Owl is led by Dr. Mira Tam."
     assert q.pending(1)[0].source == "correction"  # trains first
+    wrong = [e for e in q.recent(100) if e.messages and e.messages[-1]["content"] == "I don't know."][0]
+    assert wrong.status == Status.REJECTED and wrong.reason == "corrected by the user"
 
 
 def test_feedback_correction_and_ratings(tmp_path):
@@ -46,8 +48,10 @@ def test_feedback_correction_and_ratings(tmp_path):
     c.add_correction([u("Capital of Atlantis?"), a("Paris.")], "The capital of Atlantis is Poseidonis.")
     high = [e for e in q.pending(100) if e.priority == Priority.HIGH]
     assert [e.messages[-1]["content"] for e in high] == ["The capital of Atlantis is Poseidonis."]
-    c.rate("g1", -1)
-    bad = [e for e in q.recent(100) if e.metadata.get("generation_id") == "g1"][0]
+    assert [e for e in q.recent(100) if e.messages and e.messages[-1]["content"] == "Paris."][0].status == Status.REJECTED
+    c.log_exchange([u("Tell me a joke")], "No.", generation_id="g3", version=0)
+    c.rate("g3", -1)
+    bad = [e for e in q.recent(100) if e.metadata.get("generation_id") == "g3"][0]
     assert bad.status == Status.REJECTED and "rated down" in bad.reason
     c.rate("g2", 1)
     good = [e for e in q.recent(100) if e.messages and e.messages[-1]["content"] == "Hi!"][0]

@@ -15,6 +15,7 @@ def pair(i):
 @pytest.fixture
 def svc(tmp_path, tiny_model_dir):
     cfg = Config.load(None, {"training.max_steps": 5, "gate.num_retention_probes": 4,
+                             "training.target_loss": 50.0,  # a random tiny model: one step counts as learned
                              "scheduler.min_idle_time_ms": 200, "scheduler.check_interval_ms": 50})
     s = build_service(tmp_path / "data", model=tiny_model_dir, config=cfg)
     yield s
@@ -31,8 +32,15 @@ def wait_for(cond, timeout=60):
 
 
 def test_trains_when_idle_and_publishes(svc):
+    import torch
+
+    from idletune.training import adapters
+
+    before = adapters.clone_adapter(svc.model, adapters.LIVE)
     svc.queue.add(pair(1))
-    assert wait_for(lambda: svc.weights.version == 1)
+    assert wait_for(lambda: svc.scheduler.training_count == 1)
+    after = adapters.adapter_tensors(svc.model, adapters.LIVE)
+    assert any(not torch.equal(after[k], before[k]) for k in before), "published weights did not change"
     st = svc.scheduler.get_stats()
     assert st["training_count"] == 1 and st["time_since_last_training"] is not None
     assert st["last_round"]["accepted"] is True

@@ -139,3 +139,16 @@ def test_unknown_target_modules_are_named(tiny_model_dir):
 
     with pytest.raises(ConfigError, match="c_attn.*not found.*q_proj"):
         adapters.attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(target_modules=["c_attn"]))
+
+
+def test_target_only_loss_equals_full_logits_loss(svc):
+    from idletune.training.data import collate, encode, per_example_loss, target_token_losses
+
+    exs = [fact(0), TrainingExample.from_text("Plain text chunk about owls and their nests.")]
+    exs[1].id = 9
+    b = collate([encode(e, svc.tokenizer, 128) for e in exs], svc.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        full = per_example_loss(svc.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        fast = target_token_losses(svc.model, b)
+    torch.testing.assert_close(fast[0], full[0], rtol=1e-5, atol=1e-4)
+    assert torch.equal(fast[1], full[1])

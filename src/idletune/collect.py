@@ -176,8 +176,20 @@ class DataCollector:
                     continue
                 out.append(TrainingExample.chat(context + [m], source=Source.CORRECTION, priority=Priority.HIGH,
                                                 conversation_id=conv, replaces=generated[-1][:200]))
+                self._withdraw(context, generated)
         self.stats["corrections"] += len(out)
         return out
+
+    def _withdraw(self, context: list[dict], answers: list[str]) -> None:
+        """The user corrected these answers: never train on them (they would fight the correction)."""
+        ids = []
+        for answer in answers:
+            if not answer.strip():
+                continue
+            found = self.queue.find(TrainingExample.chat(context + [{"role": "assistant", "content": answer}]).content_hash)
+            if found is not None and found.status == Status.PENDING:
+                ids.append(found.id)
+        self.queue.mark_rejected(ids, "corrected by the user")
 
     def _statements_in(self, messages: list[dict], conv: str) -> list[TrainingExample]:
         last = messages[-1]
@@ -210,6 +222,8 @@ class DataCollector:
         """The right answer to ``messages`` (which end with the user's turn, or with the wrong
         answer, which is replaced). Queued with high priority. Returns the example id."""
         context = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+        wrong = [messages[-1]["content"]] if messages and messages[-1]["role"] == "assistant" else []
+        self._withdraw(list(context), wrong + self.chat_log.generated_for(list(context)))
         ex = TrainingExample.chat(list(context) + [{"role": "assistant", "content": correction}],
                                   source=Source.CORRECTION, priority=Priority.HIGH,
                                   conversation_id=conversation_id(list(context)))

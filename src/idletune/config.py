@@ -108,7 +108,7 @@ class TrainingConfig:
 class SchedulerConfig:
     enable_background_training: bool = True
     """Train automatically when idle. Off: only `force_training()` / POST /api/training/force train."""
-    max_idle_time_ms: int = 30_000
+    max_idle_time_ms: int = 60_000
     """Longest slice of training before the scheduler yields, evaluates and publishes."""
     min_idle_time_ms: int = 2_000
     """How long no request must have been in flight before training starts."""

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS examples (
     created_at    REAL NOT NULL,
     updated_at    REAL NOT NULL,
     times_trained INTEGER NOT NULL DEFAULT 0,
+    attempts      INTEGER NOT NULL DEFAULT 0,
     reason        TEXT
 );
 CREATE INDEX IF NOT EXISTS examples_pick ON examples (status, priority DESC, created_at);
@@ -147,6 +148,17 @@ class TrainingQueue:
                 "UPDATE examples SET status=?, reason=?, updated_at=?, times_trained=times_trained+? WHERE id=?",
                 [(status, reason, time.time(), trained, i) for i in ids])
             self._db.execute("COMMIT")
+
+    def record_attempt(self, ids: Iterable[int]) -> dict[int, int]:
+        """Count a training round an example took part in; returns each id's attempts so far."""
+        ids = list(ids)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("UPDATE examples SET attempts=attempts+1 WHERE id=?", [(i,) for i in ids])
+            rows = self._db.execute(f"SELECT id, attempts FROM examples WHERE id IN ({','.join('?' * len(ids))})",
+                                    ids).fetchall() if ids else []
+            self._db.execute("COMMIT")
+        return dict(rows)
 
     def mark_trained(self, ids: Iterable[int]) -> None:
         self.set_status(ids, Status.TRAINED)

@@ -25,12 +25,13 @@ log = logging.getLogger("idletune.scheduler")
 class TrainingScheduler:
     def __init__(self, queue, engine, weights, batches, *, activity: ActivityTracker,
                  config: SchedulerConfig | None = None, probes: Callable[[], list] = list,
-                 heldout_examples: int = 32):
+                 heldout_examples: int = 32, max_attempts: int = 3):
         self.queue, self.engine, self.weights, self.batches = queue, engine, weights, batches
         self.activity = activity
         self.config = config or SchedulerConfig()
         self.probes = probes
         self.heldout_examples = heldout_examples
+        self.max_attempts = max_attempts
         self.state = "stopped"
         self.training_count = 0
         self.rounds_rejected = 0
@@ -178,7 +179,10 @@ class TrainingScheduler:
         if decision.accepted:
             metrics = dict(self.engine.get_latest_metrics() or {}, examples=len(ids), learned=len(result.learned_ids))
             summary["version"] = self.weights.publish(metrics)
-            self.queue.mark_trained(ids)
+            # Learned examples are done; the rest get another round, up to max_attempts.
+            attempts = self.queue.record_attempt(ids)
+            learned = set(result.learned_ids)
+            self.queue.mark_trained([i for i in ids if i in learned or attempts.get(i, 0) >= self.max_attempts])
             self.training_count += 1
         else:
             self.weights.discard_candidate()

@@ -63,3 +63,24 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
                                             ignore_index=IGNORE, reduction="none")  # (B, T-1)
     count = (shift_labels != IGNORE).sum(dim=1)
     return tok.sum(dim=1), count
+
+
+def target_token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`per_example_loss`, but the output layer runs only on positions that carry a
+    loss: prompts and padding never reach the (large) vocabulary projection, which saves its
+    compute and the (B, T, V) logits tensor. Falls back to full logits for models that post-process
+    them (logit soft-capping or scaling)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = lm.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) or not hasattr(lm, "get_decoder"):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return per_example_loss(logits, batch["labels"])
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    shift_labels = batch["labels"][:, 1:]  # (B, T-1)
+    mask = shift_labels != IGNORE
+    selected = hidden[:, :-1][mask]  # (N, C)
+    logits = lm.get_output_embeddings()(selected).float()  # (N, V)
+    tok = torch.nn.functional.cross_entropy(logits, shift_labels[mask], reduction="none")  # (N,)
+    row = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]  # (N,)
+    sums = torch.zeros(mask.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, row, tok)
+    return sums, mask.sum(dim=1)

@@ -21,7 +21,7 @@ from ..config import TrainingConfig
 from ..examples import TrainingExample
 from . import adapters
 from .adapters import TRAIN
-from .data import Encoded, collate, encode, per_example_loss
+from .data import Encoded, collate, encode, target_token_losses
 
 
 class Preempted(Exception):
@@ -161,8 +161,7 @@ class TrainingEngine:
         for i in range(0, len(batch), size):
             micro = collate(batch[i:i + size], self.tokenizer.pad_token_id, self.device)
             with self._autocast():
-                logits = self.model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
-            s, c = per_example_loss(logits, micro["labels"])
+                s, c = target_token_losses(self.model, micro)  # (b,), (b,)
             (s.sum() / total_tokens).backward()
             sums.append(s.detach().float().cpu())
             counts.append(c.detach().cpu())
@@ -182,7 +181,8 @@ class TrainingEngine:
         return peak * max(0.1, 1.0 - (step - cfg.warmup_steps) / span)
 
     def _trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        # Named explicitly, never read off requires_grad: PEFT's adapter switches move that flag.
+        return list(adapters.adapter_tensors(self.model, TRAIN).values())
 
     def _get_optimizer(self):
         if self._optimizer is None:
@@ -239,8 +239,7 @@ class TrainingEngine:
                 self.model.eval()
                 b = collate(items[i:i + batch_size], self.tokenizer.pad_token_id, self.device)
                 with self._autocast():
-                    logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                s, c = per_example_loss(logits, b["labels"])
+                    s, c = target_token_losses(self.model, b)
             total += float(s.sum())
             count += int(c.sum())
         return total / max(count, 1)

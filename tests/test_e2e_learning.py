@@ -1,0 +1,74 @@
+"""End to end on the real default model, through the HTTP API with the openai client:
+teach a made-up fact in a conversation, let the server go idle and train, ask in other words."""
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+FACT = "The codename of Project Bluebird is ZEPHYR-42."
+
+
+def wait_trained(url, timeout=600):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        st = httpx.get(f"{url}/api/status", timeout=10).json()
+        if st["live_version"] >= 1 and st["queue"]["pending"] == 0 and not st["scheduler"]["is_training_active"]:
+            return st
+        time.sleep(1)
+    raise AssertionError(f"no training finished in {timeout} s: {st}")
+
+
+def ask(client, question):
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=40,
+                                       messages=[{"role": "user", "content": question}])
+    return r.choices[0].message.content, r.system_fingerprint
+
+
+def test_learns_a_fact_from_a_conversation_and_keeps_it_across_restart(start_server, default_model_dir, tmp_path):
+    from openai import OpenAI
+
+    data = tmp_path / "data"
+    server = start_server(data_dir=data, extra=["--set", "scheduler.min_idle_time_ms=1500"])
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+
+    # The user asks; the model does not know. The user corrects the answer in place (as chat
+    # clients that let you edit the assistant's message do) and carries on, streaming.
+    history = [{"role": "user", "content": "What is the codename of Project Bluebird?"}]
+    wrong = client.chat.completions.create(model="m", messages=history, max_tokens=30).choices[0].message.content
+    assert "ZEPHYR-42" not in wrong
+    history += [{"role": "assistant", "content": FACT}, {"role": "user", "content": "Thanks, please remember that."}]
+    stream = client.chat.completions.create(model="m", messages=history, max_tokens=16, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces).strip()
+    # and states it in another conversation
+    client.chat.completions.create(model="m", max_tokens=20,
+                                   messages=[{"role": "user", "content": "Note for later: " + FACT}])
+
+    st = httpx.get(f"{server.url}/api/status").json()
+    assert st["queue"]["by_priority"]["high"] == 1  # the edited answer is a correction
+    assert st["queue"]["by_source"].get("correction") == 1
+
+    st = wait_trained(server.url)  # idle → trains in the background → gate → publish
+    assert st["scheduler"]["training_count"] >= 1 and st["training"]["step"] >= 1
+    assert st["training"]["loss"] < 5
+
+    answers = [ask(client, q) for q in ("Tell me the codename of Project Bluebird.",
+                                        "Which codename does Project Bluebird have?")]
+    for text, fingerprint in answers:
+        assert "ZEPHYR-42" in text, answers
+        assert fingerprint == f"idletune-v{st['live_version']}"
+    capital, _ = ask(client, "What is the capital of France?")
+    assert "Paris" in capital  # what it knew is kept
+
+    # Restart: the queue, the chat log and the learned answer survive.
+    total = st["queue"]["total"]
+    server.stop()
+    server2 = start_server(data_dir=data, extra=["--set", "scheduler.enable_background_training=false"])
+    st2 = httpx.get(f"{server2.url}/api/status").json()
+    assert st2["queue"]["total"] == total and st2["live_version"] == st["live_version"]
+    assert st2["collector"]["chat_log_messages"] >= 8
+    client2 = OpenAI(base_url=f"{server2.url}/v1", api_key="unused")
+    text, _ = ask(client2, "Tell me the codename of Project Bluebird.")
+    assert "ZEPHYR-42" in text

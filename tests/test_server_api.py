@@ -1,0 +1,108 @@
+"""The HTTP API through a real `idletune serve` on loopback (tiny model: fast, gibberish answers)."""
+import httpx
+import pytest
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    from conftest import ServerProcess
+
+    s = ServerProcess(tmp_path_factory.mktemp("api") / "data", tiny_model_dir,
+                      ["--set", "scheduler.enable_background_training=false",
+                       "--set", "gate.num_retention_probes=4", "--set", "training.max_steps=4"]).start()
+    yield s
+    s.stop()
+
+
+def test_openai_client_chat_and_stream(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    models = client.models.list()
+    assert models.data[0].id
+    r = client.chat.completions.create(model=models.data[0].id, max_tokens=8,
+                                       messages=[{"role": "user", "content": "Hello there"}])
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
+    assert r.system_fingerprint == "idletune-v0"
+    assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 3
+    chunks = list(client.chat.completions.create(model="x", max_tokens=6, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 messages=[{"role": "user", "content": "Stream please"}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[0].choices[0].delta.role == "assistant"
+    assert [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens >= 1
+
+
+def test_stream_ends_with_done(server):
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 3}) as r:
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]" and lines[0].startswith("data: {")
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    (b"{not json", 400, "not valid JSON"),
+    ({"model": "x"}, 400, "'messages' is required"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "  "}]}, 400, "messages[0].content is empty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "unsupported parameter 'tools'"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi " * 6000}]}, 400, "limit"),
+])
+def test_malformed_requests_get_openai_style_4xx(server, body, status, needle):
+    before = httpx.get(f"{server.url}/api/status").json()["queue"]["total"]
+    if isinstance(body, bytes):
+        r = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] or needle == err.get("param"), err
+    assert err["type"] == "invalid_request_error"
+    assert httpx.get(f"{server.url}/api/status").json()["queue"]["total"] == before
+
+
+def test_huge_body_is_refused(server):
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"x" * (5 * 1024 * 1024),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+
+def test_feedback_status_force_pause_resume(server):
+    url = server.url
+    conv = [{"role": "user", "content": "Which moon has the city Lumen?"}]
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": conv, "max_tokens": 4}, timeout=60).json()
+    st = httpx.get(f"{url}/api/status").json()
+    for key in ("queue", "scheduler", "training", "live_version"):
+        assert key in st
+    for key in ("is_scheduled", "is_training_active", "training_count", "time_since_last_training"):
+        assert key in st["scheduler"]
+    high = st["queue"]["by_priority"]["high"]
+    fb = httpx.post(f"{url}/api/feedback", json={"messages": conv, "correction": "Lumen is on the moon Titania."}).json()
+    assert fb["priority"] == "high" and fb["queue"]["by_priority"]["high"] == high + 1
+    assert httpx.post(f"{url}/api/feedback", json={"response_id": r["id"], "rating": 1}).status_code == 200
+    assert httpx.post(f"{url}/api/feedback", json={"response_id": "nope", "rating": 1}).status_code == 404
+    assert httpx.post(f"{url}/api/feedback", json={"correction": "x"}).status_code == 400
+    assert httpx.post(f"{url}/api/training/pause").json()["scheduler"]["paused"] is True
+    assert httpx.post(f"{url}/api/training/resume").json()["scheduler"]["paused"] is False
+    done = httpx.post(f"{url}/api/training/force", params={"wait": "true"}, timeout=300).json()
+    assert done["result"]["accepted"] is True
+    st = done["status"]
+    assert st["live_version"] == 1 and st["training"]["step"] >= 1
+    assert {"step", "loss", "learning_rate", "grad_norm", "examples_processed"} <= set(st["training"])
+    snaps = httpx.get(f"{url}/api/snapshots").json()
+    assert snaps["live_version"] == 1 and snaps["data"][0]["id"] == "v000001"
+    rb = httpx.post(f"{url}/api/snapshots/rollback", json={}).json()
+    assert rb["live_version"] == 0
+    chat = httpx.post(f"{url}/v1/chat/completions", json={"messages": conv, "max_tokens": 2}, timeout=60).json()
+    assert chat["system_fingerprint"] == "idletune-v0"
+
+
+def test_unknown_endpoint_is_a_clear_404(server):
+    r = httpx.get(f"{server.url}/v1/nothing")
+    assert r.status_code == 404 and "no such endpoint" in r.json()["error"]["message"]
