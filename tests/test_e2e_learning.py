@@ -63,6 +63,11 @@ def test_learns_a_fact_from_a_conversation_and_keeps_it_across_restart(start_ser
     assert "Paris" in capital  # what it knew is kept
 
     # Restart: the queue, the chat log and the learned answer survive.
+    httpx.post(f"{server.url}/api/training/pause")
+    end = time.monotonic() + 300
+    while httpx.get(f"{server.url}/api/status").json()["scheduler"]["is_training_active"] and time.monotonic() < end:
+        time.sleep(0.5)
+    st = httpx.get(f"{server.url}/api/status").json()
     total = st["queue"]["total"]
     server.stop()
     server2 = start_server(data_dir=data, extra=["--set", "scheduler.enable_background_training=false"])

@@ -85,6 +85,9 @@ class TrainingQueue:
             if ok != "ok":
                 raise QueueError(f"training queue {self.path} is corrupt: {ok}")
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(examples)")}
+            if "attempts" not in columns:  # a queue written by 0.1.0 before attempts were counted
+                self._db.execute("ALTER TABLE examples ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
         except sqlite3.DatabaseError as e:
             raise QueueError(f"cannot open training queue {self.path}: {e}") from None
 
