@@ -1,0 +1,163 @@
+"""Benchmark for the end-to-end slice (issue 2), against a real `idletune serve` on loopback.
+
+1. Time to learn: a made-up fact is taught as a correction; the clock runs until the server,
+   asked in other words, answers with it (it is asked only after each newly published version,
+   so asking never interrupts training).
+2. Chat latency with background training off vs. with a training backlog, interleaved in one
+   run: requests alternate between the two conditions; in the "backlog" condition the queue
+   holds hundreds of pending examples and the scheduler is training when the request arrives.
+   Reports time to first token and total time, median and p99, and their ratios.
+
+Usage:
+    python bench/learn_and_latency.py [--model DIR] [--requests 40] [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+FACT_Q = "What is the codename of Project Bluebird?"
+FACT_A = "The codename of Project Bluebird is ZEPHYR-42."
+PARAPHRASES = ["Tell me the codename of Project Bluebird.", "Which codename does Project Bluebird have?"]
+PROMPT = "Write two sentences about the sea."
+
+
+def start_server(data_dir: Path, model: str | None, port: int, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "idletune.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)] + extra
+    if model:
+        cmd += ["--model", model]
+    log = open(data_dir.parent / "server.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/status", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {(data_dir.parent / 'server.log').read_text()[-2000:]}")
+    raise SystemExit("server did not start")
+
+
+def chat(url: str, content: str, max_tokens: int) -> dict:
+    """One streamed request: time to first token, total time, tokens."""
+    t0 = time.perf_counter()
+    ttft, n, text = None, 0, []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=600,
+                      json={"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                            "stream": True, "stream_options": {"include_usage": True}}) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+            for c in chunk.get("choices", []):
+                if c["delta"].get("content"):
+                    ttft = ttft or time.perf_counter() - t0
+                    text.append(c["delta"]["content"])
+    return {"ttft": ttft or time.perf_counter() - t0, "total": time.perf_counter() - t0, "tokens": n, "text": "".join(text)}
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def time_to_learn(url: str, timeout: float) -> dict:
+    st = httpx.get(f"{url}/api/status").json()
+    version = st["live_version"]
+    t0 = time.perf_counter()
+    httpx.post(f"{url}/api/feedback", json={"messages": [{"role": "user", "content": FACT_Q}], "correction": FACT_A})
+    while time.perf_counter() - t0 < timeout:
+        st = httpx.get(f"{url}/api/status").json()
+        if st["live_version"] != version and not st["scheduler"]["is_training_active"]:
+            version = st["live_version"]
+            answers = [chat(url, q, 32)["text"] for q in PARAPHRASES]
+            if all("ZEPHYR-42" in a for a in answers):
+                return {"seconds": time.perf_counter() - t0, "version": version, "answers": answers,
+                        "steps": st["training"]["step"]}
+        time.sleep(0.25)
+    return {"seconds": None, "timeout": timeout}
+
+
+def latency(url: str, n: int, max_tokens: int, gap: float) -> dict:
+    # A backlog: many pending examples, so the scheduler always has work when allowed.
+    texts = [f"Backlog note {i}: the warehouse in sector {i} stores {i * 7} crates of parts." for i in range(300)]
+    for i in range(0, len(texts), 50):
+        httpx.post(f"{url}/api/import/text", json={"text": "\n\n".join(texts[i:i + 50]), "name": f"backlog-{i}"},
+                   timeout=120)
+    out = {"off": [], "backlog": []}
+    chat(url, PROMPT, 4)  # warm-up
+    for i in range(2 * n):
+        cond = "off" if i % 2 == 0 else "backlog"
+        httpx.post(f"{url}/api/training/config", json={"enable_background_training": cond == "backlog"})
+        time.sleep(gap)  # idle gap: with a backlog, training is running when the request arrives
+        training = httpx.get(f"{url}/api/status").json()["scheduler"]["is_training_active"]
+        r = chat(url, PROMPT, max_tokens)
+        r["training_was_active"] = training
+        out[cond].append(r)
+    httpx.post(f"{url}/api/training/config", json={"enable_background_training": False})
+
+    def summary(rs):
+        per_tok = [(r["total"] - r["ttft"]) / max(1, r["tokens"] - 1) for r in rs]
+        return {"n": len(rs), "ttft_p50_ms": 1e3 * statistics.median(r["ttft"] for r in rs),
+                "ttft_p99_ms": 1e3 * pct([r["ttft"] for r in rs], 99),
+                "total_p50_ms": 1e3 * statistics.median(r["total"] for r in rs),
+                "total_p99_ms": 1e3 * pct([r["total"] for r in rs], 99),
+                "per_token_p50_ms": 1e3 * statistics.median(per_tok),
+                "training_active_at_arrival": sum(r["training_was_active"] for r in rs)}
+
+    off, bl = summary(out["off"]), summary(out["backlog"])
+    ratios = {k: bl[k] / off[k] for k in off if k.endswith("_ms")}
+    st = httpx.get(f"{url}/api/status").json()
+    return {"off": off, "backlog": bl, "ratio_backlog_over_off": ratios, "preemptions": st["scheduler"]["preemptions"],
+            "max_tokens": max_tokens, "gap_s": gap}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="a local HF model folder (default: the default model)")
+    ap.add_argument("--requests", type=int, default=30, help="requests per condition")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--gap", type=float, default=1.5, help="seconds between requests")
+    ap.add_argument("--learn-timeout", type=float, default=600)
+    ap.add_argument("--skip-learning", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    res = {"date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__,
+           "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+    with tempfile.TemporaryDirectory() as tmp:
+        port = 8800 + os.getpid() % 100
+        proc = start_server(Path(tmp) / "data", args.model, port,
+                            ["--set", "scheduler.min_idle_time_ms=500", "--set", "scheduler.check_interval_ms=50"])
+        url = f"http://127.0.0.1:{port}"
+        try:
+            if not args.skip_learning:
+                res["time_to_learn"] = time_to_learn(url, args.learn_timeout)
+                print("time to learn:", json.dumps(res["time_to_learn"]), flush=True)
+            res["latency"] = latency(url, args.requests, args.max_tokens, args.gap)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    print(json.dumps(res, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
