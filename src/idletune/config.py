@@ -76,6 +76,9 @@ class TrainingConfig:
     """Longer examples are truncated from the left (context), keeping the target."""
     target_loss: float = 0.05
     """A round stops early once every new example's mean token loss is below this (it is learned)."""
+    target_loss_text: float = 0.5
+    """The same for text chunks: their opening words cannot be predicted from nothing, so
+    memorising them verbatim is neither possible in a few steps nor the point."""
     replay_examples: int = 1
     """Already-trained examples or retention probes mixed into each batch so old lessons are kept."""
     full_learning_rate_factor: float = 0.1
@@ -99,6 +102,7 @@ class TrainingConfig:
         _check(_int(self.max_steps) and 1 <= self.max_steps <= 100_000, "training.max_steps", f"must be in 1–100000, got {self.max_steps!r}")
         _check(_int(self.max_seq_len) and 16 <= self.max_seq_len <= 32768, "training.max_seq_len", "must be in 16–32768")
         _check(_num(self.target_loss) and self.target_loss >= 0, "training.target_loss", "must be ≥ 0")
+        _check(_num(self.target_loss_text) and self.target_loss_text >= 0, "training.target_loss_text", "must be ≥ 0")
         _check(_int(self.replay_examples) and 0 <= self.replay_examples <= 16, "training.replay_examples", "must be in 0–16")
         _check(_num(self.full_learning_rate_factor) and 0 < self.full_learning_rate_factor <= 1, "training.full_learning_rate_factor", "must be in (0, 1]")
         _check(_int(self.plateau_window) and self.plateau_window >= 2, "training.plateau_window", "must be ≥ 2")

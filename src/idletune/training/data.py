@@ -15,6 +15,7 @@ class Encoded:
     key: object  # the example's id (or a probe's name)
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss is taken
+    kind: str = "chat"
 
     @property
     def num_target_tokens(self) -> int:
@@ -36,7 +37,7 @@ def encode(example: TrainingExample, tokenizer, max_len: int) -> Encoded:
         return Encoded(example.id, prompt + target, [IGNORE] * len(prompt) + target)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids = (bos + tokenizer(example.text, add_special_tokens=False)["input_ids"] + eos)[:max_len]
-    return Encoded(example.id, ids, [IGNORE] * len(bos) + ids[len(bos):])
+    return Encoded(example.id, ids, [IGNORE] * len(bos) + ids[len(bos):], kind="text")
 
 
 def collate(items: list[Encoded], pad_id: int, device) -> dict[str, torch.Tensor]:

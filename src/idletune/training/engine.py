@@ -88,7 +88,8 @@ class TrainingEngine:
     # ---- the loop ---------------------------------------------------------------------------
     def train_round(self, examples: list[TrainingExample], replay: list[TrainingExample] = (), *,
                     batch_size: int | None = None, deadline: float | None = None) -> RoundResult:
-        """Train until every example is learned (mean token loss below ``target_loss``) or
+        """Train until every example is learned (mean token loss below ``target_loss``, or
+        ``target_loss_text`` for text) or
         ``max_steps``; replayed examples ride along in each batch so old lessons are kept."""
         cfg = self.config
         t0 = time.monotonic()
@@ -96,13 +97,14 @@ class TrainingEngine:
         items = [it for it in items if it.num_target_tokens > 0]
         rep = [encode(e, self.tokenizer, cfg.max_seq_len) for e in replay]
         loss_of = {it.key: math.inf for it in items}
+        goal = {it.key: cfg.target_loss_text if it.kind == "text" else cfg.target_loss for it in items}
         result = RoundResult(example_ids=[e.id for e in examples], learned_ids=[])
         opt = self._get_optimizer()
         bs = batch_size or cfg.batch_size
 
         for step in range(cfg.max_steps):
             # 1. stop when everything is learned, a request is waiting, or the slice is over
-            todo = [it for it in items if loss_of[it.key] > cfg.target_loss]
+            todo = [it for it in items if loss_of[it.key] > goal[it.key]]
             if not todo:
                 break
             if self.should_yield() or (deadline is not None and time.monotonic() > deadline):
@@ -147,7 +149,7 @@ class TrainingEngine:
                                      mode=self.mode, batch_size=len(batch)))
 
         result.final_losses = {k: v for k, v in loss_of.items()}
-        result.learned_ids = [k for k, v in loss_of.items() if v <= cfg.target_loss]
+        result.learned_ids = [k for k, v in loss_of.items() if v <= goal[k]]
         result.seconds = time.monotonic() - t0
         return result
 
