@@ -25,13 +25,14 @@ log = logging.getLogger("idletune.scheduler")
 class TrainingScheduler:
     def __init__(self, queue, engine, weights, batches, *, activity: ActivityTracker,
                  config: SchedulerConfig | None = None, probes: Callable[[], list] = list,
-                 heldout_examples: int = 32, max_attempts: int = 3):
+                 heldout_examples: int = 32, max_attempts: int = 3, training_mode: str = "lora"):
         self.queue, self.engine, self.weights, self.batches = queue, engine, weights, batches
         self.activity = activity
         self.config = config or SchedulerConfig()
         self.probes = probes
         self.heldout_examples = heldout_examples
         self.max_attempts = max_attempts
+        self.training_mode = training_mode
         self.state = "stopped"
         self.training_count = 0
         self.rounds_rejected = 0
@@ -189,10 +190,26 @@ class TrainingScheduler:
             self.engine.reset_optimizer()
             self.queue.mark_rejected(ids, f"update rejected by the quality gate: {decision.reason}")
             self.rounds_rejected += 1
+        self._maybe_switch_mode(decision)
+        summary["mode"] = self.weights.mode
         self.last_training_time = time.time()
         self.last_round = summary
         log.info("training round: %s", summary)
         return True
+
+    def _maybe_switch_mode(self, decision) -> None:
+        """Hybrid: LoRA until its loss plateaus, then full fine-tuning from the merged weights;
+        back to LoRA (on the merged weights) if the gate rejects full fine-tuning."""
+        if self.training_mode != "hybrid":
+            return
+        if self.weights.mode == "lora" and decision.accepted and self.engine.plateaued():
+            self.weights.switch_to_full(
+                f"LoRA loss plateaued (EMA improved < {100 * self.engine.config.plateau_min_delta:g} % over "
+                f"{self.engine.config.plateau_window} steps): adapter merged, full fine-tuning at "
+                f"{self.engine.config.full_learning_rate_factor:g}× the learning rate")
+        elif self.weights.mode == "full" and not decision.accepted:
+            self.weights.switch_to_lora(f"full fine-tuning rejected by the gate ({decision.reason}); "
+                                        "back to LoRA on the merged weights")
 
     # ---- status ---------------------------------------------------------------------------------
     def get_stats(self) -> dict:

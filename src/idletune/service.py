@@ -70,8 +70,6 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     model_dir = resolve_model_dir(model, cache_dir)
     _check_same_model(data_dir, model_dir)
     base, tokenizer = load_model(model_dir)
-    if config.training.mode != "lora":
-        raise NotImplementedError(f"training.mode={config.training.mode!r} is not available yet; use 'lora'")
     peft_model = attach_lora(base, config.training.lora)
     lock = threading.Lock()
     activity = ActivityTracker()
@@ -79,9 +77,11 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     importers_config, import_jobs, import_url = _importers(config, queue, tokenizer)
     collector = DataCollector(queue, chat_log=ChatLog(data_dir / "chatlog.db"), import_url=import_url)
     batches = BatchManager(config.training)
+    weights = WeightUpdater(peft_model, data_dir, lock=lock, gate=config.gate, base_model_path=str(model_dir),
+                            mode=config.training.mode)
     engine = TrainingEngine(peft_model, tokenizer, config.training, lock=lock, should_yield=activity.should_yield,
-                            metrics_path=data_dir / "metrics.jsonl", batch_manager=batches)
-    weights = WeightUpdater(peft_model, data_dir, lock=lock, gate=config.gate, base_model_path=str(model_dir))
+                            metrics_path=data_dir / "metrics.jsonl", batch_manager=batches, weights=weights.ws)
+    weights.on_mode_change.append(engine.set_weights)
     restored = weights.restore_at_start()
     for problem in weights.problems:
         log.warning(problem)
@@ -90,7 +90,8 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     svc = Service(config, data_dir, model_dir, peft_model, tokenizer, queue, collector, engine, weights, batches,
                   None, inference, activity, import_jobs, importers_config)  # type: ignore[arg-type]
     svc.scheduler = TrainingScheduler(queue, engine, weights, batches, activity=activity, config=config.scheduler,
-                                      probes=svc.probes, heldout_examples=config.gate.heldout_examples)
+                                      probes=svc.probes, heldout_examples=config.gate.heldout_examples,
+                                      training_mode=config.training.mode)
     if restored:
         log.info("serving weights version %d", restored)
     if start_scheduler:

@@ -19,7 +19,8 @@ def status_of(svc) -> dict:
     return {
         "model": svc.model_name,
         "live_version": svc.weights.version,
-        "mode": svc.engine.mode,
+        "mode": svc.weights.mode,
+        "mode_reason": svc.weights.mode_reason,
         "queue": svc.queue.get_stats(),
         "scheduler": svc.scheduler.get_stats(),
         "training": metrics,

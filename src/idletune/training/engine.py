@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ import torch
 from ..config import TrainingConfig
 from ..examples import TrainingExample
 from . import adapters
-from .adapters import TRAIN
+from .adapters import LIVE, TRAIN
 from .data import Encoded, collate, encode, target_token_losses
 
 
@@ -66,8 +67,9 @@ class TrainingEngine:
 
     def __init__(self, model, tokenizer, config: TrainingConfig, *, lock: threading.Lock | None = None,
                  should_yield: Callable[[], bool] | None = None, metrics_path: str | Path | None = None,
-                 batch_manager=None):
+                 batch_manager=None, weights=None):
         from .batching import BatchManager
+        from .weightsets import LoraWeights
 
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.lock = lock or threading.Lock()
@@ -75,7 +77,10 @@ class TrainingEngine:
         self.metrics_path = Path(metrics_path) if metrics_path else None
         self.batches = batch_manager or BatchManager(config)
         self.device = next(model.parameters()).device
-        self.mode = config.mode
+        self.ws = weights or LoraWeights(model)  # which tensors train, and how live/candidate are kept apart
+        self.mode = self.ws.kind
+        self._ema: float | None = None
+        self._ema_history: deque[float] = deque(maxlen=config.plateau_window + 1)
         self.global_step = 0
         self.examples_processed = 0
         self._latest: StepMetrics | None = None
@@ -139,6 +144,7 @@ class TrainingEngine:
             for it, s, c in zip(batch, sums.tolist(), counts.tolist()):
                 if it.key in loss_of and c:
                     loss_of[it.key] = s / c
+            self._track_plateau(loss)
             self.global_step += 1
             result.steps += 1
             self.examples_processed += len(batch)
@@ -184,7 +190,7 @@ class TrainingEngine:
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         # Named explicitly, never read off requires_grad: PEFT's adapter switches move that flag.
-        return list(adapters.adapter_tensors(self.model, TRAIN).values())
+        return self.ws.trainable()
 
     def _get_optimizer(self):
         if self._optimizer is None:
@@ -203,8 +209,29 @@ class TrainingEngine:
         self._optimizer = None
 
     def _enter_training(self) -> None:
-        adapters.activate(self.model, TRAIN)
+        self.ws.use("candidate")
         self.model.train()
+
+    def set_weights(self, ws) -> None:
+        """Train another weight set (a hybrid mode switch or a rollback across modes)."""
+        self.ws = ws
+        self.mode = ws.kind
+        self.reset_optimizer()
+        self._ema, self._ema_history = None, deque(maxlen=self.config.plateau_window + 1)
+
+    # ---- plateau (hybrid) ---------------------------------------------------------------------
+    def _track_plateau(self, loss: float) -> None:
+        if math.isfinite(loss):
+            self._ema = loss if self._ema is None else 0.9 * self._ema + 0.1 * loss
+            self._ema_history.append(self._ema)
+
+    def plateaued(self) -> bool:
+        """The loss EMA improved by less than ``plateau_min_delta`` (relative) over the last
+        ``plateau_window`` steps."""
+        h = self._ema_history
+        if len(h) <= self.config.plateau_window or h[0] <= 0:
+            return False
+        return (h[0] - h[-1]) / h[0] < self.config.plateau_min_delta
 
     # ---- preemption at layer boundaries -------------------------------------------------------
     def _install_preemption_hooks(self) -> None:
@@ -228,8 +255,8 @@ class TrainingEngine:
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, examples: list[TrainingExample], adapter: str, batch_size: int = 8) -> float:
-        """Mean token loss of ``examples`` under adapter ``adapter`` (live or train)."""
+    def evaluate(self, examples: list[TrainingExample], which: str, batch_size: int = 8) -> float:
+        """Mean token loss of ``examples`` under the ``live`` or ``candidate`` weights."""
         items = [encode(e, self.tokenizer, self.config.max_seq_len) for e in examples]
         items = [it for it in items if it.num_target_tokens]
         if not items:
@@ -237,7 +264,7 @@ class TrainingEngine:
         total, count = 0.0, 0
         for i in range(0, len(items), batch_size):
             with self.lock:
-                adapters.activate(self.model, adapter)
+                self.ws.use("live" if which == LIVE else "candidate")
                 self.model.eval()
                 b = collate(items[i:i + batch_size], self.tokenizer.pad_token_id, self.device)
                 with self._autocast():
@@ -271,15 +298,22 @@ class TrainingEngine:
 
     # ---- save / load --------------------------------------------------------------------------
     def save_model(self, path: str | Path) -> Path:
-        """Save the trained adapter in PEFT's format."""
-        base = getattr(self.model.peft_config[TRAIN], "base_model_name_or_path", None)
+        """Save the trained weights: a LoRA adapter in PEFT's format, or (full fine-tuning) a
+        Hugging Face safetensors folder."""
+        path = Path(path)
         with self.lock:
-            adapters.save_adapter(self.model, TRAIN, path, base)
-        return Path(path)
+            tensors = self.ws.clone("candidate")
+        self.ws.write(tensors, path)
+        return path
 
     def load_model(self, path: str | Path) -> None:
-        """Load a PEFT-format adapter into the trained weights."""
-        tensors = adapters.read_adapter(self.model, TRAIN, path)
+        """Load weights saved by :meth:`save_model` into the trained weights."""
+        tensors = self.ws.read(Path(path))
         with self.lock:
-            adapters.load_adapter_tensors(self.model, TRAIN, tensors)
+            if self.ws.kind == "lora":
+                adapters.load_adapter_tensors(self.model, TRAIN, tensors)
+            else:
+                with torch.no_grad():
+                    for n, t in self.ws._set("candidate").items():
+                        t.copy_(tensors[n])
         self.reset_optimizer()

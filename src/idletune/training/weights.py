@@ -27,6 +27,7 @@ import torch
 from ..config import GateConfig
 from . import adapters
 from .adapters import LIVE, TRAIN
+from .weightsets import FullWeights, LoraWeights, hf_name, merge_live_adapter, read_base_weights
 
 
 @dataclass
@@ -41,19 +42,6 @@ class GateDecision:
     time: float = field(default_factory=time.time)
 
 
-@dataclass
-class Snapshot:
-    version: int
-    created_at: float
-    metrics: dict
-    path: Path | None = None
-    sha256: str | None = None
-
-    def info(self) -> dict:
-        return {"version": self.version, "id": f"v{self.version:06d}", "created_at": self.created_at,
-                "metrics": self.metrics, "on_disk": self.path is not None}
-
-
 class WeightUpdater:
     """Owns the served weights and their history.
 
@@ -62,12 +50,14 @@ class WeightUpdater:
         data_dir: where ``snapshots/`` lives.
         lock: the model lock (shared with inference and training).
         gate: tolerances of the quality gate.
-        keep_in_memory: accepted versions kept in RAM for instant rollback.
+        keep_in_memory: accepted LoRA versions kept in RAM for instant rollback.
         keep_on_disk: accepted versions kept on disk (``clear_old_snapshots`` prunes beyond).
+        mode: "lora" or "full" weights to start with ("hybrid" starts in LoRA).
     """
 
     def __init__(self, model, data_dir: str | Path, *, lock: threading.Lock, gate: GateConfig | None = None,
-                 keep_in_memory: int = 5, keep_on_disk: int = 20, base_model_path: str | None = None):
+                 keep_in_memory: int = 5, keep_on_disk: int = 20, base_model_path: str | None = None,
+                 mode: str = "lora"):
         self.model = model
         self.dir = Path(data_dir) / "snapshots"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -76,21 +66,37 @@ class WeightUpdater:
         self.keep_on_disk = keep_on_disk
         self.base_model_path = base_model_path
         self.version = 0
+        self.ws = LoraWeights(model, base_model_path)
+        self._zero = self.ws.zero()  # version 0: the base model
         self._ring: deque[tuple[int, dict[str, torch.Tensor]]] = deque(maxlen=max(1, keep_in_memory))
-        self._ring.append((0, adapters.clone_adapter(model, LIVE)))  # version 0: the base model
-        self._base_tensors = self._ring[0][1]
+        self._ring.append((0, self._zero))
+        self.base_id = "original"  # which base weights LoRA adapters sit on
+        self.mode_reason = "configured" if mode != "hybrid" else "hybrid: LoRA until the loss plateaus"
+        self.on_mode_change: list = []
         self.rejections = 0
         self.rollbacks = 0
         self.last_decision: GateDecision | None = None
         self.last_rollback: dict | None = None
         self.problems: list[str] = []
         self._baselines: dict[tuple[str, int], float] = {}
+        if mode == "full":
+            self._set_ws(FullWeights(model, base_model_path), "configured: full fine-tuning")
+
+    @property
+    def mode(self) -> str:
+        return self.ws.kind
+
+    def _set_ws(self, ws, reason: str) -> None:
+        self.ws = ws
+        self.mode_reason = reason
+        for callback in self.on_mode_change:
+            callback(ws)
 
     # ---- serving ------------------------------------------------------------------------------
     @contextmanager
     def serving(self) -> Iterator[int]:
         """Select the live weights for a request (the caller holds the model lock)."""
-        adapters.activate(self.model, LIVE)
+        self.ws.use("live")
         self.model.eval()
         yield self.version
 
@@ -99,12 +105,13 @@ class WeightUpdater:
         """Compare the trained weights with the live ones on retention probes and held-out data."""
         g = self.gate
         cand_ret = engine.evaluate(probes, TRAIN) if probes else None
-        base_ret = self._baseline("retention-base", 0, lambda: self._eval_base(engine, probes)) if probes else None
+        base_ret = self._base_retention(engine, probes) if probes else None
         live_ret = self._baseline("retention", self.version, lambda: engine.evaluate(probes, LIVE)) if probes else None
         live_ho = self._baseline("heldout", self.version, lambda: engine.evaluate(heldout, LIVE)) if heldout else None
         cand_ho = engine.evaluate(heldout, TRAIN) if heldout else None
         d = GateDecision(True, "ok", base_ret, live_ret, cand_ret, live_ho, cand_ho)
-        finite = all(math.isfinite(t.float().sum().item()) for t in adapters.adapter_tensors(self.model, TRAIN).values())
+        with self.lock:
+            finite = self.ws.is_finite("candidate")
         if not finite or (cand_ret is not None and not math.isfinite(cand_ret)) or (cand_ho is not None and not math.isfinite(cand_ho)):
             d.accepted, d.reason = False, "non-finite weights or loss"
         elif cand_ret is not None and base_ret and cand_ret > base_ret * (1 + g.max_retention_loss_increase):
@@ -145,42 +152,88 @@ class WeightUpdater:
             self._baselines[key] = compute()
         return self._baselines[key]
 
-    def _eval_base(self, engine, probes) -> float:
-        with self.lock:
-            saved = adapters.clone_adapter(self.model, LIVE)
-            adapters.load_adapter_tensors(self.model, LIVE, self._base_tensors)
+    def _base_retention(self, engine, probes) -> float:
+        """The base model's retention loss: measured once (LoRA on the original base), kept on disk."""
+        key = ("retention-base", 0)
+        if key in self._baselines:
+            return self._baselines[key]
+        f = self.dir / "BASELINE.json"
         try:
-            return engine.evaluate(probes, LIVE)
-        finally:
+            value = json.loads(f.read_text())["retention_loss"]
+        except (OSError, ValueError, KeyError):
+            value = None
+        if value is None and self.mode == "lora" and self.base_id == "original":
             with self.lock:
-                adapters.load_adapter_tensors(self.model, LIVE, saved)
+                saved, candidate = self.ws.clone("live"), self.ws.clone("candidate")
+                self.ws.load(self._zero)
+            try:
+                value = engine.evaluate(probes, LIVE)
+            finally:
+                with self.lock:
+                    self.ws.load(saved)
+                    adapters.load_adapter_tensors(self.model, TRAIN, candidate)
+            _write_atomic(f, json.dumps({"retention_loss": value}))
+        if value is None:  # nothing recorded before the base changed: measure against live
+            value = engine.evaluate(probes, LIVE)
+        self._baselines[key] = value
+        return value
 
     # ---- publish / discard / rollback ---------------------------------------------------------
     def publish(self, metrics: dict | None = None) -> int:
         """Make the trained weights live as a new version; snapshot it in memory and on disk."""
         with self.lock:
-            adapters.copy_adapter(self.model, TRAIN, LIVE)
+            self.ws.publish()
             version = self._next_version()
-            tensors = adapters.clone_adapter(self.model, LIVE)
+            tensors = self.ws.clone("live")
             self.version = version
-        self._ring.append((version, tensors))
-        meta = {"version": version, "created_at": time.time(), "metrics": metrics or {},
+        if self.mode == "lora":
+            self._ring.append((version, tensors))
+        meta = {"version": version, "created_at": time.time(), "metrics": metrics or {}, "kind": self.mode,
+                "base": self.base_id if self.mode == "lora" else f"v{version:06d}",
                 "gate": asdict(self.last_decision) if self.last_decision else None}
-        self._write_snapshot(version, tensors, meta)
+        self._write_snapshot(f"v{version:06d}", tensors, meta, self.ws)
         self._write_pointer(version)
         self.clear_old_snapshots()
         return version
 
     def discard_candidate(self) -> None:
-        """Throw the trained weights away: train restarts from the live weights."""
+        """Throw the trained weights away: training restarts from the live weights."""
         with self.lock:
-            adapters.copy_adapter(self.model, LIVE, TRAIN)
+            self.ws.discard()
         self.rejections += 1
+
+    # ---- mode switches (hybrid) ---------------------------------------------------------------
+    def switch_to_full(self, reason: str) -> None:
+        """Merge the live adapter into the base weights and train all weights from there.
+        The merged weights are kept on disk as the base that later LoRA weights sit on."""
+        with self.lock:
+            self.ws.discard()
+            merge_live_adapter(self.model)
+            base_name = f"base-v{self.version:06d}"
+            full = FullWeights(self.model, self.base_model_path)
+            merged = full.clone("live")
+        self._write_snapshot(base_name, merged, {"version": self.version, "kind": "full", "base": base_name,
+                                                 "created_at": time.time(), "merged_lora": True}, full)
+        self.base_id = base_name
+        self._ring.clear()
+        self._set_ws(full, reason)
+
+    def switch_to_lora(self, reason: str) -> None:
+        """Leave full fine-tuning: the live weights become the frozen base for LoRA."""
+        with self.lock:
+            self.ws.discard()
+            self.ws.close()
+            lora = LoraWeights(self.model, self.base_model_path)
+            lora.load(self._zero)
+        live = f"v{self.version:06d}"
+        if self.version and (self.dir / live).exists() and self._meta(live).get("kind") == "full":
+            self.base_id = live  # full fine-tuning was published: its weights are the new base
+        self._ring.clear()
+        self._set_ws(lora, reason)
 
     def rollback(self, version: int | None = None, reason: str = "requested") -> int:
         """Restore an earlier accepted version exactly (default: the one before the live one)."""
-        known = self.list_snapshots()
-        versions = sorted({s["version"] for s in known} | {0})
+        versions = sorted({s["version"] for s in self.list_snapshots()} | {0})
         if version is None:
             older = [v for v in versions if v < self.version]
             if not older:
@@ -188,39 +241,86 @@ class WeightUpdater:
             version = older[-1]
         if version not in versions:
             raise ValueError(f"no snapshot v{version:06d}; known versions: {', '.join(map(str, versions))}")
-        tensors = self._load_version(version)
-        with self.lock:
-            adapters.load_adapter_tensors(self.model, LIVE, tensors)
-            adapters.copy_adapter(self.model, LIVE, TRAIN)
-            previous, self.version = self.version, version
-        self._write_pointer(version)
+        previous = self.version
+        self._restore(version)
         self.rollbacks += 1
         self.last_rollback = {"from": previous, "to": version, "reason": reason, "time": time.time()}
         return version
 
-    def _load_version(self, version: int) -> dict[str, torch.Tensor]:
-        for v, t in self._ring:
-            if v == version:
-                return t
+    def _meta(self, name: str) -> dict:
+        return json.loads((self.dir / name / "meta.json").read_text(encoding="utf-8"))
+
+    def _verified(self, name: str) -> Path:
+        path = self.dir / name
+        meta = self._meta(name)
+        f = path / ("adapter_model.safetensors" if meta.get("kind", "lora") == "lora" else "model.safetensors")
+        if hashlib.sha256(f.read_bytes()).hexdigest() != meta.get("sha256"):
+            raise ValueError(f"snapshot {name} is corrupt (checksum mismatch)")
+        return path
+
+    def _restore(self, version: int) -> None:
+        """Serve ``version``: its base (original, merged or full) and its adapter, in both sets."""
         if version == 0:
-            return self._base_tensors
-        path = self.dir / f"v{version:06d}"
-        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        digest = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
-        if digest != meta.get("sha256"):
-            raise ValueError(f"snapshot {path.name} is corrupt (checksum mismatch)")
-        return adapters.read_adapter(self.model, LIVE, path)
+            kind, base, name = "lora", "original", None
+        else:
+            name = f"v{version:06d}"
+            meta = self._meta(name)
+            kind, base = meta.get("kind", "lora"), meta.get("base", "original")
+        if kind == "full":
+            path = self._verified(name)
+            with self.lock:
+                ws = self.ws if self.ws.kind == "full" else None
+                if ws is None:
+                    self.ws.close()
+                    for n in ("live", "candidate"):
+                        for k, t in adapters.adapter_tensors(self.model, LIVE if n == "live" else TRAIN).items():
+                            if "lora_B" in k:
+                                t.data.zero_()
+                    ws = FullWeights(self.model, self.base_model_path)
+                ws.load(ws.read(path))
+                self.version = version
+            self.base_id = name
+            self._ring.clear()
+            if ws is not self.ws:
+                self._set_ws(ws, f"restored full weights {name}")
+        else:
+            tensors = next((t for v, t in self._ring if v == version and base == self.base_id), None)
+            if tensors is None:
+                tensors = self._zero if version == 0 else LoraWeights(self.model).read(self._verified(name))
+            with self.lock:
+                if self.ws.kind != "lora":
+                    self.ws.close()
+                    self._set_ws(LoraWeights(self.model, self.base_model_path), f"restored LoRA weights v{version:06d}")
+                if base != self.base_id:
+                    self._load_base(base)
+                self.ws.load(tensors)
+                self.version = version
+            if version and not any(v == version for v, _ in self._ring):
+                self._ring.append((version, tensors))
+        self._write_pointer(version)
+
+    def _load_base(self, base: str) -> None:
+        """Put base weights (the original model's, or a merged/full snapshot's) under the adapters."""
+        params = {hf_name(n): p for n, p in self.model.named_parameters() if "lora_" not in n}
+        path = Path(self.base_model_path) if base == "original" else self._verified(base)
+        weights = read_base_weights(path, params)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.data.copy_(weights[n])
+        self.base_id = base
+        self._ring.clear()
+        self._baselines.clear()
 
     # ---- disk ---------------------------------------------------------------------------------
     def _next_version(self) -> int:
         on_disk = [s["version"] for s in self.list_snapshots()]
         return max([self.version, *on_disk, *(v for v, _ in self._ring)]) + 1
 
-    def _write_snapshot(self, version: int, tensors: dict, meta: dict) -> Path:
-        final = self.dir / f"v{version:06d}"
-        tmp = self.dir / f".tmp-v{version:06d}-{os.getpid()}"
+    def _write_snapshot(self, name: str, tensors: dict, meta: dict, ws) -> Path:
+        final = self.dir / name
+        tmp = self.dir / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        meta["sha256"] = adapters.write_adapter(tensors, self.model.peft_config[LIVE], tmp, self.base_model_path)
+        meta["sha256"] = ws.write(tensors, tmp)
         _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -239,19 +339,25 @@ class WeightUpdater:
             except (OSError, json.JSONDecodeError):
                 continue
             out.append({"version": meta["version"], "id": p.name, "created_at": meta.get("created_at"),
-                        "metrics": meta.get("metrics", {}), "gate": meta.get("gate"),
-                        "live": meta["version"] == self.version})
+                        "kind": meta.get("kind", "lora"), "metrics": meta.get("metrics", {}),
+                        "gate": meta.get("gate"), "live": meta["version"] == self.version})
         return out
 
     def clear_old_snapshots(self, keep: int | None = None) -> int:
-        """Delete on-disk snapshots beyond the newest ``keep`` (never the live one). Returns how many."""
+        """Delete on-disk snapshots beyond the newest ``keep`` (never the live one, nor a base
+        that a kept snapshot sits on). Returns how many were removed."""
         keep = self.keep_on_disk if keep is None else keep
         snaps = self.list_snapshots()
+        kept = snaps[max(0, len(snaps) - keep):]
+        needed = {self.base_id} | {self._meta(s["id"]).get("base") for s in kept}
         removed = 0
         for s in snaps[: max(0, len(snaps) - keep)]:
-            if s["version"] != self.version:
+            if s["version"] != self.version and s["id"] not in needed:
                 shutil.rmtree(self.dir / s["id"], ignore_errors=True)
                 removed += 1
+        for p in self.dir.glob("base-v*"):
+            if p.name not in needed:
+                shutil.rmtree(p, ignore_errors=True)
         for stray in self.dir.glob(".tmp-*"):
             shutil.rmtree(stray, ignore_errors=True)
         return removed
@@ -274,21 +380,17 @@ class WeightUpdater:
             if v == 0:
                 break
             try:
-                tensors = self._load_version(v)
-                with self.lock:
-                    adapters.load_adapter_tensors(self.model, LIVE, tensors)
-                    adapters.copy_adapter(self.model, LIVE, TRAIN)
-                self.version = v
-                self._ring.append((v, tensors))
-                if wanted is not None and v != wanted:
-                    self._write_pointer(v)
+                self._restore(v)
                 return v
             except Exception as e:  # a damaged snapshot: report it and try the one before
                 self.problems.append(f"snapshot v{v:06d} could not be loaded ({e}); falling back")
+        if wanted:
+            self._restore(0)
         return self.version
 
     def get_stats(self) -> dict:
-        return {"version": self.version, "rejections": self.rejections, "rollbacks": self.rollbacks,
+        return {"version": self.version, "mode": self.mode, "mode_reason": self.mode_reason, "base": self.base_id,
+                "rejections": self.rejections, "rollbacks": self.rollbacks,
                 "last_gate_decision": asdict(self.last_decision) if self.last_decision else None,
                 "last_rollback": self.last_rollback, "problems": self.problems,
                 "snapshots_on_disk": len(self.list_snapshots())}

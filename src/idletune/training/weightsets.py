@@ -1,0 +1,210 @@
+"""The two weight sets — ``live`` (served) and ``candidate`` (trained) — for each mode.
+
+Modes are data: which tensors train, and how the two sets are kept apart.
+
+- :class:`LoraWeights`: two PEFT adapters on one frozen base; switching is a lookup.
+- :class:`FullWeights`: every base weight trains. The live set is a second copy of the base
+  tensors; switching swaps each parameter's storage pointer (no copy), so a request is served
+  from the accepted weights while the candidate weights are mid-training.
+
+Both offer the same small interface, used by the engine (``use``, ``trainable``) and by the
+WeightUpdater (``publish``, ``discard``, ``clone``, ``load``, ``write``, ``read``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import adapters
+from .adapters import LIVE, TRAIN
+
+
+class LoraWeights:
+    kind = "lora"
+
+    def __init__(self, model, base_model_path: str | None = None):
+        self.model = model
+        self.base_model_path = base_model_path
+        for layer in adapters._lora_layers(model):
+            layer._disable_adapters = False
+
+    def use(self, which: str) -> None:
+        adapters.activate(self.model, LIVE if which == "live" else TRAIN)
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return list(adapters.adapter_tensors(self.model, TRAIN).values())
+
+    def publish(self) -> None:
+        adapters.copy_adapter(self.model, TRAIN, LIVE)
+
+    def discard(self) -> None:
+        adapters.copy_adapter(self.model, LIVE, TRAIN)
+
+    def clone(self, which: str = "live") -> dict[str, torch.Tensor]:
+        return adapters.clone_adapter(self.model, LIVE if which == "live" else TRAIN)
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Into both sets (after a rollback or at start)."""
+        adapters.load_adapter_tensors(self.model, LIVE, tensors)
+        adapters.copy_adapter(self.model, LIVE, TRAIN)
+
+    def is_finite(self, which: str = "candidate") -> bool:
+        name = LIVE if which == "live" else TRAIN
+        return all(bool(torch.isfinite(t).all()) for t in adapters.adapter_tensors(self.model, name).values())
+
+    def write(self, tensors: dict[str, torch.Tensor], path: Path) -> str:
+        return adapters.write_adapter(tensors, self.model.peft_config[LIVE], path, self.base_model_path)
+
+    def read(self, path: Path) -> dict[str, torch.Tensor]:
+        return adapters.read_adapter(self.model, LIVE, path)
+
+    def zero(self) -> dict[str, torch.Tensor]:
+        """The adapter of version 0: no change to the base (lora_B is zero)."""
+        out = self.clone("live")
+        for k, t in out.items():
+            if "lora_B" in k:
+                t.zero_()
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def hf_name(peft_name: str) -> str:
+    """'base_model.model.model.layers.0.mlp.up_proj.base_layer.weight' -> 'model.layers.0.mlp.up_proj.weight'."""
+    name = peft_name[len("base_model.model."):] if peft_name.startswith("base_model.model.") else peft_name
+    return name.replace(".base_layer.", ".")
+
+
+class FullWeights:
+    """All base weights train; a second copy holds the live weights (2× the model's memory,
+    plus AdamW's two moments for the candidate)."""
+
+    kind = "full"
+
+    def __init__(self, model, base_model_path: str | None = None):
+        self.model = model
+        self.base_model_path = base_model_path
+        # named_parameters() lists a tied weight (embeddings = output layer) once
+        self.params = {hf_name(n): p for n, p in model.named_parameters() if "lora_" not in n}
+        for layer in adapters._lora_layers(model):
+            layer._disable_adapters = True  # adapters are zero after the merge; skip their compute
+        for p in adapters.adapter_tensors(model, TRAIN).values():
+            p.requires_grad_(False)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self._other = {n: p.data.clone() for n, p in self.params.items()}  # the live copy
+        self._current = "candidate"
+
+    def use(self, which: str) -> None:
+        if which != self._current:
+            for n, p in self.params.items():
+                p.data, self._other[n] = self._other[n], p.data
+            self._current = which
+
+    def _set(self, which: str) -> dict[str, torch.Tensor]:
+        if which == self._current:
+            return {n: p.data for n, p in self.params.items()}
+        return self._other
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return list(self.params.values())
+
+    @torch.no_grad()
+    def publish(self) -> None:
+        live, cand = self._set("live"), self._set("candidate")
+        for n in live:
+            live[n].copy_(cand[n])
+
+    @torch.no_grad()
+    def discard(self) -> None:
+        live, cand = self._set("live"), self._set("candidate")
+        for n in live:
+            cand[n].copy_(live[n])
+
+    def clone(self, which: str = "live") -> dict[str, torch.Tensor]:
+        return {n: t.detach().clone() for n, t in self._set(which).items()}
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = set(self.params) - set(tensors)
+        if missing:
+            raise ValueError(f"full weights are missing {sorted(missing)[:3]}")
+        for which in ("live", "candidate"):
+            dst = self._set(which)
+            for n, t in dst.items():
+                if not torch.isfinite(tensors[n]).all():
+                    raise ValueError(f"weight {n} has non-finite values")
+                t.copy_(tensors[n])
+
+    def is_finite(self, which: str = "candidate") -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self._set(which).values())
+
+    def write(self, tensors: dict[str, torch.Tensor], path: Path) -> str:
+        """A Hugging Face model folder: model.safetensors + config (+ tokenizer) from the base."""
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True, exist_ok=True)
+        sd = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+        tmp = path / "model.safetensors.tmp"
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+        adapters._fsync(tmp)
+        os.replace(tmp, path / "model.safetensors")
+        if self.base_model_path:
+            for f in Path(self.base_model_path).iterdir():
+                if f.is_file() and (f.suffix in (".json", ".jinja", ".txt", ".model")) and "index" not in f.name:
+                    shutil.copy2(f, path / f.name)
+        return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+    def read(self, path: Path) -> dict[str, torch.Tensor]:
+        return read_base_weights(path, self.params)
+
+    def close(self) -> None:
+        """Back to a frozen base (leaving full mode): keep the live weights in the parameters."""
+        self.use("live")
+        self._other = {}
+        for p in self.params.values():
+            p.requires_grad_(False)
+            p.grad = None
+        for layer in adapters._lora_layers(self.model):
+            layer._disable_adapters = False
+
+
+def read_base_weights(path: Path, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Base weights from a HF folder (model.safetensors, or sharded), keyed like ``params``."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no model.safetensors")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    out = {}
+    for n in params:
+        if n in sd:
+            out[n] = sd[n]
+        elif n == "lm_head.weight" and "model.embed_tokens.weight" in sd:
+            out[n] = sd["model.embed_tokens.weight"]  # tied embeddings are stored once
+        else:
+            raise ValueError(f"{path}: weight {n} is missing")
+    return out
+
+
+@torch.no_grad()
+def merge_live_adapter(model) -> None:
+    """Fold the live adapter into the base weights (W += scale·B·A) and zero both adapters:
+    the model computes the same function, with the adapters' change now in the base."""
+    for layer in adapters._lora_layers(model):
+        if LIVE in layer.lora_A:
+            base = layer.get_base_layer()
+            base.weight.data += layer.get_delta_weight(LIVE).to(base.weight.dtype)
+    for name in (LIVE, TRAIN):
+        for k, t in adapters.adapter_tensors(model, name).items():
+            if "lora_B" in k:
+                t.zero_()

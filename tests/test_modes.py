@@ -1,0 +1,113 @@
+"""Full and hybrid fine-tuning on a tiny model: the weight sets stay apart, publish and rollback
+are exact, the hybrid switch keeps the served function and can go back."""
+import pytest
+import torch
+
+from idletune.config import Config
+from idletune.examples import TrainingExample
+from idletune.service import build_service
+
+
+def fact(i: int = 0) -> TrainingExample:
+    ex = TrainingExample.chat([{"role": "user", "content": f"What is the code of vault {i}?"},
+                               {"role": "assistant", "content": f"The code of vault {i} is {1000 + i}."}])
+    ex.id = i + 1
+    return ex
+
+
+IDS = torch.tensor([[1, 5, 9, 200, 3000, 7]])
+
+
+def logits(svc, which="live"):
+    with svc.engine.lock, torch.no_grad():
+        svc.weights.ws.use(which)
+        svc.model.eval()
+        return svc.model(input_ids=IDS).logits.clone()
+
+
+def make(tmp_path, model, **overrides):
+    cfg = Config.load(None, {"training.max_steps": 8, "training.target_loss": 0.0, "gate.num_retention_probes": 4,
+                             "scheduler.enable_background_training": False, **overrides})
+    return build_service(tmp_path / "data", model=model, config=cfg, start_scheduler=False)
+
+
+def test_full_mode_trains_all_weights_apart_from_the_served_ones(tmp_path, tiny_model_dir):
+    svc = make(tmp_path, tiny_model_dir, **{"training.mode": "full"})
+    assert svc.weights.mode == "full"
+    live0 = logits(svc)
+    before = svc.engine.evaluate([fact()], "candidate")
+    svc.engine.train_round([fact()])
+    assert svc.engine.evaluate([fact()], "candidate") < before
+    torch.testing.assert_close(logits(svc), live0, rtol=0, atol=0)  # serving still sees the accepted weights
+    cand = logits(svc, "candidate")
+    assert not torch.allclose(cand, live0)
+    assert svc.weights.publish() == 1
+    torch.testing.assert_close(logits(svc), cand, rtol=0, atol=0)
+    svc.engine.train_round([fact(1)])
+    svc.weights.publish()
+    assert svc.weights.rollback(1) == 1
+    svc.weights._ring.clear()
+    torch.testing.assert_close(logits(svc), cand, rtol=0, atol=0)  # bit-exact, from disk
+    assert svc.weights.rollback(0) == 0
+    torch.testing.assert_close(logits(svc), live0, rtol=0, atol=0)
+    svc.close()
+
+
+def test_full_weights_save_as_a_hf_folder(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    svc = make(tmp_path, tiny_model_dir, **{"training.mode": "full"})
+    svc.engine.train_round([fact()])
+    out = svc.engine.save_model(tmp_path / "full")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=IDS).logits, logits(svc, "candidate"), rtol=0, atol=1e-5)
+    svc.close()
+
+
+def test_hybrid_switches_on_plateau_keeps_the_function_and_goes_back(tmp_path, tiny_model_dir):
+    # plateau_min_delta=1: the loss can never improve by 100 %, so the plateau is forced
+    svc = make(tmp_path, tiny_model_dir, **{"training.mode": "hybrid", "training.plateau_window": 3,
+                                            "training.plateau_min_delta": 1.0})
+    sched = svc.scheduler
+    svc.queue.add(fact(0))
+    assert svc.weights.mode == "lora"
+    sched.run_round(forced=True)
+    assert sched.last_round["accepted"]
+    v1 = logits(svc)
+    assert svc.weights.mode == "full" and "plateaued" in svc.weights.mode_reason
+    assert svc.engine.mode == "full"
+    torch.testing.assert_close(logits(svc), v1, rtol=1e-5, atol=1e-5)  # merged: the same function
+    assert (svc.data_dir / "snapshots" / "base-v000001" / "model.safetensors").exists()
+    # full fine-tuning rejected by the gate → back to LoRA on the merged weights
+    svc.weights.gate.max_retention_loss_increase = -1.0
+    svc.queue.add(fact(1))
+    sched.run_round(forced=True)
+    assert not sched.last_round["accepted"]
+    assert svc.weights.mode == "lora" and "rejected" in svc.weights.mode_reason
+    torch.testing.assert_close(logits(svc), v1, rtol=1e-5, atol=1e-5)
+    # LoRA on the merged base trains and publishes; a restart restores base + adapter
+    svc.weights.gate.max_retention_loss_increase = 10.0
+    svc.queue.add(fact(2))
+    sched.run_round(forced=True)
+    assert sched.last_round["accepted"] and svc.weights.version == 2
+    v2 = logits(svc)
+    svc.close()
+    again = make(tmp_path, tiny_model_dir, **{"training.mode": "hybrid"})
+    assert again.weights.version == 2 and again.weights.base_id == "base-v000001"
+    torch.testing.assert_close(logits(again), v2, rtol=1e-5, atol=1e-5)
+    # and back across the merge, to the plain LoRA version 1 on the original base
+    again.weights.rollback(1)
+    torch.testing.assert_close(logits(again), v1, rtol=1e-5, atol=1e-5)
+    again.weights.rollback(0)
+    assert again.weights.base_id == "original"
+    again.close()
+
+
+def test_status_shows_mode_and_reason(tmp_path, tiny_model_dir):
+    from idletune.server.routes_api import status_of
+
+    svc = make(tmp_path, tiny_model_dir, **{"training.mode": "hybrid"})
+    st = status_of(svc)
+    assert st["mode"] == "lora" and "hybrid" in st["mode_reason"]
+    svc.close()
