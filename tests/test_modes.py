@@ -111,3 +111,18 @@ def test_status_shows_mode_and_reason(tmp_path, tiny_model_dir):
     st = status_of(svc)
     assert st["mode"] == "lora" and "hybrid" in st["mode_reason"]
     svc.close()
+
+
+def test_export_merged_gives_the_served_function(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from idletune.training.export import export_merged
+
+    svc = make(tmp_path, tiny_model_dir)
+    svc.engine.train_round([fact()])
+    svc.weights.publish()
+    out = export_merged(svc, tmp_path / "merged")
+    m = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=IDS).logits, logits(svc), rtol=1e-4, atol=1e-4)
+    svc.close()

@@ -223,7 +223,9 @@ def cmd_export(args) -> int:
     svc = _service(args, start_scheduler=False)
     try:
         out = Path(args.out)
-        if args.merged:
+        # An adapter alone only makes sense on the original base; otherwise write the full model.
+        merged = args.merged or svc.weights.mode == "full" or svc.weights.base_id != "original"
+        if merged:
             from .training.export import export_merged
 
             export_merged(svc, out)
@@ -232,7 +234,7 @@ def cmd_export(args) -> int:
 
             with svc.engine.lock:
                 save_adapter(svc.model, LIVE, out, str(svc.model_dir))
-        print(f"wrote {'merged model' if args.merged else 'LoRA adapter (PEFT format)'} "
+        print(f"wrote {'a full model (Hugging Face folder)' if merged else 'a LoRA adapter (PEFT format)'} "
               f"of weights v{svc.weights.version} to {out}")
     finally:
         svc.close()

@@ -34,10 +34,15 @@ def attach_lora(model, cfg: LoraConfig):
     return peft_model
 
 
-def _lora_layers(model):
+def _lora_layer_types():
     from peft.tuners.lora import LoraLayer
 
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+    return [LoraLayer]
+
+
+def _lora_layers(model):
+    types = tuple(_lora_layer_types())
+    return [m for m in model.modules() if isinstance(m, types)]
 
 
 def activate(model, name: str) -> None:
