@@ -3,6 +3,11 @@
 Generation holds the model lock for one request at a time; the training thread never holds it
 while a request is in flight (it yields at the next layer boundary), so a request waits at most
 about one layer's compute for training to get out of the way.
+
+On a GPU, :func:`idletune.gpu.install` sets :attr:`InferenceEngine.fast`: requests are then
+decoded from merged serving weights with a static KV cache and CUDA graphs, on a high-priority
+stream, without the model lock (see ``gpu/serving.py``). Requests it cannot take (longer than
+its cache, or in full fine-tuning mode) use the portable path below.
 """
 from __future__ import annotations
 
@@ -68,6 +73,8 @@ class InferenceEngine:
         eos = eos if isinstance(eos, list) else [eos]
         self.stop_ids = {i for i in eos + [tokenizer.eos_token_id] if i is not None}
         self.device = next(model.parameters()).device
+        self.fast = None
+        """GPU path (:class:`idletune.gpu.GpuServing`), set by ``idletune.gpu.install``."""
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -92,47 +99,67 @@ class InferenceEngine:
             gen.manual_seed(params.seed)
         else:
             gen.seed()
+        counts: dict[int, int] = {}
+        greedy = params.temperature <= 0 and not (params.presence_penalty or params.frequency_penalty)
+        pick = None if greedy else (lambda logits: self._pick(logits.float(), params, gen, counts))
         with self.activity.request():
             t0 = time.perf_counter()
-            with self.lock, self.weights.serving() as version, torch.inference_mode():
-                text, reason, n = self._decode(prompt, max_new, params, gen, on_text, cancelled)
+            fast = self.fast
+            if fast is not None and fast.usable(len(prompt) + max_new):
+                with fast.session() as version:
+                    tokens = fast.decoder.tokens(prompt, max_new, pick)
+                    text, reason, n = self._emit(tokens, params, counts, on_text, cancelled)
+            else:
+                with self.lock, self.weights.serving() as version, torch.inference_mode():
+                    tokens = self._hf_tokens(prompt, max_new, pick or (lambda logits: int(torch.argmax(logits))))
+                    text, reason, n = self._emit(tokens, params, counts, on_text, cancelled)
             return Completion(text, reason, len(prompt), n, version, time.perf_counter() - t0)
 
-    def _decode(self, prompt, max_new, params, gen, on_text, cancelled):
-        tok = self.tokenizer
+    def _hf_tokens(self, prompt, max_new, pick):
+        """Token by token through the (PEFT) model with Hugging Face's dynamic cache."""
         ids = torch.tensor([prompt], device=self.device)
         past = None
+        for _ in range(max_new):
+            res = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            nxt = pick(res.logits[0, -1].float())  # (V,) -> id
+            yield nxt
+            ids = torch.tensor([[nxt]], device=self.device)
+
+    def _emit(self, tokens, params, counts, on_text, cancelled):
+        """Consume token ids: stop ids and strings, streaming text out, counts for penalties."""
+        tok = self.tokenizer
         out: list[int] = []
-        counts: dict[int, int] = {}
         emitted = ""
         hold = max((len(s) for s in params.stop), default=1) - 1  # chars held back for stop strings
         reason = "length"
-        for _ in range(max_new):
-            if cancelled is not None and cancelled():
-                reason = "cancelled"
-                break
-            res = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            logits = res.logits[0, -1].float()  # (V,)
-            nxt = self._pick(logits, params, gen, counts)
-            if nxt in self.stop_ids:
-                reason = "stop"
-                break
-            out.append(nxt)
-            counts[nxt] = counts.get(nxt, 0) + 1
-            ids = torch.tensor([[nxt]], device=self.device)
-            text = tok.decode(out, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue  # an incomplete UTF-8 sequence: wait for the next token
-            cut = min((text.find(s) for s in params.stop if s and s in text), default=-1)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
-            safe = text if cut >= 0 else text[: max(len(emitted), len(text) - hold)]
-            if on_text is not None and len(safe) > len(emitted):
-                on_text(safe[len(emitted):])
-            emitted = safe
-            if cut >= 0:
-                break
+        try:
+            while True:
+                if cancelled is not None and cancelled():
+                    reason = "cancelled"
+                    break
+                nxt = next(tokens, None)
+                if nxt is None:
+                    break
+                if nxt in self.stop_ids:
+                    reason = "stop"
+                    break
+                out.append(nxt)
+                counts[nxt] = counts.get(nxt, 0) + 1
+                text = tok.decode(out, skip_special_tokens=True)
+                if text.endswith("\ufffd"):
+                    continue  # an incomplete UTF-8 sequence: wait for the next token
+                cut = min((text.find(s) for s in params.stop if s and s in text), default=-1)
+                if cut >= 0:
+                    text, reason = text[:cut], "stop"
+                safe = text if cut >= 0 else text[: max(len(emitted), len(text) - hold)]
+                if on_text is not None and len(safe) > len(emitted):
+                    on_text(safe[len(emitted):])
+                emitted = safe
+                if cut >= 0:
+                    break
+        finally:
+            tokens.close()
         final = tok.decode(out, skip_special_tokens=True).replace("\ufffd", "")
         for s in params.stop:
             if s and s in final:

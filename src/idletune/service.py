@@ -89,6 +89,7 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
                                 max_prompt_tokens=config.server.max_prompt_tokens)
     svc = Service(config, data_dir, model_dir, peft_model, tokenizer, queue, collector, engine, weights, batches,
                   None, inference, activity, import_jobs, importers_config)  # type: ignore[arg-type]
+    _gpu_path(svc)
     svc.scheduler = TrainingScheduler(queue, engine, weights, batches, activity=activity, config=config.scheduler,
                                       probes=svc.probes, heldout_examples=config.gate.heldout_examples,
                                       training_mode=config.training.mode)
@@ -97,6 +98,16 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     if start_scheduler:
         svc.scheduler.start()
     return svc
+
+
+def _gpu_path(svc: Service) -> None:
+    """On a GPU: fast decoding from merged weights on a high-priority stream, training on a
+    low-priority one (idletune/gpu). Elsewhere nothing changes."""
+    from .gpu import install
+
+    reason = install(svc)
+    if reason and svc.model.device.type == "cuda":
+        log.info("GPU fast path off: %s", reason)
 
 
 def _check_same_model(data_dir: Path, model_dir: Path) -> None:

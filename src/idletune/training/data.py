@@ -80,8 +80,21 @@ def target_token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     shift_labels = batch["labels"][:, 1:]  # (B, T-1)
     mask = shift_labels != IGNORE
     selected = hidden[:, :-1][mask]  # (N, C)
-    logits = lm.get_output_embeddings()(selected).float()  # (N, V)
-    tok = torch.nn.functional.cross_entropy(logits, shift_labels[mask], reduction="none")  # (N,)
+    head = lm.get_output_embeddings()
+    frozen = _frozen_head(head) if selected.is_cuda else None
+    if frozen is not None:  # on a GPU: no (N, V) logits in memory (see gpu/loss.py)
+        from ..gpu.loss import linear_cross_entropy
+
+        tok = linear_cross_entropy(selected, frozen, shift_labels[mask])  # (N,)
+    else:
+        logits = head(selected).float()  # (N, V)
+        tok = torch.nn.functional.cross_entropy(logits, shift_labels[mask], reduction="none")  # (N,)
     row = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]  # (N,)
     sums = torch.zeros(mask.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, row, tok)
     return sums, mask.sum(dim=1)
+
+
+def _frozen_head(head):
+    from ..gpu.loss import frozen_plain_head
+
+    return frozen_plain_head(head)

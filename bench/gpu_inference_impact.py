@@ -1,0 +1,135 @@
+"""Issue 6, question 1: what a full training backlog costs chat on the GPU.
+
+idletune's real service (random-weight model, GPU path installed) serves chat requests — a
+256-token prompt, 128 new tokens, greedy — from 1 or 8 concurrent clients, while a trainer
+thread keeps the engine busy (8 × 512-token examples per step, restarted whenever no request is
+in flight: a backlog that never runs dry and never waits for idle time). Conditions "off" and
+"backlog" alternate round by round in one run. Per-token times are taken where tokens leave the
+decoder. Reported: time to first token and inter-token latency, p50 and p99, decode throughput,
+and backlog/off ratios.
+
+Usage: python bench/gpu_inference_impact.py [OUT.json] [--shape qwen2.5-0.5b] [--rounds 8]
+"""
+import argparse
+import random
+import tempfile
+import threading
+import time
+
+import torch
+
+import gpu_common as C
+from gpu_training import fixed_batch
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", nargs="?")
+    ap.add_argument("--shape", default="qwen2.5-0.5b")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--clients", default="1,8")
+    ap.add_argument("--new", type=int, default=128)
+    a = ap.parse_args()
+    from idletune.inference import GenerationParams
+
+    res = C.header()
+    with tempfile.TemporaryDirectory() as tmp:
+        svc = C.service(a.shape, tmp)
+        res["gpu_path"] = svc.inference.fast is not None
+        inf, eng = svc.inference, svc.engine
+        tok = svc.tokenizer
+        prompt = torch.randint(100, len(tok) - 1, (256,)).tolist()
+        inf.encode_chat = lambda messages: list(prompt)  # exactly 256 prompt tokens
+        examples = fixed_batch(tok, chat=False)
+        times = threading.local()
+        orig_emit = inf._emit
+
+        def timed_emit(tokens, *args):
+            def gen():
+                for t in tokens:
+                    times.tokens.append(time.perf_counter())
+                    yield t
+            return orig_emit(gen(), *args)
+        inf._emit = timed_emit
+
+        training = threading.Event()
+        stop = threading.Event()
+        stats = {"steps": 0, "rounds": 0, "preempted": 0}
+
+        def trainer():
+            while not stop.is_set():
+                if not training.is_set() or svc.activity.should_yield():
+                    time.sleep(0.0002)
+                    continue
+                r = eng.train_round(examples, batch_size=8)
+                stats["steps"] += r.steps
+                stats["rounds"] += 1
+                stats["preempted"] += int(r.preempted)
+        th = threading.Thread(target=trainer, daemon=True)
+        th.start()
+
+        def one_request(out):
+            times.tokens = []
+            time.sleep(random.uniform(0.02, 0.08))  # an idle gap: training resumes in it
+            busy = eng._in_step
+            t0 = time.perf_counter()
+            c = inf.generate([{"role": "user", "content": "x"}], GenerationParams(max_tokens=a.new))
+            tt = times.tokens
+            out.append({"ttft": tt[0] - t0, "gaps": [b - x for x, b in zip(tt, tt[1:])], "total": time.perf_counter() - t0,
+                        "n": c.completion_tokens, "training_in_step_at_arrival": busy})
+
+        times.tokens = []
+        inf.generate([{"role": "user", "content": "x"}], GenerationParams(max_tokens=a.new))  # warm-up, graphs
+        random.seed(0)
+        for nc in [int(x) for x in a.clients.split(",")]:
+            data = {"off": [], "backlog": []}
+            per_client = 4 if nc == 1 else 2
+            for rnd in range(a.rounds):
+                for cond in (("off", "backlog") if rnd % 2 == 0 else ("backlog", "off")):
+                    (training.set if cond == "backlog" else training.clear)()
+                    time.sleep(0.1)
+                    out = data[cond]
+
+                    def client():
+                        for _ in range(per_client):
+                            one_request(out)
+                    ts = [threading.Thread(target=client) for _ in range(nc)]
+                    [t.start() for t in ts]
+                    [t.join() for t in ts]
+            training.clear()
+
+            def summary(rs):
+                gaps = [g for r in rs for g in r["gaps"]]
+                return {"requests": len(rs), "ttft_p50_ms": 1e3 * C.med([r["ttft"] for r in rs]),
+                        "ttft_p99_ms": 1e3 * C.pct([r["ttft"] for r in rs], 99),
+                        "token_p50_ms": 1e3 * C.med(gaps), "token_p99_ms": 1e3 * C.pct(gaps, 99),
+                        "total_p99_ms": 1e3 * C.pct([r["total"] for r in rs], 99),
+                        "decode_tok_s": sum(len(r["gaps"]) for r in rs) / sum(sum(r["gaps"]) for r in rs),
+                        "training_in_step_at_arrival": sum(r["training_in_step_at_arrival"] for r in rs)}
+            off, bl = summary(data["off"]), summary(data["backlog"])
+            res[f"clients_{nc}"] = {"off": off, "backlog": bl,
+                                    "added_ttft_p99_ms": bl["ttft_p99_ms"] - off["ttft_p99_ms"],
+                                    "added_ttft_p50_ms": bl["ttft_p50_ms"] - off["ttft_p50_ms"],
+                                    "added_token_p99_ms": bl["token_p99_ms"] - off["token_p99_ms"],
+                                    "decode_throughput_ratio": bl["decode_tok_s"] / off["decode_tok_s"]}
+        stop.set()
+        th.join(30)
+        res["training"] = dict(stats)
+        svc.close()
+    rows = []
+    for nc in a.clients.split(","):
+        r = res[f"clients_{nc}"]
+        for cond in ("off", "backlog"):
+            s = r[cond]
+            rows.append([nc, cond, s["requests"], s["ttft_p50_ms"], s["ttft_p99_ms"], s["token_p50_ms"], s["token_p99_ms"],
+                         s["decode_tok_s"], s["training_in_step_at_arrival"]])
+        rows.append([nc, "backlog − off", "", r["added_ttft_p50_ms"], r["added_ttft_p99_ms"], "", r["added_token_p99_ms"],
+                     f"×{r['decode_throughput_ratio']:.3f}", ""])
+    print(f"chat with training off vs full backlog, {a.shape}, 256 prompt + {a.new} new ({res['device']}); "
+          f"training: {res['training']}")
+    C.table(rows, ["clients", "condition", "n", "TTFT p50", "TTFT p99", "token p50", "token p99", "decode tok/s", "arrived mid-step"])
+    C.write(res, "gpu_inference_impact.json")
+
+
+if __name__ == "__main__":
+    main()

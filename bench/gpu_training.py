@@ -1,0 +1,150 @@
+"""Issue 6, question 3 (and the step memory of question 5): training throughput, idletune's
+engine vs the plain PEFT loop, same model, data, lengths (8 × 512 tokens, loss on every token),
+batch, steps and precision (bf16), rank 8 on q/v/gate/up.
+
+Variants of the engine: as configured by default; with the decoder layers compiled
+(IDLETUNE_COMPILE); with gradient checkpointing (the memory setting). Also a chat-shaped batch
+(loss on the last 128 tokens of each 512), where only target positions reach the output layer.
+
+Usage: python bench/gpu_training.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b]
+       [--variants default,compiled,checkpointed,chat] [--steps 20]
+"""
+import argparse
+import threading
+import time
+
+import torch
+
+import gpu_common as C
+
+BS, SEQ = 8, 512
+
+
+def plain_peft(name, steps):
+    """gpu_baseline.py's loop, verbatim in substance."""
+    from peft import LoraConfig, get_peft_model
+
+    m = C.build(name)
+    n = sum(p.numel() for p in m.parameters())
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"],
+                     task_type="CAUSAL_LM")
+    pm = get_peft_model(m, cfg)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    pm.train()
+    x = torch.randint(0, 1000, (BS, SEQ), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated()
+    for i in range(steps + 3):
+        if i == 3:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+        out = pm(input_ids=x, labels=x)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / steps
+    r = {"step_ms": 1e3 * dt, "tok_s": BS * SEQ / dt, "mfu_6N": 6 * n * BS * SEQ / dt / C.PEAK_BF16,
+         "peak_extra_MB": (torch.cuda.max_memory_allocated() - base_mem) / 2**20}
+    del pm, m, opt
+    torch.cuda.empty_cache()
+    return r, n
+
+
+def make_engine(pm, tok, *, checkpointing=False, steps=20):
+    from idletune.config import TrainingConfig
+    from idletune.training.engine import TrainingEngine
+
+    cfg = TrainingConfig(batch_size=BS, max_steps=steps, max_seq_len=SEQ, target_loss=0.0, target_loss_text=0.0,
+                         warmup_steps=0, replay_examples=0, gradient_checkpointing=checkpointing)
+    return TrainingEngine(pm, tok, cfg, lock=threading.Lock())
+
+
+def fixed_batch(tok, chat: bool, seed=0):
+    """Examples and a patch of the engine's encoder that returns fixed 512-token items."""
+    import idletune.training.engine as E
+    from idletune.examples import TrainingExample
+    from idletune.training.data import IGNORE, Encoded
+
+    g = torch.Generator().manual_seed(seed)
+    items, examples = {}, []
+    for i in range(BS):
+        ids = torch.randint(100, len(tok) - 1, (SEQ,), generator=g).tolist()
+        labels = ([IGNORE] * (SEQ - 128) + ids[SEQ - 128:]) if chat else [IGNORE] + ids[1:]
+        ex = TrainingExample.from_text(f"bench {i}")
+        ex.id = i + 1
+        items[ex.id] = Encoded(ex.id, ids, labels, "chat" if chat else "text")
+        examples.append(ex)
+    E.encode = lambda e, tokenizer, max_len: items.get(e.id)
+    return examples
+
+
+def engine_run(engine, examples, steps):
+    engine.config.max_steps = 3
+    engine.train_round(examples)  # warm-up (optimizer state, compile)
+    engine.config.max_steps = steps
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated()
+    t = time.perf_counter()
+    res = engine.train_round(examples)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / res.steps
+    return dt, (torch.cuda.max_memory_allocated() - base_mem) / 2**20, res.steps
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", nargs="?")
+    ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b")
+    ap.add_argument("--variants", default="default,compiled,checkpointed,chat")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--big-variants", default="default,checkpointed", help="variants for llama-3-8b")
+    a = ap.parse_args()
+    from idletune.gpu.training import compile_layers
+
+    tok = C.load_tokenizer()
+    res = C.header()
+    rows = []
+    lo = torch.cuda.Stream(priority=0)
+    for name in a.shapes.split(","):
+        r = {}
+        r["plain_peft"], n = plain_peft(name, a.steps)
+        rows.append([name, "plain PEFT loop", r["plain_peft"]["tok_s"], 100 * r["plain_peft"]["mfu_6N"], 1.0,
+                     r["plain_peft"]["step_ms"], r["plain_peft"]["peak_extra_MB"]])
+        for v in (a.big_variants if name == "llama-3-8b" else a.variants).split(","):
+            m = C.build(name, tok)
+            pm = C.attach(m)
+            try:
+                if v == "compiled":
+                    t0 = time.perf_counter()
+                    compile_layers(pm)
+                eng = make_engine(pm, tok, checkpointing=(v == "checkpointed"), steps=a.steps)
+                examples = fixed_batch(tok, chat=(v == "chat"))
+                with torch.cuda.stream(lo):
+                    if v == "compiled":
+                        eng.config.max_steps = 1
+                        eng.train_round(examples)
+                        torch.cuda.synchronize()
+                        r["compile_s"] = time.perf_counter() - t0
+                    dt, peak, steps = engine_run(eng, examples, a.steps)
+                tok_s = BS * SEQ / dt
+                r[v] = {"step_ms": 1e3 * dt, "tok_s": tok_s, "mfu_6N": 6 * n * BS * SEQ / dt / C.PEAK_BF16,
+                        "speedup_vs_plain": tok_s / r["plain_peft"]["tok_s"], "peak_extra_MB": peak, "steps": steps}
+                rows.append([name, f"idletune {v}", tok_s, 100 * r[v]["mfu_6N"], r[v]["speedup_vs_plain"], 1e3 * dt, peak])
+            except Exception as e:  # report and go on: one failing variant must not lose the rest
+                r[v] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                rows.append([name, f"idletune {v}", "error", "", "", "", str(e)[:60]])
+            del pm, m
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+        res[name] = r
+    print(f"training, rank 8, {BS}×{SEQ} tokens, bf16 ({res['device']}); MFU counts 6N per token as gpu_baseline.py")
+    C.table(rows, ["shape", "loop", "tok/s", "MFU %", "× plain", "step ms", "peak extra MB"])
+    C.write(res, "gpu_training.json")
+
+
+if __name__ == "__main__":
+    main()

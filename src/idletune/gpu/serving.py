@@ -1,0 +1,142 @@
+"""The GPU path of a running service: fast decoding on a high-priority stream, training on a
+low-priority one, and merged serving weights kept in step with the published version.
+
+:func:`install` is called once by the composition root; on a CPU, for a model the fast decoder
+does not know, in full fine-tuning mode, or with ``IDLETUNE_GPU_FASTPATH=0`` it changes nothing
+and the service keeps its portable path (Hugging Face forward under the model lock).
+
+Concurrency on the GPU path: a request no longer waits for the model lock. The fast decoder
+reads only its own serving copies and frozen base tensors, never the PEFT modules' state that
+training switches, so training (on the low-priority stream) and decoding (on the high-priority
+one) overlap on the device; training still stops at its next layer boundary when a request
+arrives (:class:`~idletune.activity.ActivityTracker`), and what it had already queued runs behind
+the request's kernels.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from .decoder import FastDecoder, unsupported_reason
+
+log = logging.getLogger("idletune.gpu")
+
+
+class GpuServing:
+    """A FastDecoder bound to a WeightUpdater's live version.
+
+    Args:
+        decoder: the FastDecoder (merged ``live`` adapter).
+        weights: the WeightUpdater (its ``version`` and ``mode`` say what must be served).
+        model_lock: the model lock; taken only to re-merge after the live weights changed.
+        stream: the high-priority stream decoding runs on.
+    """
+
+    def __init__(self, decoder: FastDecoder, weights, model_lock: threading.Lock, stream: torch.cuda.Stream | None):
+        self.decoder, self.weights, self.model_lock, self.stream = decoder, weights, model_lock, stream
+        self.lock = threading.Lock()  # one KV cache: one sequence at a time
+        self.refresh_seconds: list[float] = []
+        decoder.version = weights.version
+        self._key = (getattr(weights, "mode", "lora"), getattr(weights, "base_id", None))
+
+    def usable(self, total_tokens: int) -> bool:
+        return getattr(self.weights, "mode", "lora") == "lora" and self.decoder.fits(total_tokens)
+
+    def sync(self) -> None:
+        """Re-merge the serving weights if the live version changed (publish, rollback, restore).
+        Lock order: model lock, then this one."""
+        if self.decoder.version == self.weights.version:
+            return
+        with self.model_lock, self.lock:
+            if self.decoder.version != self.weights.version:
+                self._refresh()
+
+    def _refresh(self) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        # Only the adapter changed (a publish, a LoRA rollback): re-merge the adapted matrices.
+        # The mode or the base weights changed: rebuild everything.
+        key = (getattr(self.weights, "mode", "lora"), getattr(self.weights, "base_id", None))
+        with self._on_stream():
+            self.decoder.refresh(full=key != self._key)
+            self._key = key
+            if self.stream is not None:
+                self.stream.synchronize()
+        self.decoder.version = self.weights.version
+        self.refresh_seconds.append(time.perf_counter() - t0)
+
+    @contextmanager
+    def _on_stream(self):
+        if self.stream is None:
+            yield
+            return
+        # Work queued by other threads on their default stream (a publish's copy) comes first.
+        self.stream.wait_stream(torch.cuda.default_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            yield
+
+    @contextmanager
+    def session(self) -> Iterator[int]:
+        """Hold the decoder for one request; yields the version being served."""
+        self.sync()
+        with self.lock, self._on_stream(), torch.inference_mode():
+            yield self.decoder.version
+
+
+def _on_stream(fn, stream: torch.cuda.Stream):
+    """Run ``fn`` with ``stream`` current; the caller's stream waits for its work afterwards
+    (a device-side wait: no host sync)."""
+    def wrapped(*args, **kwargs):
+        caller = torch.cuda.current_stream()
+        stream.wait_stream(caller)
+        try:
+            with torch.cuda.stream(stream):
+                return fn(*args, **kwargs)
+        finally:
+            caller.wait_stream(stream)
+    wrapped.__wrapped__ = fn
+    return wrapped
+
+
+def install(service, *, max_len: int | None = None) -> str | None:
+    """Switch ``service`` to the GPU path. Returns None when installed, else why not."""
+    model = service.model
+    if os.environ.get("IDLETUNE_GPU_FASTPATH", "1") == "0":
+        return "disabled by IDLETUNE_GPU_FASTPATH=0"
+    if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
+        return "no CUDA device"
+    if service.config.training.mode != "lora":
+        return f"training mode {service.config.training.mode!r} (the fast path serves LoRA)"
+    reason = unsupported_reason(model)
+    if reason:
+        return reason
+    hi = torch.cuda.Stream(priority=-1)  # lower number = higher priority
+    lo = torch.cuda.Stream(priority=0)
+    engine = service.engine
+    engine.train_round = _on_stream(engine.train_round, lo)
+    engine.evaluate = _on_stream(engine.evaluate, lo)
+    inf = service.inference
+    limit = max_len or min(inf.max_context, int(os.environ.get("IDLETUNE_KV_CACHE_TOKENS", "8192")))
+    with torch.cuda.stream(hi):
+        decoder = FastDecoder(model, "live", max_len=limit, stream=hi)
+    hi.synchronize()
+    fast = GpuServing(decoder, service.weights, service.engine.lock, hi)
+    weights = service.weights
+    for name in ("publish", "rollback"):
+        orig = getattr(weights, name)
+
+        def after(*args, _orig=orig, **kwargs):
+            out = _orig(*args, **kwargs)
+            fast.sync()  # eagerly: the next request finds the new weights merged
+            return out
+        setattr(weights, name, after)
+    inf.fast = fast
+    log.info("GPU path: fast decoder (KV cache %d tokens, serving copies %.0f MB), training on a "
+             "low-priority stream", limit, decoder.serving_bytes() / 2**20)
+    return None
