@@ -1,0 +1,61 @@
+"""The `idletune` command line, as a user runs it (tiny model for speed)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def idletune(*args, input=None, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", "idletune.cli", *map(str, args)], input=input, text=True,
+                          capture_output=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+def test_chat_locally_with_correction_and_training(tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    r = idletune("chat", "--local", "--model", tiny_model_dir, "--data-dir", data, "--max-tokens", "5",
+                 "--set", "training.max_steps=2", "--set", "gate.num_retention_probes=4",
+                 "--set", "scheduler.enable_background_training=false",
+                 input="What is the vault code?\n/correct The vault code is 4471.\n/train\n/status\n/quit\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert "bot>" in out and "[idletune-v0]" in out
+    assert "correction queued" in out
+    assert '"accepted": true' in out  # /train ran a round and the gate accepted it
+    assert '"live_version": 1' in out
+
+
+def test_chat_through_a_running_server(start_server, tiny_model_dir):
+    server = start_server(model=tiny_model_dir, extra=["--set", "scheduler.enable_background_training=false"])
+    r = idletune("chat", "--url", server.url, "--max-tokens", "4", input="Hello there\n/quit\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"connected to {server.url}" in r.stdout and "[idletune-v0]" in r.stdout
+
+
+def test_status_import_snapshots_export(tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    notes = tmp_path / "notes.md"
+    notes.write_text("# Greenhouse\n\nThe greenhouse key hangs behind the blue door in shed 3.\n")
+    r = idletune("import", notes, "--data-dir", data, "--url", "http://127.0.0.1:9")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "notes.md" in r.stdout
+    r = idletune("status", "--data-dir", data, "--url", "http://127.0.0.1:9")
+    assert r.returncode == 0 and '"total": 1' in r.stdout and "not running" in r.stdout
+    r = idletune("train", "--model", tiny_model_dir, "--data-dir", data, "--url", "http://127.0.0.1:9",
+                 "--set", "training.max_steps=2", "--set", "gate.num_retention_probes=4")
+    assert r.returncode == 0 and '"accepted": true' in r.stdout, r.stdout + r.stderr[-2000:]
+    r = idletune("snapshots", "list", "--data-dir", data, "--url", "http://127.0.0.1:9")
+    assert "* v000001" in r.stdout
+    out = tmp_path / "adapter"
+    r = idletune("export", "--out", out, "--model", tiny_model_dir, "--data-dir", data, "--url", "http://127.0.0.1:9")
+    assert r.returncode == 0 and (out / "adapter_config.json").exists(), r.stderr[-2000:]
+    r = idletune("rollback", "--model", tiny_model_dir, "--data-dir", data, "--url", "http://127.0.0.1:9")
+    assert r.returncode == 0 and "now v0" in r.stdout
+
+
+def test_bad_config_is_a_clear_error(tmp_path, tiny_model_dir):
+    r = idletune("serve", "--model", tiny_model_dir, "--data-dir", tmp_path, "--set", "training.learning_rate=0.5")
+    assert r.returncode == 2
+    assert "training.learning_rate" in r.stderr and "Traceback" not in r.stderr
+    r = idletune("serve", "--model", tmp_path / "nope", "--data-dir", tmp_path / "d")
+    assert r.returncode == 2 and "not a Hugging Face model folder" in r.stderr
