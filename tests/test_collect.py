@@ -34,8 +34,9 @@ def test_edited_assistant_turn_is_a_high_priority_correction(tmp_path):
                          "You're welcome.", generation_id="g2", version=0)
     assert res.corrections == 1
     corr = [e for e in q.pending(100) if e.source == "correction"]
-    assert len(corr) == 1 and corr[0].priority == Priority.HIGH
-    assert corr[0].messages[-1]["content"] == "Project Owl is led by Dr. Mira Tam."
+    assert len(corr) == 3 and all(e.priority == Priority.HIGH for e in corr)  # as asked, and two rewordings
+    assert {e.messages[-1]["content"] for e in corr} == {"Project Owl is led by Dr. Mira Tam."}
+    assert [e.messages[0]["content"] for e in corr if not e.metadata.get("augmented")] == ["Who leads Project Owl?"]
     assert q.pending(1)[0].source == "correction"  # trains first
     wrong = [e for e in q.recent(100) if e.messages and e.messages[-1]["content"] == "I don't know."][0]
     assert wrong.status == Status.REJECTED and wrong.reason == "corrected by the user"
@@ -47,7 +48,8 @@ def test_feedback_correction_and_ratings(tmp_path):
     c.log_exchange([u("Say hi")], "Hi!", generation_id="g2", version=0)
     c.add_correction([u("Capital of Atlantis?"), a("Paris.")], "The capital of Atlantis is Poseidonis.")
     high = [e for e in q.pending(100) if e.priority == Priority.HIGH]
-    assert [e.messages[-1]["content"] for e in high] == ["The capital of Atlantis is Poseidonis."]
+    assert {e.messages[-1]["content"] for e in high} == {"The capital of Atlantis is Poseidonis."}
+    assert len(high) == 3
     assert [e for e in q.recent(100) if e.messages and e.messages[-1]["content"] == "Paris."][0].status == Status.REJECTED
     c.log_exchange([u("Tell me a joke")], "No.", generation_id="g3", version=0)
     c.rate("g3", -1)

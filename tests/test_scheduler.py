@@ -16,7 +16,8 @@ def pair(i):
 def svc(tmp_path, tiny_model_dir):
     cfg = Config.load(None, {"training.max_steps": 5, "gate.num_retention_probes": 4,
                              "training.target_loss": 50.0,  # a random tiny model: one step counts as learned
-                             "scheduler.min_idle_time_ms": 200, "scheduler.check_interval_ms": 50})
+                             "scheduler.min_idle_time_ms": 200, "scheduler.check_interval_ms": 50,
+                             "scheduler.max_cpu_usage": 100.0})  # tests may run beside other load
     s = build_service(tmp_path / "data", model=tiny_model_dir, config=cfg)
     yield s
     s.close()

@@ -84,7 +84,7 @@ def test_feedback_status_force_pause_resume(server):
         assert key in st["scheduler"]
     high = st["queue"]["by_priority"]["high"]
     fb = httpx.post(f"{url}/api/feedback", json={"messages": conv, "correction": "Lumen is on the moon Titania."}).json()
-    assert fb["priority"] == "high" and fb["queue"]["by_priority"]["high"] == high + 1
+    assert fb["priority"] == "high" and fb["queue"]["by_priority"]["high"] == high + 3  # + 2 rewordings
     assert httpx.post(f"{url}/api/feedback", json={"response_id": r["id"], "rating": 1}).status_code == 200
     assert httpx.post(f"{url}/api/feedback", json={"response_id": "nope", "rating": 1}).status_code == 404
     assert httpx.post(f"{url}/api/feedback", json={"correction": "x"}).status_code == 400

@@ -160,7 +160,8 @@ def test_correction_raises_high_priority_count(open_page, server):
     answer.locator("button[type=submit]").click()
     expect(answer.locator(".feedback-status")).to_have_text("corrected: queued at high priority")
     expect(answer.locator(".body strong")).to_have_text("Ada Quill")
-    expect(page.locator("#q-high")).to_have_text(str(high + 1))  # through the live status stream
+    # through the live status stream: the correction and its two rewordings (collect.correction_examples)
+    expect(page.locator("#q-high")).to_have_text(str(high + 3))
     expect(page.locator("#qp-high")).not_to_have_text("0")
     queued = httpx.get(server.url + "/api/queue?limit=50", timeout=10).json()["data"]
     fix = [e for e in queued if e["source"] == "correction"

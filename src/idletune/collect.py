@@ -44,6 +44,26 @@ def conversation_id(messages: list[dict]) -> str:
     return "conv-" + context_key(head)[:16]
 
 
+# Rewordings around the user's last question: the corrected answer should not depend on the
+# exact words the question came in (a cheap paraphrase augmentation; measured in BENCHMARKS.md).
+_AUGMENT = ("Please answer this: {q}", "{q} Answer in one sentence.")
+
+
+def correction_examples(context: list[dict], answer: str, conv: str, **metadata) -> list[TrainingExample]:
+    """A correction as high-priority chat pairs: the context as given, plus rewordings of the
+    last user message around the same answer."""
+    target = {"role": "assistant", "content": answer}
+    out = [TrainingExample.chat(context + [target], source=Source.CORRECTION, priority=Priority.HIGH,
+                                conversation_id=conv, **metadata)]
+    last = context[-1] if context else None
+    if last is not None and last["role"] == "user":
+        for template in _AUGMENT:
+            reworded = context[:-1] + [{"role": "user", "content": template.format(q=last["content"].strip())}]
+            out.append(TrainingExample.chat(reworded + [target], source=Source.CORRECTION, priority=Priority.HIGH,
+                                            conversation_id=conv, augmented=True, **metadata))
+    return out
+
+
 class ChatLog:
     """Every message and every generated answer, in its own SQLite file (WAL)."""
 
@@ -149,8 +169,8 @@ class DataCollector:
         examples: list[TrainingExample] = []
         if self.auto_collect:
             examples += self._corrections_in(messages, conv)
-            res.corrections = len(examples)
-            if response.strip():
+            res.corrections = sum(1 for e in examples if not e.metadata.get("augmented"))
+            if response.strip() and any(m["role"] == "user" for m in messages):  # a system-only prompt teaches nothing
                 examples.append(TrainingExample.chat(messages + [{"role": "assistant", "content": response}],
                                                      source=Source.CHAT, priority=Priority.NORMAL,
                                                      conversation_id=conv, generation_id=generation_id,
@@ -174,10 +194,9 @@ class DataCollector:
             if generated and m["content"].strip() not in {g.strip() for g in generated}:
                 if not any(c["role"] == "user" for c in context):
                     continue
-                out.append(TrainingExample.chat(context + [m], source=Source.CORRECTION, priority=Priority.HIGH,
-                                                conversation_id=conv, replaces=generated[-1][:200]))
+                out += correction_examples(context, m["content"], conv, replaces=generated[-1][:200])
                 self._withdraw(context, generated)
-        self.stats["corrections"] += len(out)
+        self.stats["corrections"] += sum(1 for e in out if not e.metadata.get("augmented"))
         return out
 
     def _withdraw(self, context: list[dict], answers: list[str]) -> None:
@@ -224,19 +243,15 @@ class DataCollector:
         context = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
         wrong = [messages[-1]["content"]] if messages and messages[-1]["role"] == "assistant" else []
         self._withdraw(list(context), wrong + self.chat_log.generated_for(list(context)))
-        ex = TrainingExample.chat(list(context) + [{"role": "assistant", "content": correction}],
-                                  source=Source.CORRECTION, priority=Priority.HIGH,
-                                  conversation_id=conversation_id(list(context)))
+        examples = correction_examples(list(context), correction, conversation_id(list(context)))
+        ex = examples[0]
         self.stats["feedback"] += 1
         self.stats["corrections"] += 1
         if self.enable_chat_logging:
             self.log_message(conversation_id(list(context)), "correction", correction)
-        ids = self.queue.add_many([ex]).added
-        if not ids:  # already known: make sure it is high priority
-            self.queue.add_many([ex])
-            found = self.queue.find(ex.content_hash)
-            return found.id if found else None
-        return ids[0]
+        self.queue.add_many(examples)  # known content is only raised to high priority
+        found = self.queue.find(ex.content_hash)
+        return found.id if found else None
 
     def rate(self, generation_id: str, rating: int) -> dict:
         """+1 raises the answer's pair to high priority; -1 withdraws it from training."""
