@@ -1,10 +1,11 @@
 """Learning-quality benchmark (issue 3), on the default model, in-process.
 
 Teach 5 made-up facts (each as a user correction, the way a person teaches in chat), train
-with the scheduler's own rounds (select → train → gate → publish), then ask each fact in 4
-other phrasings: recall is how many of the 20 answers contain the fact. Retention is the rise
-of the loss on the gate's retention probes over the base model's. Then train on 10 further
-batches of unrelated made-up facts and ask the first 5 again: are they kept?
+with the scheduler's own rounds (select → train → gate → publish) until nothing is pending,
+then ask each fact in 4 other phrasings: recall is how many of the 20 answers contain the fact.
+Retention is the rise of the loss on the gate's retention probes over the base model's. Then
+train one round on each of 10 further batches of unrelated made-up facts and ask the first 5
+again: are they kept?
 
 Usage: python bench/learning_quality.py [--modes lora hybrid] [--model DIR] [--out results.json]
 """
@@ -95,10 +96,10 @@ def run(mode: str, model: str | None) -> dict:
         hits, detail = recall(svc)
         ret = retention_rise(svc)
         t1 = time.perf_counter()
-        for batch in unrelated_batches():
+        for batch in unrelated_batches():  # one training round per batch, as idle gaps would give
             for q, a in batch:
                 svc.collector.add_correction([{"role": "user", "content": q}], a)
-            train_until_done(svc)
+            svc.scheduler.run_round(forced=True)
         later_s = time.perf_counter() - t1
         hits_after, detail_after = recall(svc)
         ret_after = retention_rise(svc)
