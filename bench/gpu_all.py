@@ -22,9 +22,9 @@ FULL = [
     ("live_adapter", ["gpu_live_adapter.py"]),
     ("publish", ["gpu_publish.py"]),
     ("inference_impact", ["gpu_inference_impact.py"]),
+    ("e2e", ["learn_and_latency.py", "--skip-learning", "--requests", "12", "--max-tokens", "64"]),
     ("training", ["gpu_training.py", "--steps", "12"]),
     ("memory", ["gpu_memory.py"]),
-    ("e2e", ["learn_and_latency.py", "--skip-learning", "--requests", "12", "--max-tokens", "64"]),
 ]
 QUICK = {
     "decode": ["--shapes", "qwen2.5-0.5b", "--reps", "2"],

@@ -117,6 +117,7 @@ class FastDecoder:
         self.pos_buf = torch.zeros(1, dtype=torch.long, device=self.device)
         self.logits_buf = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=self.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._merge_graph = None
         self._pool = None
         self.layers: list[dict] = []
         self.refresh()
@@ -131,9 +132,22 @@ class FastDecoder:
         replaced the base weights). Otherwise only the adapted matrices are recomputed, one
         ``W0 + scale·B·A`` matrix product each (what a publish needs: about a millisecond)."""
         if not full and self.layers:
-            for out, w, deltas in self._adapted:
-                _merge_into(out, w, deltas)
+            if not self.use_graphs:
+                self._merge_adapted()
+                return
+            if self._merge_graph is None:  # ~100 small products: one graph launch instead
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._merge_adapted()
+                torch.cuda.current_stream().wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, stream=side):
+                    self._merge_adapted()
+                self._merge_graph = g
+            self._merge_graph.replay()
             return
+        self._merge_graph = None
         lm = self.lm
         old = self.layers
         layers, adapted = [], []
@@ -161,6 +175,10 @@ class FastDecoder:
         if sig != getattr(self, "_sig", sig):
             self._graphs.clear()  # a graph holds tensor addresses: recapture if any tensor moved
         self._sig = sig
+
+    def _merge_adapted(self) -> None:
+        for out, w, deltas in self._adapted:
+            _merge_into(out, w, deltas)
 
     def _fused(self, out, parts, adapted: list) -> torch.Tensor:
         rows = sum(w.shape[0] for w, _, _ in parts)
