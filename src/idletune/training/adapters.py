@@ -75,6 +75,11 @@ def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def copy_adapter(model, src: str, dst: str) -> None:
+    cache = getattr(model, "_idletune_cache", None)  # activate()'s lists, in matching order
+    if cache is not None and {src, dst} == {TRAIN, LIVE}:
+        lists = {TRAIN: cache[1], LIVE: cache[2]}
+        torch._foreach_copy_(lists[dst], lists[src])  # one launch, no name scan (publish latency)
+        return
     a, b = adapter_tensors(model, src), adapter_tensors(model, dst)
     for k, t in a.items():
         b[k].copy_(t)
