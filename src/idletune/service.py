@@ -70,6 +70,9 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     model_dir = resolve_model_dir(model, cache_dir)
     _check_same_model(data_dir, model_dir)
     base, tokenizer = load_model(model_dir)
+    import torch
+
+    torch.manual_seed(config.training.seed)  # the same adapters' initial weights, run after run
     peft_model = attach_lora(base, config.training.lora)
     lock = threading.Lock()
     activity = ActivityTracker()
