@@ -33,6 +33,10 @@ def load_config(args) -> Config:
         overrides["server.host"] = args.host
     if getattr(args, "port", None) is not None:
         overrides["server.port"] = args.port
+    if getattr(args, "api_key", None):
+        overrides["server.api_key"] = args.api_key
+    if getattr(args, "insecure_no_key", False):
+        overrides["server.insecure_no_key"] = True
     path = args.config or (Path(args.data_dir) / "idletune.toml")
     if args.config and not Path(args.config).exists():
         raise ConfigError(f"--config {args.config}: no such file")
@@ -51,7 +55,12 @@ def cmd_serve(args) -> int:
 
     from .server import create_app
 
+    from .server.auth import check_bind
+
     config = load_config(args)
+    insecure = check_bind(config.server)  # refuses a public address without a key, before loading anything
+    if insecure:
+        logging.getLogger("idletune").warning("WARNING: %s", insecure)
     print(f"[idletune] data directory: {args.data_dir}", file=sys.stderr, flush=True)
     print("[idletune] loading the model…", file=sys.stderr, flush=True)
     from .service import build_service
@@ -59,8 +68,8 @@ def cmd_serve(args) -> int:
     svc = build_service(args.data_dir, model=args.model, config=config)
     app = create_app(svc)
     host, port = config.server.host, config.server.port
-    print(f"[idletune] serving {svc.model_name} (weights v{svc.weights.version}) on http://{host}:{port}",
-          file=sys.stderr, flush=True)
+    print(f"[idletune] serving {svc.model_name} (weights v{svc.weights.version}) on http://{host}:{port}"
+          + (" (API key required)" if config.server.api_key else ""), file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
@@ -68,11 +77,29 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _auth_headers() -> dict:
+    """``Authorization: Bearer $IDLETUNE_API_KEY`` for a server that requires a key."""
+    key = os.environ.get("IDLETUNE_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _http(method: str, url: str, **kwargs):
+    """An HTTP call to the server with the key; a refused key is an error that says what to do."""
+    import httpx
+
+    r = httpx.request(method, url, headers=_auth_headers(), **kwargs)
+    if r.status_code in (401, 403):
+        raise RuntimeError(f"{url}: {r.json().get('error', {}).get('message', r.reason_phrase)}"
+                           + ("; set IDLETUNE_API_KEY to the server's key" if r.status_code == 401 else ""))
+    return r
+
+
 def _server_up(url: str) -> bool:
+    """A server answers at ``url`` (one that refuses our key counts: its error is reported later)."""
     import httpx
 
     try:
-        return httpx.get(f"{url}/api/status", timeout=2).status_code == 200
+        return httpx.get(f"{url}/api/status", timeout=2, headers=_auth_headers()).status_code in (200, 401)
     except httpx.HTTPError:
         return False
 
@@ -116,9 +143,7 @@ def cmd_chat(args) -> int:
             return c.text, f"idletune-v{c.version}"
 
     def api(path: str, body: dict | None = None) -> dict:
-        import httpx
-
-        return httpx.post(f"{args.url}{path}", json=body or {}, timeout=600).json()
+        return _http("POST", f"{args.url}{path}", json=body or {}, timeout=600).json()
 
     while True:
         try:
@@ -151,9 +176,7 @@ def cmd_chat(args) -> int:
             print(f"(training: {json.dumps(res.get('result', res), default=str)})")
             continue
         if line == "/status":
-            import httpx
-
-            st = httpx.get(f"{args.url}/api/status").json() if remote else _local_status(svc)
+            st = _http("GET", f"{args.url}/api/status").json() if remote else _local_status(svc)
             print(json.dumps({k: st[k] for k in ("live_version", "queue", "training")}, indent=1, default=str))
             continue
         history.append({"role": "user", "content": line})
@@ -178,10 +201,8 @@ def _local_status(svc) -> dict:
 
 
 def cmd_status(args) -> int:
-    import httpx
-
     if _server_up(args.url):
-        st = httpx.get(f"{args.url}/api/status", timeout=10).json()
+        st = _http("GET", f"{args.url}/api/status", timeout=10).json()
     else:
         from .queue import TrainingQueue
 
@@ -193,10 +214,8 @@ def cmd_status(args) -> int:
 
 def cmd_train(args) -> int:
     """Train now on what is pending (through the server if it is running)."""
-    import httpx
-
     if _server_up(args.url):
-        res = httpx.post(f"{args.url}/api/training/force", params={"wait": "true"}, timeout=3600).json()
+        res = _http("POST", f"{args.url}/api/training/force", params={"wait": "true"}, timeout=3600).json()
         print(json.dumps(res.get("result", res), indent=2, default=str))
         return 0
     svc = _service(args, start_scheduler=True)
@@ -260,10 +279,8 @@ def _snapshot_dir_list(data_dir: Path) -> list[dict]:
 def cmd_snapshots(args) -> int:
     import datetime
 
-    import httpx
-
     if _server_up(args.url):
-        rows = httpx.get(f"{args.url}/api/snapshots").json()["data"]
+        rows = _http("GET", f"{args.url}/api/snapshots").json()["data"]
     else:
         rows = _snapshot_dir_list(Path(args.data_dir))
     if not rows:
@@ -276,11 +293,9 @@ def cmd_snapshots(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    import httpx
-
     version = int(args.id.lstrip("v")) if args.id else None
     if _server_up(args.url):
-        r = httpx.post(f"{args.url}/api/snapshots/rollback", json={"version": version})
+        r = _http("POST", f"{args.url}/api/snapshots/rollback", json={"version": version})
         body = r.json()
         if r.status_code != 200:
             print(f"error: {body['error']['message']}", file=sys.stderr)
@@ -314,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
     s.add_argument("--mode", choices=["lora", "full", "hybrid"], default=None)
+    s.add_argument("--api-key", default=os.environ.get("IDLETUNE_API_KEY") or None,
+                   help="require this key as 'Authorization: Bearer KEY' on every request "
+                        "(default: $IDLETUNE_API_KEY; prefer the variable: arguments are visible to other users)")
+    s.add_argument("--insecure-no-key", action="store_true",
+                   help="serve on a non-loopback --host without an API key (anyone who can reach it can use it)")
     s.set_defaults(func=cmd_serve)
     c = sub.add_parser("chat", parents=[common], help="chat in the terminal")
     c.add_argument("--local", action="store_true", help="load the model here even if a server is running")

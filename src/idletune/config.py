@@ -2,7 +2,7 @@
 
 One TOML file (``idletune.toml`` in the data directory, or ``--config FILE``) can set any field;
 command-line options override it. Sections: ``[training]`` (with ``[training.lora]``),
-``[scheduler]``, ``[gate]``, ``[server]``.
+``[scheduler]``, ``[gate]``, ``[server]``, ``[queue]``.
 """
 from __future__ import annotations
 
@@ -161,15 +161,43 @@ class ServerConfig:
     (by default such URLs are refused, against server-side request forgery)."""
     max_upload_bytes: int = 64 * 1024 * 1024
     """Largest file accepted by POST /api/import/file."""
+    api_key: str | None = field(default=None, repr=False)
+    """Required as ``Authorization: Bearer KEY`` on every endpoint but the web page's static
+    files (also ``--api-key`` or ``$IDLETUNE_API_KEY``). Never logged or reported."""
+    insecure_no_key: bool = False
+    """Allow serving without a key on an address other than loopback (``--insecure-no-key``):
+    anyone who can reach the port can then use, teach and roll back the model. Logged loudly."""
+    cors_origins: list[str] = field(default_factory=list)
+    """Web origins (``https://host:port``) whose pages may call the API; empty = none (CORS off)."""
 
     def __post_init__(self) -> None:
+        _check(self.api_key is None or (isinstance(self.api_key, str) and len(self.api_key) >= 8
+                                        and self.api_key.isprintable() and not any(c.isspace() for c in self.api_key)),
+               "server.api_key", "must be at least 8 printable characters without spaces")
+        _check(isinstance(self.insecure_no_key, bool), "server.insecure_no_key", "must be true or false")
+        _check(isinstance(self.cors_origins, list) and all(isinstance(o, str) and (o == "*" or o.startswith(("http://", "https://")))
+                                                           for o in self.cors_origins),
+               "server.cors_origins", "must be a list of origins like \"https://example.org\" (or \"*\")")
+        _check(isinstance(self.host, str) and self.host.strip() != "", "server.host", f"must be an address, got {self.host!r}")
         _check(isinstance(self.import_allow_hosts, list) and all(isinstance(h, str) for h in self.import_allow_hosts),
                "server.import_allow_hosts", "must be a list of host names or networks")
         _check(_int(self.max_upload_bytes) and self.max_upload_bytes >= 1024, "server.max_upload_bytes", "must be ≥ 1024")
         _check(_int(self.port) and 0 <= self.port <= 65535, "server.port", f"must be in 0–65535, got {self.port!r}")
         _check(_int(self.max_body_bytes) and self.max_body_bytes >= 1024, "server.max_body_bytes", "must be ≥ 1024")
+        _check(_int(self.max_prompt_tokens) and self.max_prompt_tokens >= 1, "server.max_prompt_tokens", "must be ≥ 1")
         _check(_int(self.max_new_tokens) and self.max_new_tokens >= 1, "server.max_new_tokens", "must be ≥ 1")
         _check(_int(self.default_max_tokens) and 1 <= self.default_max_tokens <= self.max_new_tokens, "server.default_max_tokens", "must be in 1–max_new_tokens")
+
+
+@dataclass
+class QueueConfig:
+    max_examples: int = 1_000_000
+    """Most examples the queue stores (every status counts). When it is full, new examples are
+    refused with HTTP 507 ``queue_full``; nothing already stored is dropped."""
+
+    def __post_init__(self) -> None:
+        _check(_int(self.max_examples) and self.max_examples >= 1, "queue.max_examples",
+               f"must be an integer ≥ 1, got {self.max_examples!r}")
 
 
 @dataclass
@@ -178,6 +206,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "Config":
@@ -189,15 +218,23 @@ class Config:
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path}: not valid TOML: {e}") from None
         for key, value in (overrides or {}).items():
+            parts = key.split(".") if isinstance(key, str) else [""]
+            if not all(parts):
+                raise ConfigError(f"{key!r}: an override names a field as section.field, e.g. training.learning_rate")
             node = data
-            *parents, leaf = key.split(".")
-            for p in parents:
+            for i, p in enumerate(parts[:-1]):
                 node = node.setdefault(p, {})
-            node[leaf] = value
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{key}: {'.'.join(parts[:i + 1])} is a value, not a section")
+            node[parts[-1]] = value
         return _build(cls, data, "")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """All fields; the API key, if set, as "***" (secrets are never logged or reported)."""
+        out = dataclasses.asdict(self)
+        if out["server"]["api_key"] is not None:
+            out["server"]["api_key"] = "***"
+        return out
 
 
 def _build(cls, data: Any, where: str):
@@ -211,7 +248,7 @@ def _build(cls, data: Any, where: str):
     kwargs = {}
     for name, value in data.items():
         sub = {Config: {"training": TrainingConfig, "scheduler": SchedulerConfig, "gate": GateConfig,
-                        "server": ServerConfig}, TrainingConfig: {"lora": LoraConfig}}.get(cls, {}).get(name)
+                        "server": ServerConfig, "queue": QueueConfig}, TrainingConfig: {"lora": LoraConfig}}.get(cls, {}).get(name)
         kwargs[name] = _build(sub, value, f"{where + '.' if where else ''}{name}") if sub else value
     try:
         return cls(**kwargs)

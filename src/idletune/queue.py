@@ -117,8 +117,8 @@ class TrainingQueue:
                         continue
                     if total >= self.max_examples:
                         raise QueueFullError(
-                            f"the training queue is full ({self.max_examples} examples); "
-                            "raise max_examples or remove trained examples")
+                            f"the training queue is full ({self.max_examples} examples, queue.max_examples); "
+                            "nothing new is accepted until that limit is raised or trained examples are removed")
                     status = Status.HELD_OUT if self._holds_out(ex, h) else Status.PENDING
                     payload = json.dumps(ex.messages if ex.kind == "chat" else ex.text, ensure_ascii=False)
                     cur = self._db.execute(

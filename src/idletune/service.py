@@ -13,6 +13,7 @@ from .config import Config
 from .inference import InferenceEngine
 from .models import load_model, resolve_model_dir
 from .queue import TrainingQueue
+from .recovery import check_sqlite
 from .scheduler import TrainingScheduler
 from .training import probes as probes_mod
 from .training.adapters import attach_lora
@@ -40,6 +41,8 @@ class Service:
     activity: ActivityTracker
     import_jobs: object = None
     importers_config: object = None
+    problems: list[str] = field(default_factory=list)
+    """What was found wrong at start (damaged files moved aside, ...); shown in /api/status."""
     _probes: list | None = field(default=None, repr=False)
 
     def probes(self) -> list:
@@ -76,7 +79,8 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     peft_model = attach_lora(base, config.training.lora)
     lock = threading.Lock()
     activity = ActivityTracker()
-    queue = TrainingQueue(data_dir / "queue.db")
+    problems = [p for p in (check_sqlite(data_dir / "queue.db"), check_sqlite(data_dir / "chatlog.db")) if p]
+    queue = TrainingQueue(data_dir / "queue.db", max_examples=config.queue.max_examples)
     importers_config, import_jobs, import_url = _importers(config, queue, tokenizer)
     collector = DataCollector(queue, chat_log=ChatLog(data_dir / "chatlog.db"), import_url=import_url)
     batches = BatchManager(config.training)
@@ -91,7 +95,8 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     inference = InferenceEngine(peft_model, tokenizer, weights, lock, activity,
                                 max_prompt_tokens=config.server.max_prompt_tokens)
     svc = Service(config, data_dir, model_dir, peft_model, tokenizer, queue, collector, engine, weights, batches,
-                  None, inference, activity, import_jobs, importers_config)  # type: ignore[arg-type]
+                  None, inference, activity, import_jobs, importers_config,  # type: ignore[arg-type]
+                  problems + list(weights.problems))
     _gpu_path(svc)
     svc.scheduler = TrainingScheduler(queue, engine, weights, batches, activity=activity, config=config.scheduler,
                                       probes=svc.probes, heldout_examples=config.gate.heldout_examples,

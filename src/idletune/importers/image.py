@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import re
 import shutil
+import struct
 import threading
 import warnings
 from pathlib import Path, PurePath
@@ -217,6 +218,9 @@ class ImageImporter:
                 raise ImportFailed(f"{name} is not an image that can be read (supported: "
                                    f"{', '.join(PIL_FORMATS)}; it starts with {data[:8]!r})",
                                    code="unsupported_format", source=name) from None
+            except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:  # a header cut short
+                raise ImportFailed(f"{name} is a corrupt or truncated image: {e}", code="corrupt_file",
+                                   source=name) from None
             w, h = img.size
             if w * h > self.config.max_pixels:
                 raise ImportFailed(f"{name} is {w}x{h} = {w * h / 1e6:.0f} megapixels, over the "

@@ -19,6 +19,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from ..queue import QueueFullError
 from .results import ImportFailed
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ class ImportJobs:
             self._update(job_id, status=DONE, result=result)
         except ImportFailed as e:
             self._update(job_id, status=FAILED, error={**e.to_dict(), "http_status": e.http_status})
+        except QueueFullError as e:  # nothing of this import was stored (one transaction); say why
+            self._update(job_id, status=FAILED, error={"message": str(e), "type": "insufficient_storage",
+                                                       "param": None, "code": "queue_full", "http_status": 507})
         except Exception as e:  # never lose a worker to a bug; report it on the job
             log.exception("import job %s failed", job_id)
             self._update(job_id, status=FAILED, error={"message": f"internal error: {type(e).__name__}: {e}",

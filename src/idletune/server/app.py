@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 
-from . import errors
-from .errors import error_body
+from . import auth, errors, limits
 from .routes_api import make_api_router
 from .routes_chat import make_chat_router
 from .routes_import import make_import_router
@@ -20,18 +19,8 @@ def create_app(svc) -> FastAPI:
                   description="A local chat model that learns from its conversations while idle.")
     app.state.svc = svc
     errors.install(app)
-    max_body = svc.config.server.max_body_bytes
-
-    max_upload = svc.config.server.max_upload_bytes
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        limit = max_upload if request.url.path == "/api/import/file" else max_body
-        if length is not None and length.isdigit() and int(length) > limit:
-            return JSONResponse(error_body(f"request body is {int(length)} bytes; the limit is {limit}",
-                                           code="request_too_large"), status_code=413)
-        return await call_next(request)
+    limits.install(app, svc.config.server)  # body size (declared or chunked), queue full → 507
+    auth.install(app, svc.config.server)  # added last, so it runs first: Origin check, Bearer key, CORS
 
     app.include_router(make_chat_router(svc))
     app.include_router(make_api_router(svc))

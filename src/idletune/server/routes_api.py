@@ -27,6 +27,7 @@ def status_of(svc) -> dict:
         "weights": svc.weights.get_stats(),
         "collector": svc.collector.get_stats(),
         "requests_in_flight": svc.activity.in_flight,
+        "problems": list(getattr(svc, "problems", [])),
         "time": time.time(),
     }
 
@@ -69,7 +70,12 @@ def make_api_router(svc) -> APIRouter:
             if not req.messages:
                 raise APIError(400, "'messages' is required with a correction: the conversation it corrects",
                                param="messages")
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+            messages = []
+            for i, m in enumerate(req.messages):
+                try:
+                    messages.append({"role": "system" if m.role == "developer" else m.role, "content": m.text()})
+                except ValueError as e:  # non-text content parts
+                    raise APIError(400, f"messages[{i}].content: {e}", param=f"messages[{i}].content") from None
             if any(not m["content"].strip() for m in messages):
                 raise APIError(400, "messages must not be empty", param="messages")
             if not any(m["role"] == "user" for m in messages):

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..inference import GenerationParams, PromptTooLong
 from .errors import APIError, error_body
+from .limits import check_queue_room
 from .schemas import ChatRequest
 
 
@@ -35,6 +36,7 @@ def make_chat_router(svc) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         messages, params = _prepare(req, server_cfg)
+        await run_in_threadpool(check_queue_room, svc.queue)  # 507 before generating, not after
         gen_id = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -16,11 +16,39 @@ function el(tag, attrs = {}, ...children) {
 
 // ---- HTTP ------------------------------------------------------------------------------------
 
+// The server's API key, when it has one: typed into the key form (or opened once as /?key=KEY),
+// kept in this browser's localStorage and sent as "Authorization: Bearer KEY" on every call.
+const KEY_STORE = "idletune.apiKey";
+
+function takeKeyFromUrl() {
+  const url = new URL(window.location.href);
+  const key = url.searchParams.get("key");
+  if (key === null) return;
+  if (key) localStorage.setItem(KEY_STORE, key);
+  url.searchParams.delete("key"); // keep it out of the address bar and the history
+  window.history.replaceState(null, "", url.pathname + url.search + url.hash);
+}
+
+function authHeaders(headers = {}) {
+  const key = localStorage.getItem(KEY_STORE);
+  return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
+}
+
+// 401: the server wants a (different) key; show the key form with the server's message.
+function askForKey(message) {
+  const form = $("#key-form");
+  $("#key-msg").textContent = message;
+  if (form.hidden) {
+    form.hidden = false;
+    $("#api-key").focus();
+  }
+}
+
 // fetch + JSON; throws an Error whose message is the server's own {"error": {"message"}} or says why.
 async function api(path, { method = "GET", json, body, signal } = {}) {
-  const opts = { method, signal, body };
+  const opts = { method, signal, body, headers: authHeaders() };
   if (json !== undefined) {
-    opts.headers = { "Content-Type": "application/json" };
+    opts.headers = authHeaders({ "Content-Type": "application/json" });
     opts.body = JSON.stringify(json);
   }
   let res;
@@ -39,6 +67,7 @@ async function readJson(res) {
   try { data = text ? JSON.parse(text) : null; } catch { /* not JSON */ }
   if (!res.ok) {
     const message = data && data.error && data.error.message;
+    if (res.status === 401) askForKey(message || "This server needs an API key.");
     throw new Error(message || `The server answered ${res.status} ${res.statusText}.`);
   }
   return data;
@@ -147,7 +176,7 @@ async function sendMessage(text) {
   try {
     const res = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: authHeaders({ "Content-Type": "application/json" }),
       body: JSON.stringify({ messages: conversation.map(({ role, content }) => ({ role, content })), stream: true }),
       signal: chat.controller.signal,
     });
@@ -378,19 +407,38 @@ function setReachable(ok) {
   document.body.classList.toggle("offline", !ok);
 }
 
-function connectEvents() {
-  const source = new EventSource("/api/events?interval=1");
-  source.addEventListener("status", (ev) => {
-    const wasDown = $("#conn").dataset.state === "down";
-    setReachable(true);
-    renderStatus(JSON.parse(ev.data));
-    if (wasDown) loadMetrics(); // steps taken while we were away
-  });
-  source.onerror = () => {
-    setReachable(false);
-    // EventSource retries by itself after a network error, but gives up after an HTTP error.
-    if (source.readyState === EventSource.CLOSED) setTimeout(connectEvents, 3000);
-  };
+// The live status stream. fetch, not EventSource: EventSource cannot send the API key.
+async function connectEvents() {
+  let res;
+  try {
+    res = await fetch("/api/events?interval=1", { headers: authHeaders() });
+    if (res.status === 401) { // not "unreachable": waiting for a key (the key form reconnects)
+      await readJson(res).catch(() => {});
+      return;
+    }
+    if (!res.ok) throw new Error(`status stream: ${res.status}`);
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+        if (!data) continue;
+        const wasDown = $("#conn").dataset.state === "down";
+        setReachable(true);
+        renderStatus(JSON.parse(data));
+        if (wasDown) loadMetrics(); // steps taken while we were away
+      }
+    }
+  } catch { /* the server went away: retried below */ }
+  setReachable(false);
+  setTimeout(connectEvents, 3000);
 }
 
 // ---- Training controls and snapshots ---------------------------------------------------------
@@ -491,6 +539,7 @@ function upload(path, body, onProgress) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
     xhr.open("POST", path);
+    for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
     xhr.upload.onprogress = (ev) => ev.lengthComputable && onProgress(ev.loaded, ev.total);
     xhr.onerror = () => reject(new Error("The server is unreachable; check that idletune serve is running."));
     xhr.onload = () => readJson(new Response(xhr.responseText, { status: xhr.status, statusText: xhr.statusText })).then(resolve, reject);
@@ -519,6 +568,12 @@ function selectTab(name) {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  takeKeyFromUrl();
+  $("#key-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    localStorage.setItem(KEY_STORE, $("#api-key").value.trim());
+    window.location.reload(); // start over with the key: status stream, metrics, snapshots
+  });
   for (const b of document.querySelectorAll(".tabs button")) b.addEventListener("click", () => selectTab(b.dataset.tab));
 
   $("#chat-form").addEventListener("submit", (ev) => {
