@@ -84,7 +84,7 @@ class TrainingEngine:
         self.global_step = 0
         self.examples_processed = 0
         self._latest: StepMetrics | None = None
-        self._in_step = False
+        self._step_thread: int | None = None
         self._optimizer = None
         self._install_preemption_hooks()
         if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -124,22 +124,22 @@ class TrainingEngine:
             # 3. forward/backward over micro-batches, clip, step — or discard if preempted
             try:
                 with self.lock:
-                    self._in_step = True
-                    self._enter_training()
-                    sums, counts = self._forward_backward(batch)
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self._trainable(), cfg.max_grad_norm))
-                    loss = float(sums.sum() / counts.sum().clamp(min=1))
-                    if math.isfinite(loss) and math.isfinite(grad_norm):
-                        opt.step()
-                    else:
-                        result.skipped_nonfinite += 1
-                    opt.zero_grad(set_to_none=True)
+                    self._step_thread = threading.get_ident()  # only this thread's passes are preempted
+                    try:
+                        self._enter_training()
+                        sums, counts = self._forward_backward(batch)
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(self._trainable(), cfg.max_grad_norm))
+                        loss = float(sums.sum() / counts.sum().clamp(min=1))
+                        if math.isfinite(loss) and math.isfinite(grad_norm):
+                            opt.step()
+                        else:
+                            result.skipped_nonfinite += 1
+                    finally:
+                        opt.zero_grad(set_to_none=True)
+                        self._step_thread = None  # before the lock is released
             except Preempted:
-                opt.zero_grad(set_to_none=True)
                 result.preempted = True
                 break
-            finally:
-                self._in_step = False
             # 4. bookkeeping: which examples are learned, metrics
             for it, s, c in zip(batch, sums.tolist(), counts.tolist()):
                 if it.key in loss_of and c:
@@ -236,7 +236,7 @@ class TrainingEngine:
     # ---- preemption at layer boundaries -------------------------------------------------------
     def _install_preemption_hooks(self) -> None:
         def check() -> None:
-            if self._in_step and self.should_yield():
+            if self._step_thread == threading.get_ident() and self.should_yield():
                 raise Preempted()
 
         def grad_hook(grad):

@@ -79,6 +79,7 @@ class WeightUpdater:
         self.last_rollback: dict | None = None
         self.problems: list[str] = []
         self._baselines: dict[tuple[str, int], float] = {}
+        self._history = threading.RLock()  # one publish, rollback or mode switch at a time
         if mode == "full":
             self._set_ws(FullWeights(model, base_model_path), "configured: full fine-tuning")
 
@@ -180,20 +181,24 @@ class WeightUpdater:
 
     # ---- publish / discard / rollback ---------------------------------------------------------
     def publish(self, metrics: dict | None = None) -> int:
-        """Make the trained weights live as a new version; snapshot it in memory and on disk."""
-        with self.lock:
-            self.ws.publish()
+        """Make the trained weights live as a new version. The snapshot and the LIVE pointer
+        reach the disk first, then the weights are swapped in: whatever a client was served is
+        what a restart serves."""
+        with self._history:
+            with self.lock:
+                tensors = self.ws.clone("candidate")
             version = self._next_version()
-            tensors = self.ws.clone("live")
-            self.version = version
-        if self.mode == "lora":
-            self._ring.append((version, tensors))
-        meta = {"version": version, "created_at": time.time(), "metrics": metrics or {}, "kind": self.mode,
-                "base": self.base_id if self.mode == "lora" else f"v{version:06d}",
-                "gate": asdict(self.last_decision) if self.last_decision else None}
-        self._write_snapshot(f"v{version:06d}", tensors, meta, self.ws)
-        self._write_pointer(version)
-        self.clear_old_snapshots()
+            meta = {"version": version, "created_at": time.time(), "metrics": metrics or {}, "kind": self.mode,
+                    "base": self.base_id if self.mode == "lora" else f"v{version:06d}",
+                    "gate": asdict(self.last_decision) if self.last_decision else None}
+            self._write_snapshot(f"v{version:06d}", tensors, meta, self.ws)
+            self._write_pointer(version)
+            with self.lock:
+                self.ws.publish()
+                self.version = version
+            if self.mode == "lora":
+                self._ring.append((version, tensors))
+            self.clear_old_snapshots()
         return version
 
     def discard_candidate(self) -> None:
@@ -206,17 +211,18 @@ class WeightUpdater:
     def switch_to_full(self, reason: str) -> None:
         """Merge the live adapter into the base weights and train all weights from there.
         The merged weights are kept on disk as the base that later LoRA weights sit on."""
-        with self.lock:
-            self.ws.discard()
-            merge_live_adapter(self.model)
-            base_name = f"base-v{self.version:06d}"
-            full = FullWeights(self.model, self.base_model_path)
-            merged = full.clone("live")
-        self._write_snapshot(base_name, merged, {"version": self.version, "kind": "full", "base": base_name,
-                                                 "created_at": time.time(), "merged_lora": True}, full)
-        self.base_id = base_name
-        self._ring.clear()
-        self._set_ws(full, reason)
+        with self._history:
+            with self.lock:  # the served function is the same before and after
+                self.ws.discard()
+                merge_live_adapter(self.model)
+                base_name = f"base-v{self.version:06d}"
+                full = FullWeights(self.model, self.base_model_path)
+                merged = full.clone("live")
+            self._write_snapshot(base_name, merged, {"version": self.version, "kind": "full", "base": base_name,
+                                                     "created_at": time.time(), "merged_lora": True}, full)
+            self.base_id = base_name
+            self._ring.clear()
+            self._set_ws(full, reason)
 
     def switch_to_lora(self, reason: str) -> None:
         """Leave full fine-tuning: the live weights become the frozen base for LoRA."""
@@ -241,8 +247,9 @@ class WeightUpdater:
             version = older[-1]
         if version not in versions:
             raise ValueError(f"no snapshot v{version:06d}; known versions: {', '.join(map(str, versions))}")
-        previous = self.version
-        self._restore(version)
+        with self._history:
+            previous = self.version
+            self._restore(version)
         self.rollbacks += 1
         self.last_rollback = {"from": previous, "to": version, "reason": reason, "time": time.time()}
         return version
@@ -397,7 +404,7 @@ class WeightUpdater:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
