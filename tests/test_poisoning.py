@@ -1,6 +1,7 @@
 """Training-data poisoning on the real default model: a burst of garbage sent through the chat
-and feedback API (random tokens, one phrase repeated) is trained on, rejected by the quality
-gate, marked ``rejected`` with the gate's reason, and the live model answers exactly as before."""
+and feedback API (random tokens, one phrase repeated) never reaches
+the live model: screening rejects it before it trains (training/screen.py), every example is
+marked ``rejected`` with its reason, and the live model answers exactly as before."""
 from __future__ import annotations
 
 import random
@@ -13,11 +14,8 @@ from conftest import ServerProcess
 QUESTIONS = ["What is the capital of France?", "Name three colours of the rainbow.", "What do bees make?"]
 
 
-@pytest.mark.slow  # the real model on CPU: about 3 minutes
-@pytest.mark.xfail(strict=True, reason="finding (issue 7): the gate's retention/held-out rule accepts this burst "
-                   "(13 steps, retention loss within 50 %); see docs/RELIABILITY.md. strict: passes once the gate "
-                   "rejects it, so this marker must then be removed")
-def test_garbage_burst_is_rejected_by_the_gate(tmp_path, default_model_dir):
+@pytest.mark.slow  # the real model on CPU
+def test_garbage_burst_is_rejected_before_it_trains(tmp_path, default_model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
@@ -40,6 +38,11 @@ def test_garbage_burst_is_rejected_by_the_gate(tmp_path, default_model_dir):
             return out
 
         before = answers()
+        # Those answers are queued as chat pairs; a thumbs-down withdraws them, so that only the
+        # garbage below is left for training.
+        for e in httpx.get(f"{s.url}/api/queue?limit=50").json()["data"]:
+            if e["metadata"].get("generation_id"):
+                httpx.post(f"{s.url}/api/feedback", json={"response_id": e["metadata"]["generation_id"], "rating": -1})
         garbage_ids = []
         for i in range(8):  # corrections whose "right answer" is token soup
             r = httpx.post(f"{s.url}/api/feedback", json={
@@ -55,16 +58,20 @@ def test_garbage_burst_is_rejected_by_the_gate(tmp_path, default_model_dir):
             httpx.post(f"{s.url}/v1/chat/completions", timeout=120,
                        json={"messages": [{"role": "user", "content": random_tokens(30)}], "max_tokens": 4})
 
-        result = httpx.post(f"{s.url}/api/training/force?wait=true", timeout=600).json()
-        st = result["status"]
-        decision = st["weights"]["last_gate_decision"]
-        assert st["live_version"] == 0 and st["scheduler"]["rounds_rejected"] >= 1, (result["result"], decision)
-        assert decision and not decision["accepted"] and "retention loss rose" in decision["reason"], decision
-
-        rows = {e["id"]: e for e in httpx.get(f"{s.url}/api/queue?limit=100").json()["data"]}
+        for _ in range(6):  # one round per call; until nothing is pending
+            st = httpx.post(f"{s.url}/api/training/force?wait=true", timeout=600).json()["status"]
+            if st["queue"]["pending"] == 0:
+                break
+        rows = {e["id"]: e for e in httpx.get(f"{s.url}/api/queue?limit=200").json()["data"]}
+        left = [(e["source"], e["status"], e["reason"], e["text"] or e["messages"][-1]["content"][:80])
+                for e in rows.values() if e["status"] != "rejected"]
+        assert st["scheduler"]["screened_out"] >= len(garbage_ids) + 2, (st["scheduler"], left)
         for i in garbage_ids:
             assert rows[i]["status"] == "rejected", rows[i]
-            assert rows[i]["reason"].startswith("update rejected by the quality gate: retention loss rose"), rows[i]
+            assert rows[i]["reason"].startswith(("looks like noise", "repetitive text")), rows[i]
+        statements = [e for e in rows.values() if e["source"] == "statement"]  # the random-token chat turns
+        assert len(statements) == 2 and all(e["status"] == "rejected" and "noise" in e["reason"] for e in statements)
+        assert st["live_version"] == 0 and st["scheduler"]["training_count"] == 0  # nothing was left to train
         assert answers() == before  # the live weights never saw any of it
     finally:
         s.stop()

@@ -28,7 +28,10 @@ from .queue import TrainingQueue
 _URL = re.compile(r"https?://[^\s<>()\"']+")
 _REQUEST_START = re.compile(
     r"^(please|can|could|would|will|write|give|tell|explain|list|translate|summari[sz]e|make|create|show|help|"
-    r"what|who|whom|whose|when|where|why|how|which|is|are|do|does|did|should|generate|describe|hi|hello|hey|thanks)\b",
+    r"what|who|whom|whose|when|where|why|how|which|is|are|do|does|did|should|generate|describe|hi|hello|hey|thanks|"
+    r"name|find|compute|calculate|check|draft|suggest|recommend|compare|define|solve|plan|fix|rewrite|convert|"
+    r"build|design|answer|continue|imagine|pretend|act|let's|lets|say|ask|count|sort|correct|edit|improve|"
+    r"summarise|outline|tell)\b",
     re.IGNORECASE)
 
 

@@ -138,12 +138,22 @@ class GateConfig:
     """Reject an update if the loss on retention probes rises by more than this fraction (0.5 = +50 %)."""
     max_heldout_loss_increase: float = 0.25
     """Reject an update if the loss on held-out examples rises by more than this fraction."""
+    max_example_loss_margin: float = 8.0
+    """Screening: an example whose mean token loss under the live model is more than this many
+    nats above the model's loss on natural text (its retention probes) is noise. On the default
+    model: probes ~1, natural text in English, German or code 1.5–6.5, random tokens 14+.
+    0 turns it off."""
+    min_compression_ratio: float = 0.12
+    """Screening: a target of 200+ bytes that compresses below this share of its size is
+    repetition, not content."""
     num_retention_probes: int = 24
     heldout_examples: int = 32
 
     def __post_init__(self) -> None:
         _check(_num(self.max_retention_loss_increase) and self.max_retention_loss_increase >= 0, "gate.max_retention_loss_increase", "must be ≥ 0")
         _check(_num(self.max_heldout_loss_increase) and self.max_heldout_loss_increase >= 0, "gate.max_heldout_loss_increase", "must be ≥ 0")
+        _check(_num(self.max_example_loss_margin) and self.max_example_loss_margin >= 0, "gate.max_example_loss_margin", "must be ≥ 0")
+        _check(_num(self.min_compression_ratio) and 0 <= self.min_compression_ratio < 1, "gate.min_compression_ratio", "must be in [0, 1)")
         _check(_int(self.num_retention_probes) and 0 <= self.num_retention_probes <= 64, "gate.num_retention_probes", "must be in 0–64")
         _check(_int(self.heldout_examples) and 0 <= self.heldout_examples <= 1024, "gate.heldout_examples", "must be in 0–1024")
 

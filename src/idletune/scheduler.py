@@ -18,6 +18,7 @@ from typing import Callable
 from .activity import ActivityTracker
 from .config import SchedulerConfig
 from .examples import Status
+from .training.screen import screen
 
 log = logging.getLogger("idletune.scheduler")
 
@@ -36,6 +37,7 @@ class TrainingScheduler:
         self.state = "stopped"
         self.training_count = 0
         self.rounds_rejected = 0
+        self.screened_out = 0
         self.last_training_time: float | None = None
         self.last_round: dict | None = None
         self.last_error: str | None = None
@@ -151,10 +153,20 @@ class TrainingScheduler:
 
     def run_round(self, forced: bool = False) -> bool:
         """One round: select, train, gate, publish or discard. Returns False if preempted."""
-        examples = self.batches.select_round(self.queue)
-        if not examples:
-            return True
+        # Noise, repetition and superseded corrections never train; each is marked with why.
+        # Select again until something is left to train (or nothing is pending).
         probes = self.probes()
+        reference = self.weights.reference_loss(self.engine, probes[1::2]) if probes else None
+        while True:
+            examples = self.batches.select_round(self.queue)
+            if not examples:
+                return True
+            examples, refused = screen(examples, self.engine, self.weights.gate, reference)
+            for ex, reason in refused:
+                self.queue.mark_rejected([ex.id], reason)
+            self.screened_out += len(refused)
+            if examples:
+                break
         # Half the probes are replayed (self-distillation), the other half only measure forgetting:
         # measuring on what was replayed would hide it.
         replay_probes, gate_probes = probes[0::2], probes[1::2]
@@ -221,6 +233,7 @@ class TrainingScheduler:
             "paused": self._paused,
             "training_count": self.training_count,
             "rounds_rejected": self.rounds_rejected,
+            "screened_out": self.screened_out,
             "time_since_last_training": (time.time() - self.last_training_time) if self.last_training_time else None,
             "last_round": self.last_round,
             "last_error": self.last_error,

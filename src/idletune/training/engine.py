@@ -255,6 +255,21 @@ class TrainingEngine:
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
+    def example_losses(self, examples: list[TrainingExample], which: str, batch_size: int = 8) -> list[float]:
+        """Each example's mean token loss under the ``live`` or ``candidate`` weights (nan if it has no target)."""
+        items = [encode(e, self.tokenizer, self.config.max_seq_len) for e in examples]
+        out: list[float] = []
+        for i in range(0, len(items), batch_size):
+            with self.lock:
+                self.ws.use("live" if which == LIVE else "candidate")
+                self.model.eval()
+                b = collate(items[i:i + batch_size], self.tokenizer.pad_token_id, self.device)
+                with self._autocast():
+                    s, c = target_token_losses(self.model, b)
+            out += [float(x) / int(n) if int(n) else float("nan") for x, n in zip(s, c)]
+        return out
+
+    @torch.no_grad()
     def evaluate(self, examples: list[TrainingExample], which: str, batch_size: int = 8) -> float:
         """Mean token loss of ``examples`` under the ``live`` or ``candidate`` weights."""
         items = [encode(e, self.tokenizer, self.config.max_seq_len) for e in examples]

@@ -147,6 +147,10 @@ class WeightUpdater:
                 return True
         return False
 
+    def reference_loss(self, engine, probes: list) -> float:
+        """The live weights' loss on natural text (retention probes), cached per version."""
+        return self._baseline("retention", self.version, lambda: engine.evaluate(probes, LIVE))
+
     def _baseline(self, kind: str, version: int, compute) -> float:
         key = (kind, version)
         if key not in self._baselines:
