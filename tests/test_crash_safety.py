@@ -40,6 +40,7 @@ class Traffic:
         self.max_version_served = -1
         self.server_errors: list[str] = []  # 5xx answers (a bug, reported; not a durability failure)
         self.stop = threading.Event()
+        self.quiet = threading.Event()  # set: the clients hold off (an idle gap, so training can finish)
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(f,), daemon=True)
                         for f in (self._chat, self._correct, self._import, self._train)]
@@ -58,6 +59,9 @@ class Traffic:
         i = 0
         with httpx.Client(timeout=20) as client:
             while not self.stop.is_set():
+                if self.quiet.is_set():
+                    time.sleep(0.02)
+                    continue
                 i += 1
                 try:
                     step(client, i)
@@ -134,6 +138,13 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, tiny_model_dir):
         httpx.post(f"{server.url}/api/training/config", json={"enable_background_training": True}).raise_for_status()
         with Traffic(server.url, cycle, rng) as traffic:
             time.sleep(rng.uniform(0.3, 1.8))
+            if cycle % 4 == 3:  # now and then an idle gap, so a publish lands (training yields to any request)
+                traffic.quiet.set()
+                end = time.monotonic() + 30
+                while _live_pointer(data) == pointer_before and time.monotonic() < end:
+                    time.sleep(0.05)
+                traffic.quiet.clear()
+                time.sleep(rng.uniform(0.0, 0.5))
             server.stop(kill=True)  # SIGKILL, mid-whatever
         report["kills"] += 1
         acked_hashes.update(traffic.acked_hashes)

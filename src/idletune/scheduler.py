@@ -192,8 +192,9 @@ class TrainingScheduler:
         if decision.accepted:
             metrics = dict(self.engine.get_latest_metrics() or {}, examples=len(ids), learned=len(result.learned_ids))
             summary["version"] = self.weights.publish(metrics)
-            # Learned examples are done; the rest get another round, up to max_attempts.
-            attempts = self.queue.record_attempt(ids)
+            # Learned examples are done; the rest get another round, up to max_attempts. A round
+            # cut short by its time slice is no attempt: a slow machine must not give up early.
+            attempts = {} if result.preempted else self.queue.record_attempt(ids)
             learned = set(result.learned_ids)
             self.queue.mark_trained([i for i in ids if i in learned or attempts.get(i, 0) >= self.max_attempts])
             self.training_count += 1
