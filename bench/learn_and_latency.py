@@ -92,22 +92,41 @@ def time_to_learn(url: str, timeout: float) -> dict:
 
 
 def latency(url: str, n: int, max_tokens: int, gap: float) -> dict:
-    # A backlog: many pending examples, so the scheduler always has work when allowed.
-    texts = [f"Backlog note {i}: the warehouse in sector {i} stores {i * 7} crates of parts." for i in range(300)]
-    for i in range(0, len(texts), 50):
-        httpx.post(f"{url}/api/import/text", json={"text": "\n\n".join(texts[i:i + 50]), "name": f"backlog-{i}"},
-                   timeout=120)
+    # A backlog: many pending examples, so the scheduler always has work when allowed. Varied
+    # sentences (repetitive text would be screened out before training).
+    import random
+
+    rng = random.Random(0)
+    who = ["The ferry", "A courier", "Our neighbour", "The museum", "A small bakery", "The night train",
+           "Professor Ilse Marr", "The harbour office", "A fox", "The council"]
+    did = ["delivered", "painted", "repaired", "misplaced", "counted", "photographed", "sold", "borrowed"]
+    what = ["seven blue lanterns", "an old violin", "the spare keys", "forty jars of honey", "a broken clock",
+            "the winter timetable", "two maps of the coast", "a crate of pears"]
+    where = ["near the lighthouse", "in Ravensholm", "behind the library", "on the third floor",
+             "before sunrise", "during the storm", "at the market", "outside the station"]
+    texts = [f"{rng.choice(who)} {rng.choice(did)} {rng.choice(what)} {rng.choice(where)} on day {i}."
+             for i in range(400)]
+    for i in range(0, len(texts), 40):
+        r = httpx.post(f"{url}/api/import/text", json={"text": "\n\n".join(texts[i:i + 40]), "name": f"backlog-{i}"},
+                       timeout=120)
+        r.raise_for_status()
+    pending = httpx.get(f"{url}/api/status").json()["queue"]["pending"]
     out = {"off": [], "backlog": []}
     chat(url, PROMPT, 4)  # warm-up
     for i in range(2 * n):
         cond = "off" if i % 2 == 0 else "backlog"
-        httpx.post(f"{url}/api/training/config", json={"enable_background_training": cond == "backlog"})
+        if cond == "off":  # no training at all: pause, and let a round in progress end
+            httpx.post(f"{url}/api/training/pause")
+            while httpx.get(f"{url}/api/status").json()["scheduler"]["is_training_active"]:
+                time.sleep(0.05)
+        else:
+            httpx.post(f"{url}/api/training/resume")
         time.sleep(gap)  # idle gap: with a backlog, training is running when the request arrives
         training = httpx.get(f"{url}/api/status").json()["scheduler"]["is_training_active"]
         r = chat(url, PROMPT, max_tokens)
         r["training_was_active"] = training
         out[cond].append(r)
-    httpx.post(f"{url}/api/training/config", json={"enable_background_training": False})
+    httpx.post(f"{url}/api/training/pause")
 
     def summary(rs):
         per_tok = [(r["total"] - r["ttft"]) / max(1, r["tokens"] - 1) for r in rs]
@@ -122,6 +141,7 @@ def latency(url: str, n: int, max_tokens: int, gap: float) -> dict:
     ratios = {k: bl[k] / off[k] for k in off if k.endswith("_ms")}
     st = httpx.get(f"{url}/api/status").json()
     return {"off": off, "backlog": bl, "ratio_backlog_over_off": ratios, "preemptions": st["scheduler"]["preemptions"],
+            "backlog_pending_at_start": pending, "rounds_published": st["scheduler"]["training_count"],
             "max_tokens": max_tokens, "gap_s": gap}
 
 

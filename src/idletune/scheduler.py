@@ -66,7 +66,7 @@ class TrainingScheduler:
         self.state = "stopped"
 
     def pause(self) -> None:
-        """Stop background training (a round in progress ends at its next step)."""
+        """Stop background training: no new round starts (one in progress finishes)."""
         self._paused = True
         self.state = "paused"
 

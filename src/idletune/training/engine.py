@@ -254,39 +254,43 @@ class TrainingEngine:
             layer.register_forward_hook(fwd_hook)
 
     # ---- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def example_losses(self, examples: list[TrainingExample], which: str, batch_size: int = 8) -> list[float]:
-        """Each example's mean token loss under the ``live`` or ``candidate`` weights (nan if it has no target)."""
+    def _sums(self, examples: list[TrainingExample], which: str, batch_size: int) -> list[tuple[float, int]]:
+        """(summed token loss, target tokens) per example. Each batch runs under the model lock and
+        yields to requests like a training step does: a request that arrives mid-forward
+        preempts it at the next layer, and the batch is redone once the requests are served."""
         items = [encode(e, self.tokenizer, self.config.max_seq_len) for e in examples]
-        out: list[float] = []
+        out: list[tuple[float, int]] = []
         for i in range(0, len(items), batch_size):
-            with self.lock:
-                self.ws.use("live" if which == LIVE else "candidate")
-                self.model.eval()
-                b = collate(items[i:i + batch_size], self.tokenizer.pad_token_id, self.device)
-                with self._autocast():
-                    s, c = target_token_losses(self.model, b)
-            out += [float(x) / int(n) if int(n) else float("nan") for x, n in zip(s, c)]
+            while True:
+                while self.should_yield():
+                    time.sleep(0.005)
+                try:
+                    with self.lock, torch.no_grad():
+                        self._step_thread = threading.get_ident()
+                        try:
+                            self.ws.use("live" if which == LIVE else "candidate")
+                            self.model.eval()
+                            b = collate(items[i:i + batch_size], self.tokenizer.pad_token_id, self.device)
+                            with self._autocast():
+                                s, c = target_token_losses(self.model, b)
+                        finally:
+                            self._step_thread = None
+                    break
+                except Preempted:
+                    continue
+            out += [(float(x), int(n)) for x, n in zip(s, c)]
         return out
 
-    @torch.no_grad()
-    def evaluate(self, examples: list[TrainingExample], which: str, batch_size: int = 8) -> float:
+    def example_losses(self, examples: list[TrainingExample], which: str, batch_size: int = 4) -> list[float]:
+        """Each example's mean token loss under the ``live`` or ``candidate`` weights (nan if it has no target)."""
+        return [s / n if n else float("nan") for s, n in self._sums(examples, which, batch_size)]
+
+    def evaluate(self, examples: list[TrainingExample], which: str, batch_size: int = 4) -> float:
         """Mean token loss of ``examples`` under the ``live`` or ``candidate`` weights."""
-        items = [encode(e, self.tokenizer, self.config.max_seq_len) for e in examples]
-        items = [it for it in items if it.num_target_tokens]
-        if not items:
+        sums = [(s, n) for s, n in self._sums(examples, which, batch_size) if n]
+        if not sums:
             return float("nan")
-        total, count = 0.0, 0
-        for i in range(0, len(items), batch_size):
-            with self.lock:
-                self.ws.use("live" if which == LIVE else "candidate")
-                self.model.eval()
-                b = collate(items[i:i + batch_size], self.tokenizer.pad_token_id, self.device)
-                with self._autocast():
-                    s, c = target_token_losses(self.model, b)
-            total += float(s.sum())
-            count += int(c.sum())
-        return total / max(count, 1)
+        return sum(s for s, _ in sums) / max(1, sum(n for _, n in sums))
 
     # ---- metrics ------------------------------------------------------------------------------
     def _record(self, m: StepMetrics) -> None:
