@@ -100,6 +100,7 @@ class TrainingEngine:
         t0 = time.monotonic()
         items = [encode(e, self.tokenizer, cfg.max_seq_len) for e in examples]
         items = [it for it in items if it.num_target_tokens > 0]
+        items.sort(key=lambda it: len(it.input_ids))  # buckets: batches of neighbours pad little
         rep = [encode(e, self.tokenizer, cfg.max_seq_len) for e in replay]
         loss_of = {it.key: math.inf for it in items}
         goal = {it.key: cfg.target_loss_text if it.kind == "text" else cfg.target_loss for it in items}
