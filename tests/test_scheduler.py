@@ -78,6 +78,10 @@ def test_gate_rejects_and_marks_examples(svc):
     svc.queue.add(pair(5))
     summary = svc.scheduler.force_training(wait=True, timeout=60)
     assert summary["accepted"] is False and "retention" in summary["reason"]
+    assert summary["retrying"] == 1 and svc.engine.lr_scale == 0.5  # kept, retried more gently
+    assert [e.status for e in svc.queue.recent(10)] == ["pending"]
+    for _ in range(2):
+        svc.scheduler.force_training(wait=True, timeout=60)
     rejected = [e for e in svc.queue.recent(10) if e.status == "rejected"]
     assert rejected and "quality gate" in rejected[0].reason
-    assert svc.weights.version == 0 and svc.weights.rejections == 1
+    assert svc.weights.version == 0 and svc.weights.rejections == 3

@@ -192,6 +192,7 @@ class TrainingScheduler:
         if decision.accepted:
             metrics = dict(self.engine.get_latest_metrics() or {}, examples=len(ids), learned=len(result.learned_ids))
             summary["version"] = self.weights.publish(metrics)
+            self.engine.lr_scale = 1.0
             # Learned examples are done; the rest get another round, up to max_attempts. A round
             # cut short by its time slice is no attempt: a slow machine must not give up early.
             attempts = {} if result.preempted else self.queue.record_attempt(ids)
@@ -201,7 +202,13 @@ class TrainingScheduler:
         else:
             self.weights.discard_candidate()
             self.engine.reset_optimizer()
-            self.queue.mark_rejected(ids, f"update rejected by the quality gate: {decision.reason}")
+            # Retry more gently (half the learning rate) before giving up on what the user taught.
+            attempts = self.queue.record_attempt(ids)
+            retry = [i for i in ids if attempts.get(i, 0) < self.max_attempts]
+            self.queue.mark_rejected([i for i in ids if i not in retry],
+                                     f"update rejected by the quality gate: {decision.reason}")
+            self.engine.lr_scale = max(0.125, self.engine.lr_scale / 2)
+            summary["retrying"] = len(retry)
             self.rounds_rejected += 1
         self._maybe_switch_mode(decision)
         summary["mode"] = self.weights.mode

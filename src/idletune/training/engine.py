@@ -82,6 +82,7 @@ class TrainingEngine:
         self._ema: float | None = None
         self._ema_history: deque[float] = deque(maxlen=config.plateau_window + 1)
         self.global_step = 0
+        self.lr_scale = 1.0  # lowered by the scheduler after a rejected round, reset on acceptance
         self.examples_processed = 0
         self._latest: StepMetrics | None = None
         self._step_thread: int | None = None
@@ -183,7 +184,7 @@ class TrainingEngine:
 
     def _lr(self, step: int) -> float:
         cfg = self.config
-        peak = cfg.learning_rate * (cfg.full_learning_rate_factor if self.mode == "full" else 1.0)
+        peak = cfg.learning_rate * self.lr_scale * (cfg.full_learning_rate_factor if self.mode == "full" else 1.0)
         if step < cfg.warmup_steps:
             return peak * (step + 1) / (cfg.warmup_steps + 1)
         span = max(1, cfg.max_steps - cfg.warmup_steps)
