@@ -24,6 +24,7 @@ FULL = [
     ("inference_impact", ["gpu_inference_impact.py"]),
     ("e2e", ["learn_and_latency.py", "--skip-learning", "--requests", "12", "--max-tokens", "64"]),
     ("training", ["gpu_training.py", "--steps", "12"]),
+    ("step_profile", ["gpu_step_profile.py"]),
     ("memory", ["gpu_memory.py"]),
 ]
 QUICK = {
@@ -33,6 +34,7 @@ QUICK = {
     "inference_impact": ["--rounds", "2"],
     "training": ["--shapes", "qwen2.5-0.5b", "--steps", "5"],
     "memory": ["--shapes", "qwen2.5-0.5b"],
+    "step_profile": ["--shapes", "qwen2.5-0.5b", "--steps", "3"],
     "e2e": ["--requests", "4"],
 }
 

@@ -152,3 +152,34 @@ def test_target_only_loss_equals_full_logits_loss(svc):
         fast = target_token_losses(svc.model, b)
     torch.testing.assert_close(fast[0], full[0], rtol=1e-5, atol=1e-4)
     assert torch.equal(fast[1], full[1])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain-adamw", "fused-adamw"])
+def test_a_step_with_a_non_finite_loss_changes_nothing(svc, monkeypatch, fused):
+    """The verdict is taken on the device (fused AdamW's found_inf, as on a GPU) or read on the host."""
+    import idletune.training.engine as E
+
+    real = E.target_token_losses
+    calls = {"n": 0}
+
+    def sometimes_nan(model, batch):
+        calls["n"] += 1
+        s, c = real(model, batch)
+        return (s * float("nan"), c) if calls["n"] == 2 else (s, c)
+
+    monkeypatch.setattr(E, "target_token_losses", sometimes_nan)
+    if fused:
+        params = svc.engine._trainable()
+        svc.engine._optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    svc.engine.config.max_steps = 1
+    svc.engine.train_round([fact()])
+    after_one = adapters.clone_adapter(svc.model, TRAIN)
+    state_steps = [float(s["step"]) for s in svc.engine._optimizer.state.values()]
+    r = svc.engine.train_round([fact()])  # its one step has a NaN loss
+    assert r.skipped_nonfinite == 1 and r.steps == 1
+    for k, t in adapters.adapter_tensors(svc.model, TRAIN).items():
+        assert torch.equal(t, after_one[k]), f"{k} changed by a non-finite step"
+    assert [float(s["step"]) for s in svc.engine._optimizer.state.values()] == state_steps
+    r = svc.engine.train_round([fact()])
+    assert r.skipped_nonfinite == 0 and any(
+        not torch.equal(t, after_one[k]) for k, t in adapters.adapter_tensors(svc.model, TRAIN).items())

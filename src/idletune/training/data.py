@@ -41,16 +41,37 @@ def encode(example: TrainingExample, tokenizer, max_len: int) -> Encoded:
 
 
 def collate(items: list[Encoded], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest item; padding carries no loss and no attention."""
+    """Right-pad to the longest item; padding carries no loss and no attention.
+
+    Besides the padded tensors, the batch carries where its targets are, worked out here on the
+    host: ``target_pos`` (flat indices into the (B, T-1) shifted positions), ``target_row`` and
+    ``target_labels``, and ``target_count`` per row. With them the loss needs no boolean
+    indexing on the device, which would make the host wait for the GPU. ``attention_mask`` is
+    None when no row is padded (the model then takes the fast causal path, with no check of the
+    mask on the device). On a GPU the tensors are copied from pinned memory without blocking.
+    """
     n = max(len(e.input_ids) for e in items)
     ids = torch.full((len(items), n), pad_id, dtype=torch.long)
     labels = torch.full((len(items), n), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(items), n), dtype=torch.long)
+    pos, rows, targets, count = [], [], [], []
     for i, e in enumerate(items):
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
         mask[i, : len(e.input_ids)] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+        hits = [(t - 1, lab) for t, lab in enumerate(e.labels) if t > 0 and lab != IGNORE]
+        pos += [i * (n - 1) + t for t, _ in hits]
+        rows += [i] * len(hits)
+        targets += [lab for _, lab in hits]
+        count.append(len(hits))
+    padded = any(len(e.input_ids) < n for e in items)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask if padded else None,
+             "target_pos": torch.tensor(pos, dtype=torch.long), "target_row": torch.tensor(rows, dtype=torch.long),
+             "target_labels": torch.tensor(targets, dtype=torch.long), "target_count": torch.tensor(count, dtype=torch.long)}
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {k: v if v is None else v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v if v is None else v.to(device) for k, v in batch.items()}
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,28 +91,26 @@ def target_token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     """Like :func:`per_example_loss`, but the output layer runs only on positions that carry a
     loss: prompts and padding never reach the (large) vocabulary projection, which saves its
     compute and the (B, T, V) logits tensor. Falls back to full logits for models that post-process
-    them (logit soft-capping or scaling)."""
+    them (logit soft-capping or scaling). Takes a batch from :func:`collate`."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = lm.config
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) or not hasattr(lm, "get_decoder"):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return per_example_loss(logits, batch["labels"])
     hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    shift_labels = batch["labels"][:, 1:]  # (B, T-1)
-    mask = shift_labels != IGNORE
-    selected = hidden[:, :-1][mask]  # (N, C)
+    selected = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["target_pos"])  # (N, C)
+    labels = batch["target_labels"]  # (N,)
     head = lm.get_output_embeddings()
     frozen = _frozen_head(head) if selected.is_cuda else None
     if frozen is not None:  # on a GPU: no (N, V) logits in memory (see gpu/loss.py)
         from ..gpu.loss import linear_cross_entropy
 
-        tok = linear_cross_entropy(selected, frozen, shift_labels[mask])  # (N,)
+        tok = linear_cross_entropy(selected, frozen, labels)  # (N,)
     else:
         logits = head(selected).float()  # (N, V)
-        tok = torch.nn.functional.cross_entropy(logits, shift_labels[mask], reduction="none")  # (N,)
-    row = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]  # (N,)
-    sums = torch.zeros(mask.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, row, tok)
-    return sums, mask.sum(dim=1)
+        tok = torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # (N,)
+    sums = torch.zeros(hidden.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, batch["target_row"], tok)
+    return sums, batch["target_count"]
 
 
 def _frozen_head(head):

@@ -53,6 +53,19 @@ class RoundResult:
     seconds: float = 0.0
 
 
+@dataclass
+class _Figures:
+    """One step's figures, still on the device until booked."""
+    batch: list
+    sums: torch.Tensor
+    counts: torch.Tensor
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    finite: torch.Tensor
+    lr: float
+    started: float
+
+
 class TrainingEngine:
     """Trains the model's ``candidate`` weights on batches of examples.
 
@@ -85,6 +98,7 @@ class TrainingEngine:
         self.lr_scale = 1.0  # lowered by the scheduler after a rejected round, reset on acceptance
         self.examples_processed = 0
         self._latest: StepMetrics | None = None
+        self._booked_at = 0.0
         self._step_thread: int | None = None
         self._optimizer = None
         self._install_preemption_hooks()
@@ -108,6 +122,30 @@ class TrainingEngine:
         result = RoundResult(example_ids=[e.id for e in examples], learned_ids=[])
         opt = self._get_optimizer()
         bs = batch_size or cfg.batch_size
+        # A step's figures stay on the device; on a GPU they are read one step later, while the
+        # next step runs, so the host never waits for the GPU (on a CPU there is nothing to gain).
+        lag = 1 if self.device.type == "cuda" else 0
+        pending: deque[_Figures] = deque()
+
+        def book(f: _Figures) -> None:  # 4. which examples are learned, metrics
+            sums, counts = f.sums.tolist(), f.counts.tolist()
+            loss, grad_norm, finite = float(f.loss), float(f.grad_norm), bool(f.finite)
+            if not finite:
+                result.skipped_nonfinite += 1
+            for it, s, c in zip(f.batch, sums, counts):
+                if it.key in loss_of and c:
+                    loss_of[it.key] = s / c
+            self._track_plateau(loss)
+            self.global_step += 1
+            result.steps += 1
+            self.examples_processed += len(f.batch)
+            now = time.perf_counter()
+            ntok = sum(len(it.input_ids) for it in f.batch)
+            self._record(StepMetrics(step=self.global_step, loss=loss, learning_rate=f.lr, grad_norm=grad_norm,
+                                     examples_processed=self.examples_processed,
+                                     tokens_per_second=ntok / max(now - max(f.started, self._booked_at), 1e-9),
+                                     mode=self.mode, batch_size=len(f.batch)))
+            self._booked_at = now
 
         for step in range(cfg.max_steps):
             # 1. stop when everything is learned, a request is waiting, or the slice is over
@@ -122,39 +160,30 @@ class TrainingEngine:
             for group in opt.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             batch = self.batches.compose(todo, rep, bs, step)
-            t_step = time.perf_counter()
-            # 3. forward/backward over micro-batches, clip, step — or discard if preempted
+            started = time.perf_counter()
+            # 3. forward/backward over micro-batches, clip, step (skipped if anything is not
+            #    finite) — or discard the partial step if a request preempts it
             try:
                 with self.lock:
                     self._step_thread = threading.get_ident()  # only this thread's passes are preempted
                     try:
                         self._enter_training()
                         sums, counts = self._forward_backward(batch)
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(self._trainable(), cfg.max_grad_norm))
-                        loss = float(sums.sum() / counts.sum().clamp(min=1))
-                        if math.isfinite(loss) and math.isfinite(grad_norm):
-                            opt.step()
-                        else:
-                            result.skipped_nonfinite += 1
+                        grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), cfg.max_grad_norm)
+                        loss = sums.sum() / counts.sum().clamp(min=1)
+                        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+                        self._optimizer_step(opt, finite)
                     finally:
                         opt.zero_grad(set_to_none=True)
                         self._step_thread = None  # before the lock is released
             except Preempted:
                 result.preempted = True
                 break
-            # 4. bookkeeping: which examples are learned, metrics
-            for it, s, c in zip(batch, sums.tolist(), counts.tolist()):
-                if it.key in loss_of and c:
-                    loss_of[it.key] = s / c
-            self._track_plateau(loss)
-            self.global_step += 1
-            result.steps += 1
-            self.examples_processed += len(batch)
-            ntok = sum(len(it.input_ids) for it in batch)
-            self._record(StepMetrics(step=self.global_step, loss=loss, learning_rate=lr, grad_norm=grad_norm,
-                                     examples_processed=self.examples_processed,
-                                     tokens_per_second=ntok / max(time.perf_counter() - t_step, 1e-9),
-                                     mode=self.mode, batch_size=len(batch)))
+            pending.append(_Figures(batch, sums, counts, loss, grad_norm, finite, lr, started))
+            while len(pending) > lag:
+                book(pending.popleft())
+        while pending:
+            book(pending.popleft())
 
         result.final_losses = {k: v for k, v in loss_of.items()}
         result.learned_ids = [k for k, v in loss_of.items() if v <= goal[k]]
@@ -173,9 +202,18 @@ class TrainingEngine:
             with self._autocast():
                 s, c = target_token_losses(self.model, micro)  # (b,), (b,)
             (s.sum() / total_tokens).backward()
-            sums.append(s.detach().float().cpu())
-            counts.append(c.detach().cpu())
+            sums.append(s.detach().float())
+            counts.append(c.detach())
         return torch.cat(sums), torch.cat(counts)
+
+    def _optimizer_step(self, opt, finite: torch.Tensor) -> None:
+        """Step unless the loss or gradient norm is not finite. The fused (GPU) AdamW takes the
+        verdict as a tensor and skips on the device; elsewhere it is read here."""
+        if opt.defaults.get("fused"):
+            opt.found_inf = (~finite).float()
+            opt.step()
+        elif bool(finite):
+            opt.step()
 
     def _autocast(self):
         if self.device.type == "cuda":

@@ -1,0 +1,139 @@
+"""Issue 6, question 3, explained: where a training step's time goes — on the GPU (kernel time)
+or on the host (the GPU waiting for Python to launch the next kernel) — for the plain PEFT loop
+and idletune's engine, and what each engine option moves.
+
+For each loop: wall ms per step, GPU kernel ms per step (torch.profiler, summed kernel
+durations), kernels per step, and "GPU busy" = kernel time / wall time. A loop far below 100 %
+busy is bound by the host, and no faster kernel will help it.
+
+Engine variants: ``default``; ``no_autocast`` (the bf16 model without the autocast context);
+``no_hooks`` (the per-layer preemption hooks removed); ``compiled`` (decoder layers compiled).
+
+Usage: python bench/gpu_step_profile.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b]
+       [--variants default,no_autocast,no_hooks,compiled] [--steps 8]
+"""
+import argparse
+import contextlib
+import threading
+import time
+
+import torch
+from torch.autograd import DeviceType
+
+import gpu_common as C
+import gpu_training as T
+
+
+def profile(run_steps, steps: int) -> dict:
+    """Time ``run_steps(steps)`` (wall) and profile it once more (kernel time, launches, top kernels)."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    done = run_steps(steps)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / done
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        done = run_steps(steps)
+        torch.cuda.synchronize()
+    kern, names = 0.0, {}
+    n = 0
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            d = e.time_range.elapsed_us()
+            kern += d
+            n += 1
+            names[e.name[:60]] = names.get(e.name[:60], 0.0) + d
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:6]
+    return {"wall_ms": 1e3 * wall, "kernel_ms": kern / 1e3 / done, "kernels_per_step": n / done,
+            "busy": kern / 1e3 / done / (1e3 * wall), "top": [(k, round(v / 1e3 / done, 2)) for k, v in top]}
+
+
+def plain(name, steps):
+    from peft import LoraConfig, get_peft_model
+
+    m = C.build(name)
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"],
+                     task_type="CAUSAL_LM")
+    pm = get_peft_model(m, cfg)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    pm.train()
+    x = torch.randint(0, 1000, (T.BS, T.SEQ), device="cuda")
+
+    def run(k):
+        for _ in range(k):
+            pm(input_ids=x, labels=x).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return k
+
+    run(3)
+    r = profile(run, steps)
+    del pm, m, opt
+    torch.cuda.empty_cache()
+    return r
+
+
+def engine(name, variant, steps, tok):
+    from idletune.gpu.training import compile_layers
+    from idletune.training import adapters
+
+    m = C.build(name, tok)
+    pm = C.attach(m)
+    if variant == "compiled":
+        compile_layers(pm)
+    eng = T.make_engine(pm, tok, steps=steps)
+    if variant == "no_autocast":
+        eng._autocast = contextlib.nullcontext
+    if variant == "no_hooks":
+        for layer in adapters.decoder_layers(pm):
+            layer._forward_hooks.clear()
+    examples = T.fixed_batch(tok, chat=False)
+
+    def run(k):
+        eng.config.max_steps = k
+        return eng.train_round(examples).steps
+
+    lo = torch.cuda.Stream(priority=0)
+    with torch.cuda.stream(lo):
+        run(3)  # warm-up: optimizer state, compiling
+        r = profile(run, steps)
+    del eng, pm, m
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", nargs="?")
+    ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b")
+    ap.add_argument("--variants", default="default,no_autocast,no_hooks,compiled")
+    ap.add_argument("--steps", type=int, default=8)
+    a = ap.parse_args()
+    tok = C.load_tokenizer()
+    res = C.header()
+    rows = []
+    for name in a.shapes.split(","):
+        res[name] = {"plain": plain(name, a.steps)}
+        for v in a.variants.split(","):
+            try:
+                res[name][v] = engine(name, v, a.steps, tok)
+            except Exception as e:  # report and go on
+                res[name][v] = {"error": f"{type(e).__name__}: {e}"[:400]}
+        base = res[name]["plain"]["wall_ms"]
+        for v, r in res[name].items():
+            if "error" in r:
+                rows.append([name, v, "error", r["error"][:50], "", "", ""])
+                continue
+            rows.append([name, v, r["wall_ms"], r["kernel_ms"], round(r["kernels_per_step"]), f"{100 * r['busy']:.0f} %",
+                         base / r["wall_ms"]])
+        for v, r in res[name].items():
+            print(name, v, "top kernels (ms/step):", r.get("top"))
+    print(f"step anatomy, {T.BS}×{T.SEQ} tokens, rank 8, bf16 ({res['device']})")
+    C.table(rows, ["shape", "loop", "wall ms/step", "kernel ms/step", "kernels/step", "GPU busy", "× plain"])
+    C.write(res, "gpu_step_profile.json")
+
+
+if __name__ == "__main__":
+    main()
