@@ -71,7 +71,7 @@ def main():
         def one_request(out):
             times.tokens = []
             time.sleep(random.uniform(0.02, 0.08))  # an idle gap: training resumes in it
-            busy = eng._in_step
+            busy = eng._step_thread is not None
             t0 = time.perf_counter()
             c = inf.generate([{"role": "user", "content": "x"}], GenerationParams(max_tokens=a.new))
             tt = times.tokens
@@ -80,6 +80,15 @@ def main():
 
         times.tokens = []
         inf.generate([{"role": "user", "content": "x"}], GenerationParams(max_tokens=a.new))  # warm-up, graphs
+        training.set()  # warm-up of training: optimizer state, and compiling (training.compile = "auto")
+        t0 = time.perf_counter()
+        while stats["steps"] < 3 and time.perf_counter() - t0 < 300:
+            time.sleep(0.05)
+        training.clear()
+        while eng._step_thread is not None:
+            time.sleep(0.01)
+        res["training_warmup_s"] = round(time.perf_counter() - t0, 1)
+        stats.update(steps=0, rounds=0, preempted=0)
         random.seed(0)
         for nc in [int(x) for x in a.clients.split(",")]:
             data = {"off": [], "backlog": []}

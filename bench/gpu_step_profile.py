@@ -6,11 +6,17 @@ For each loop: wall ms per step, GPU kernel ms per step (torch.profiler, summed 
 durations), kernels per step, and "GPU busy" = kernel time / wall time. A loop far below 100 %
 busy is bound by the host, and no faster kernel will help it.
 
-Engine variants: ``default``; ``no_autocast`` (the bf16 model without the autocast context);
-``no_hooks`` (the per-layer preemption hooks removed); ``compiled`` (decoder layers compiled).
+Engine variants: ``default`` (as shipped: on a GPU the decoder layers are compiled for training);
+``eager`` (``training.compile = "off"``); ``no_autocast`` and ``no_hooks`` (eager, without the
+autocast context / without the per-layer preemption hooks); ``compiled_ro`` (compiled with
+``mode="reduce-overhead"``: CUDA graphs per layer).
+
+``--varlen``: the shipped default on batches whose length changes every round (512, 256, 384,
+448, 320, 512 tokens): seconds of each round (the first compiles; the second recompiles with
+dynamic sizes) and the steady step time.
 
 Usage: python bench/gpu_step_profile.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b]
-       [--variants default,no_autocast,no_hooks,compiled] [--steps 8]
+       [--variants default,eager,no_autocast,no_hooks,compiled_ro] [--steps 8] [--varlen]
 """
 import argparse
 import contextlib
@@ -75,13 +81,15 @@ def plain(name, steps):
 
 
 def engine(name, variant, steps, tok):
-    from idletune.gpu.training import compile_layers
+    from idletune.gpu.training import compile_layers, wanted
     from idletune.training import adapters
 
     m = C.build(name, tok)
     pm = C.attach(m)
-    if variant == "compiled":
+    if variant == "default" and wanted("auto", pm):
         compile_layers(pm)
+    if variant == "compiled_ro":
+        compile_layers(pm, mode="reduce-overhead")
     eng = T.make_engine(pm, tok, steps=steps)
     if variant == "no_autocast":
         eng._autocast = contextlib.nullcontext
@@ -104,12 +112,50 @@ def engine(name, variant, steps, tok):
     return r
 
 
+def varlen(name, tok, lengths=(512, 256, 384, 448, 320, 512), steps=4):
+    """Round seconds on batches of changing length, with the shipped compile setting."""
+    import idletune.training.engine as E
+    from idletune.examples import TrainingExample
+    from idletune.gpu.training import compile_layers, wanted
+    from idletune.training.data import IGNORE, Encoded
+
+    m = C.build(name, tok)
+    pm = C.attach(m)
+    if wanted("auto", pm):
+        compile_layers(pm)
+    eng = T.make_engine(pm, tok, steps=steps)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    lo = torch.cuda.Stream(priority=0)
+    for L in lengths:
+        items, examples = {}, []
+        for i in range(T.BS):
+            ids = torch.randint(100, len(tok) - 1, (L,), generator=g).tolist()
+            ex = TrainingExample.from_text(f"varlen {L} {i}")
+            ex.id = 1000 * L + i
+            items[ex.id] = Encoded(ex.id, ids, [IGNORE] + ids[1:], "text")
+            examples.append(ex)
+        E.encode = lambda e, tokenizer, max_len, _items=items: _items.get(e.id)
+        with torch.cuda.stream(lo):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            r = eng.train_round(examples)
+            torch.cuda.synchronize()
+        out.append({"len": L, "seconds": time.perf_counter() - t, "steps": r.steps,
+                    "ms_per_token_step": 1e3 * (time.perf_counter() - t) / r.steps / (T.BS * L)})
+    del eng, pm, m
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?")
     ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b")
-    ap.add_argument("--variants", default="default,no_autocast,no_hooks,compiled")
+    ap.add_argument("--variants", default="default,eager,no_autocast,no_hooks,compiled_ro")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--varlen", action="store_true")
     a = ap.parse_args()
     tok = C.load_tokenizer()
     res = C.header()
@@ -130,6 +176,10 @@ def main():
                          base / r["wall_ms"]])
         for v, r in res[name].items():
             print(name, v, "top kernels (ms/step):", r.get("top"))
+        if a.varlen:
+            res[name]["varlen"] = vl = varlen(name, tok)
+            print(name, "varlen rounds (len: s for", vl[0]["steps"], "steps):",
+                  ", ".join(f"{x['len']}: {x['seconds']:.1f}" for x in vl))
     print(f"step anatomy, {T.BS}×{T.SEQ} tokens, rank 8, bf16 ({res['device']})")
     C.table(rows, ["shape", "loop", "wall ms/step", "kernel ms/step", "kernels/step", "GPU busy", "× plain"])
     C.write(res, "gpu_step_profile.json")

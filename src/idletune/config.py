@@ -87,6 +87,10 @@ class TrainingConfig:
     """Hybrid: steps over which the loss EMA must improve by plateau_min_delta, or it has plateaued."""
     plateau_min_delta: float = 0.01
     gradient_checkpointing: bool = False
+    compile: str = "auto"
+    """Compile the decoder layers for training steps with torch.compile: "auto" (on a CUDA GPU),
+    "on" or "off". The first step compiles (tens of seconds, once per process), then steps run
+    up to 1.6× faster; evaluation and chat never use the compiled layers."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -106,6 +110,7 @@ class TrainingConfig:
         _check(_int(self.replay_examples) and 0 <= self.replay_examples <= 16, "training.replay_examples", "must be in 0–16")
         _check(_num(self.full_learning_rate_factor) and 0 < self.full_learning_rate_factor <= 1, "training.full_learning_rate_factor", "must be in (0, 1]")
         _check(_int(self.plateau_window) and self.plateau_window >= 2, "training.plateau_window", "must be ≥ 2")
+        _check(self.compile in ("auto", "on", "off"), "training.compile", f"must be auto, on or off, got {self.compile!r}")
 
 
 @dataclass

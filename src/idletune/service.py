@@ -89,6 +89,7 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     engine = TrainingEngine(peft_model, tokenizer, config.training, lock=lock, should_yield=activity.should_yield,
                             metrics_path=data_dir / "metrics.jsonl", batch_manager=batches, weights=weights.ws)
     weights.on_mode_change.append(engine.set_weights)
+    _compile_training(config, peft_model)
     restored = weights.restore_at_start()
     for problem in weights.problems:
         log.warning(problem)
@@ -106,6 +107,14 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     if start_scheduler:
         svc.scheduler.start()
     return svc
+
+
+def _compile_training(config: Config, model) -> None:
+    from .gpu.training import compile_layers, wanted
+
+    if wanted(config.training.compile, model):
+        n = compile_layers(model)
+        log.info("training: %d decoder layers compiled for training steps (the first step compiles)", n)
 
 
 def _gpu_path(svc: Service) -> None:

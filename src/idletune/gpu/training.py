@@ -1,22 +1,61 @@
-"""Training-side GPU options: compiling the decoder layers.
+"""Training-side GPU option: compiling the decoder layers for training steps.
 
-``torch.compile`` fuses each layer's element-wise work (norms, rotary, SiLU·up, dropout, the
-LoRA additions) into a few kernels. Only the layers' ``forward`` is compiled, so the
-preemption hooks around each layer stay in eager Python and can still stop a step.
-Opt-in (``IDLETUNE_COMPILE=1``): the first step of each new shape compiles for tens of seconds.
+On a GPU a LoRA step spends most of its time in element-wise work (norms, rotary, SiLU·up, the
+adapters' dropout, casts and additions: measured 28 of 121 ms of kernels per step at the 1.5B
+shape) and in launching ~6000 small kernels from Python. ``torch.compile`` fuses each layer's
+element-wise work into a few Triton kernels: half the launches, a third less kernel time
+(docs/BENCHMARKS.md). Only the layers' ``forward`` is compiled, so the preemption hooks around
+each layer stay in eager Python and can still stop a step.
+
+The compiled forward runs only for training passes (module in train mode, gradients on).
+Evaluation and any inference through the Hugging Face forward stay eager, so a request never
+waits for a compilation. Shapes: the first batch compiles for its shape; the first batch of
+another length recompiles once with dynamic sizes, which then serve every length.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger("idletune.gpu")
 
 
 def compile_layers(model, **kwargs) -> int:
-    """Compile every decoder layer's forward in place. Returns how many layers."""
+    """Compile every decoder layer's forward for training passes. Returns how many layers."""
     from ..training.adapters import decoder_layers
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     layers = decoder_layers(model)
     for layer in layers:
-        if not hasattr(layer.forward, "_torchdynamo_orig_callable"):
-            layer.forward = torch.compile(layer.forward, **kwargs)
+        if getattr(layer.forward, "_idletune_compiled", False):
+            continue
+        eager = layer.forward
+        compiled = torch.compile(eager, **kwargs)
+
+        def forward(*args, _eager=eager, _compiled=compiled, _layer=layer, **kw):
+            if _layer.training and torch.is_grad_enabled():
+                return _compiled(*args, **kw)
+            return _eager(*args, **kw)
+
+        forward._idletune_compiled = True
+        layer.forward = forward
     return len(layers)
+
+
+def wanted(setting: str, model) -> bool:
+    """Whether ``training.compile`` ("auto", "on", "off") asks to compile for this model.
+    "auto" compiles on a CUDA device when Triton (torch.compile's GPU backend) is there."""
+    if setting == "off":
+        return False
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if setting == "on":
+        return True
+    if not on_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        log.info("training.compile=auto: triton is not installed, training layers stay eager")
+        return False
+    return True
