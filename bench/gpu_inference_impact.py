@@ -61,7 +61,7 @@ def main():
                 if not training.is_set() or svc.activity.should_yield():
                     time.sleep(0.0002)
                     continue
-                r = eng.train_round(examples, batch_size=8)
+                r = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 0.5)  # short rounds: "off" starts clean
                 stats["steps"] += r.steps
                 stats["rounds"] += 1
                 stats["preempted"] += int(r.preempted)
@@ -96,7 +96,7 @@ def main():
             for rnd in range(a.rounds):
                 for cond in (("off", "backlog") if rnd % 2 == 0 else ("backlog", "off")):
                     (training.set if cond == "backlog" else training.clear)()
-                    time.sleep(0.1)
+                    time.sleep(0.7)  # a round in flight (≤ 0.5 s) ends before "off" is measured
                     out = data[cond]
 
                     def client():
