@@ -25,6 +25,9 @@ from .adapters import LIVE, TRAIN
 from .data import Encoded, collate, encode, target_token_losses
 
 
+QUEUED_LAYERS = 3  # on a GPU: most layers of training work queued ahead of a request
+
+
 class Preempted(Exception):
     """A request arrived while a training step was running."""
 
@@ -100,6 +103,8 @@ class TrainingEngine:
         self._latest: StepMetrics | None = None
         self._booked_at = 0.0
         self._step_thread: int | None = None
+        self._step_stream = None  # the CUDA stream of the step in progress
+        self._queued: deque = deque()  # CUDA events, one per layer boundary of the current step
         self._optimizer = None
         self._install_preemption_hooks()
         if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -166,6 +171,7 @@ class TrainingEngine:
             try:
                 with self.lock:
                     self._step_thread = threading.get_ident()  # only this thread's passes are preempted
+                    self._step_stream = torch.cuda.current_stream() if self.device.type == "cuda" else None
                     try:
                         self._enter_training()
                         sums, counts = self._forward_backward(batch)
@@ -175,7 +181,8 @@ class TrainingEngine:
                         self._optimizer_step(opt, finite)
                     finally:
                         opt.zero_grad(set_to_none=True)
-                        self._step_thread = None  # before the lock is released
+                        self._step_thread = self._step_stream = None  # before the lock is released
+                        self._queued.clear()
             except Preempted:
                 result.preempted = True
                 break
@@ -275,16 +282,33 @@ class TrainingEngine:
 
     # ---- preemption at layer boundaries -------------------------------------------------------
     def _install_preemption_hooks(self) -> None:
-        def check() -> None:
-            if self._step_thread == threading.get_ident() and self.should_yield():
+        """At every decoder layer, in the forward and (through a gradient hook) in the backward
+        pass of a training step: stop if a request waits, and on a GPU keep at most
+        ``QUEUED_LAYERS`` layers of this step's work queued on the device, so that a request
+        finds little training work ahead of it (the host otherwise runs a whole step ahead)."""
+        def fwd_check() -> None:
+            # Only the training thread's own passes: a request's forward runs these hooks too.
+            if self._step_thread == threading.get_ident():
+                boundary()
+
+        def boundary() -> None:
+            if self.should_yield():
                 raise Preempted()
+            if self._step_stream is not None:
+                ev = torch.cuda.Event()
+                ev.record(self._step_stream)
+                self._queued.append(ev)
+                if len(self._queued) > QUEUED_LAYERS:
+                    self._queued.popleft().synchronize()  # waits in this thread only, without the GIL
 
         def grad_hook(grad):
-            check()
+            # Backward runs only in training steps, and on a GPU in autograd's device thread.
+            if self._step_thread is not None:
+                boundary()
             return grad
 
         def fwd_hook(module, args, output):
-            check()
+            fwd_check()
             hidden = output[0] if isinstance(output, (tuple, list)) else output
             if torch.is_tensor(hidden) and hidden.requires_grad:
                 hidden.register_hook(grad_hook)  # fires during backward through this layer
