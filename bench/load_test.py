@@ -176,9 +176,14 @@ def main() -> int:
             t_start = time.monotonic()
             for t in threads:
                 t.start()
+            rss_series = []  # (seconds into the run, MB) every 30 s: is memory flat once training has run?
             while time.monotonic() - t_start < args.duration:
                 time.sleep(2)
-                rss_peak = max(rss_peak, ps.memory_info().rss)
+                rss = ps.memory_info().rss
+                rss_peak = max(rss_peak, rss)
+                el = time.monotonic() - t_start
+                if not rss_series or el - rss_series[-1][0] >= 30:
+                    rss_series.append((round(el), round(rss / 2**20)))
             load.stop.set()
             for t in threads:
                 t.join(900)
@@ -211,11 +216,14 @@ def main() -> int:
                    "max": pct(load.ttft, 100)},
         "total_s": {"p50": pct(load.total, 50), "p90": pct(load.total, 90), "p99": pct(load.total, 99),
                     "max": pct(load.total, 100), "mean": round(statistics.mean(load.total), 3) if load.total else None},
-        "rss_mb": {"start": round(rss_start / 2**20), "end": round(rss_end / 2**20), "peak": round(rss_peak / 2**20)},
+        "rss_mb": {"start": round(rss_start / 2**20), "end": round(rss_end / 2**20), "peak": round(rss_peak / 2**20),
+                   "every_30_s": rss_series},
         "training": {"rounds_accepted": sched1["training_count"] - sched0["training_count"],
                      "rounds_rejected": sched1["rounds_rejected"] - sched0["rounds_rejected"],
                      "steps_at_end": (st1.get("training") or {}).get("step"),
                      "preemptions": sched1.get("preemptions"), "live_version": st1["live_version"],
+                     "rounds_under_load_minimum_share": sched1.get("starved_rounds", 0) - sched0.get("starved_rounds", 0),
+                     "last_round": sched1.get("last_round"),
                      "queue_pending_at_end": st1["queue"]["pending"]},
         "deadlock_check": {"threads_stuck": stuck, "final_request_status": final.status_code,
                            "final_request_and_status_s": round(after, 2),

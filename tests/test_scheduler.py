@@ -71,6 +71,29 @@ def test_no_training_while_requests_are_in_flight(svc):
     assert wait_for(lambda: svc.weights.version == 1)
 
 
+def test_sustained_load_still_gets_its_minimum_training_share(svc):
+    """Requests always in flight (no idle gap ever): after starved_after_ms, one round runs
+    between them anyway, capped at min_training_share of the wait; with a share of 0, never."""
+    svc.scheduler.update_config(min_training_share=0.0, starved_after_ms=1000)
+    with svc.activity.request():
+        svc.queue.add(pair(5))
+        time.sleep(2.0)
+        assert svc.weights.version == 0 and svc.scheduler.get_stats()["starved_rounds"] == 0
+        svc.scheduler.update_config(min_training_share=0.5)
+        assert wait_for(lambda: svc.weights.version == 1, timeout=30), svc.scheduler.get_stats()
+        assert svc.activity.should_yield(), "the turn is over: training yields to requests again"
+        st = svc.scheduler.get_stats()
+        assert st["starved_rounds"] == 1 and st["last_round"]["accepted"]
+        assert svc.queue.get_stats()["by_status"]["trained"] == 1
+
+
+def test_minimum_share_is_validated():
+    from idletune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="scheduler.min_training_share.*0–0.5"):
+        Config.load(None, {"scheduler.min_training_share": 0.9})
+
+
 def test_gate_rejects_and_marks_examples(svc):
     svc.scheduler.pause()
     svc.config.gate.max_retention_loss_increase = 0.0  # nothing may change: any update is rejected

@@ -17,6 +17,7 @@ class ActivityTracker:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._last_activity = time.monotonic()
+        self._turn = False
         self.preemptions = 0
 
     @contextmanager
@@ -36,8 +37,19 @@ class ActivityTracker:
         return self._in_flight
 
     def should_yield(self) -> bool:
-        """True while any request is in flight (read without a lock: a plain int read is atomic)."""
-        return self._in_flight > 0
+        """True while any request is in flight (read without a lock: a plain int read is atomic),
+        except during a training turn granted under sustained load."""
+        return self._in_flight > 0 and not self._turn
+
+    @contextmanager
+    def training_turn(self) -> Iterator[None]:
+        """Training does not yield to requests inside this block (the scheduler's minimum
+        training share): requests wait for the model between its steps instead."""
+        self._turn = True
+        try:
+            yield
+        finally:
+            self._turn = False
 
     def idle_for(self) -> float:
         """Seconds since the last request ended (0 while one is in flight)."""

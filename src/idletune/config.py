@@ -127,6 +127,12 @@ class SchedulerConfig:
     """Do not start training while other processes use more than this share of the CPU (percent)."""
     pause_on_inference: bool = True
     """Preempt a running training step (at the next layer boundary) when a request arrives."""
+    min_training_share: float = 0.05
+    """Under load that leaves no idle gap for ``starved_after_ms``, training still takes this
+    share of the time (0–0.5): one round between requests, its training capped at this share
+    of the time it waited, without yielding to requests. 0: train only in idle gaps."""
+    starved_after_ms: int = 120_000
+    """How long examples may wait with no idle gap before the minimum share applies."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.enable_background_training, bool), "scheduler.enable_background_training", "must be true or false")
@@ -135,6 +141,9 @@ class SchedulerConfig:
         _check(_int(self.check_interval_ms) and 10 <= self.check_interval_ms <= 60_000, "scheduler.check_interval_ms", "must be in 10–60000")
         _check(_num(self.max_cpu_usage) and 0 < self.max_cpu_usage <= 100, "scheduler.max_cpu_usage", "must be in (0, 100]")
         _check(isinstance(self.pause_on_inference, bool), "scheduler.pause_on_inference", "must be true or false")
+        _check(_num(self.min_training_share) and 0 <= self.min_training_share <= 0.5, "scheduler.min_training_share",
+               f"must be in 0–0.5, got {self.min_training_share!r}")
+        _check(_int(self.starved_after_ms) and self.starved_after_ms >= 1000, "scheduler.starved_after_ms", "must be ≥ 1000")
 
 
 @dataclass

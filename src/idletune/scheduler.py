@@ -48,6 +48,8 @@ class TrainingScheduler:
         self._round_done = threading.Condition()
         self._thread: threading.Thread | None = None
         self._busy = False
+        self._last_chance = time.monotonic()  # when training last could run (idle, or nothing to do)
+        self.starved_rounds = 0
 
     # ---- control --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -112,13 +114,17 @@ class TrainingScheduler:
             if self._stop.is_set():
                 break
             forced = self._force.is_set()
-            if not forced and not self._due():
+            starved = not forced and self._starved()
+            if not forced and not starved and not self._due():
                 continue
-            if self.activity.should_yield():
+            if self.activity.should_yield() and not starved:
                 continue  # a request is being served; forced training waits for it too
             self._busy = True
             try:
-                finished = self.run_round(forced=forced)
+                if starved:
+                    finished = self._share_round()
+                else:
+                    finished = self.run_round(forced=forced)
             except Exception as e:  # keep serving; report the failure in the status
                 log.exception("training round failed")
                 self.last_error = f"{type(e).__name__}: {e}"
@@ -127,6 +133,8 @@ class TrainingScheduler:
                 self._busy = False
             if forced and (finished or self.queue.pending_count() == 0):
                 self._force.clear()
+            if finished:
+                self._last_chance = time.monotonic()
             with self._round_done:
                 self._round_done.notify_all()
             if not self._paused and self.state != "stopped":
@@ -142,6 +150,26 @@ class TrainingScheduler:
             return False
         return self._cpu_free()
 
+    def _starved(self) -> bool:
+        """Examples have waited ``starved_after_ms`` without an idle gap to train in."""
+        c = self.config
+        now = time.monotonic()
+        if (self._paused or not c.enable_background_training or c.min_training_share <= 0
+                or self.activity.idle_for() * 1000 >= c.min_idle_time_ms or self.queue.pending_count() == 0):
+            self._last_chance = now
+            return False
+        return now - self._last_chance >= c.starved_after_ms / 1000
+
+    def _share_round(self) -> bool:
+        """A round under sustained load: it takes the model between requests, trains for
+        ``min_training_share`` of the time it waited, and is gated like any other round."""
+        waited = time.monotonic() - self._last_chance
+        budget_ms = max(1000, min(self.config.max_idle_time_ms, int(1000 * self.config.min_training_share * waited)))
+        log.info("training starved for %.0f s under load: a %.1f s turn between requests", waited, budget_ms / 1000)
+        self.starved_rounds += 1
+        with self.activity.training_turn():
+            return self.run_round(slice_ms=budget_ms)
+
     def _cpu_free(self) -> bool:
         try:
             import psutil
@@ -151,7 +179,7 @@ class TrainingScheduler:
         except Exception:
             return True
 
-    def run_round(self, forced: bool = False) -> bool:
+    def run_round(self, forced: bool = False, slice_ms: int | None = None) -> bool:
         """One round: select, train, gate, publish or discard. Returns False if preempted."""
         # Noise, repetition and superseded corrections never train; each is marked with why.
         # Select again until something is left to train (or nothing is pending).
@@ -173,7 +201,7 @@ class TrainingScheduler:
         self.state = "training"
         replay = self.batches.replay(self.queue, replay_probes)
         bs = self.batches.batch_size(self.activity.idle_for())
-        deadline = time.monotonic() + self.config.max_idle_time_ms / 1000
+        deadline = time.monotonic() + (slice_ms or self.config.max_idle_time_ms) / 1000
         result = self.engine.train_round(examples, replay, batch_size=bs, deadline=deadline)
         if result.preempted and self.activity.should_yield():
             self.activity.preemptions += 1
@@ -246,5 +274,6 @@ class TrainingScheduler:
             "last_round": self.last_round,
             "last_error": self.last_error,
             "preemptions": self.activity.preemptions,
+            "starved_rounds": self.starved_rounds,
             "config": dataclasses.asdict(self.config),
         }

@@ -83,3 +83,5 @@ class SchedulerUpdate(BaseModel):
     check_interval_ms: int | None = None
     max_cpu_usage: float | None = None
     pause_on_inference: bool | None = None
+    min_training_share: float | None = None
+    starved_after_ms: int | None = None
