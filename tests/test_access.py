@@ -37,7 +37,8 @@ def keyed(tmp_path_factory, tiny_model_dir):
     s = KeyedServer(tmp_path_factory.mktemp("access") / "data", tiny_model_dir,
                     ["--set", "scheduler.enable_background_training=false",
                        "--set", "server.max_body_bytes=4096",
-                       "--set", 'server.cors_origins=["http://allowed.example"]'])
+                       "--set", 'server.cors_origins=["http://allowed.example"]',
+                       "--set", 'server.allowed_hosts=["proxy.example"]'])
     s.start()
     yield s
     s.stop()
@@ -222,3 +223,18 @@ def test_web_page_works_with_a_key(keyed):
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_dns_rebinding_requests_are_refused_by_host(keyed):
+    """A page at evil.example re-pointed at 127.0.0.1 is same-origin with itself; its Host header
+    gives it away. Loopback names and configured names pass."""
+    port = keyed.url.rsplit(":", 1)[1]
+    evil = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+    for path in ("/api/status", "/"):
+        r = httpx.get(keyed.url + path, headers={**AUTH, **evil})
+        assert r.status_code == 421, (path, r.status_code)
+        assert "server.allowed_hosts" in r.json()["error"]["message"]
+    assert httpx.post(f"{keyed.url}/api/training/pause", headers={**AUTH, **evil}).status_code == 421
+    assert httpx.get(f"{keyed.url}/api/status", headers=AUTH).json()["scheduler"]["paused"] is False
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "proxy.example", f"PROXY.example:{port}"):
+        assert httpx.get(f"{keyed.url}/api/status", headers={**AUTH, "Host": host}).status_code == 200, host

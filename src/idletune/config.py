@@ -193,6 +193,10 @@ class ServerConfig:
     anyone who can reach the port can then use, teach and roll back the model. Logged loudly."""
     cors_origins: list[str] = field(default_factory=list)
     """Web origins (``https://host:port``) whose pages may call the API; empty = none (CORS off)."""
+    allowed_hosts: list[str] = field(default_factory=list)
+    """Names the server may be addressed by (the ``Host`` header), besides loopback ones when it
+    is bound to loopback; a request naming another host gets 421 (against DNS rebinding). On a
+    non-loopback address, empty = any name."""
 
     def __post_init__(self) -> None:
         _check(self.api_key is None or (isinstance(self.api_key, str) and len(self.api_key) >= 8
@@ -203,6 +207,9 @@ class ServerConfig:
                                                            for o in self.cors_origins),
                "server.cors_origins", "must be a list of origins like \"https://example.org\" (or \"*\")")
         _check(isinstance(self.host, str) and self.host.strip() != "", "server.host", f"must be an address, got {self.host!r}")
+        _check(isinstance(self.allowed_hosts, list) and all(isinstance(h, str) and h.strip() and "/" not in h
+                                                            for h in self.allowed_hosts),
+               "server.allowed_hosts", "must be a list of host names or addresses (no scheme, no port)")
         _check(isinstance(self.import_allow_hosts, list) and all(isinstance(h, str) for h in self.import_allow_hosts),
                "server.import_allow_hosts", "must be a list of host names or networks")
         _check(_int(self.max_upload_bytes) and self.max_upload_bytes >= 1024, "server.max_upload_bytes", "must be ≥ 1024")

@@ -8,6 +8,11 @@
 - A browser request from another origin (its ``Origin`` header names another host) is refused
   with 403 unless the origin is listed in ``server.cors_origins``: a web page the user happens
   to visit cannot drive a local server (teach it, roll it back, import) behind the user's back.
+- DNS rebinding: a page at ``evil.example`` whose name is re-pointed at 127.0.0.1 is
+  same-origin with itself, so the Origin check passes; but its requests name
+  ``evil.example`` in their ``Host`` header. A server bound to loopback answers only requests
+  addressed to a loopback name or address (or a name in ``server.allowed_hosts``); on another
+  address, ``server.allowed_hosts`` (when set) limits the names the same way.
 """
 from __future__ import annotations
 
@@ -63,19 +68,23 @@ def _json(status: int, body: dict, extra_headers: list[tuple[bytes, bytes]] = ()
 class AccessControl:
     """ASGI middleware: the same-origin check, then the Bearer key (when one is configured)."""
 
-    def __init__(self, app, api_key: str | None = None, cors_origins: list[str] | None = None):
+    def __init__(self, app, api_key: str | None = None, cors_origins: list[str] | None = None,
+                 allowed_hosts: list[str] | None = None, loopback_only: bool = False):
         self.app = app
         self._key = api_key.encode() if api_key else None
         self._origins = {o.rstrip("/").lower() for o in (cors_origins or [])}
+        self._hosts = {_host_name(h) for h in (allowed_hosts or [])}
+        self._loopback_only = loopback_only
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
-            return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        problem = self._problem(headers)
+        problem = self._host_problem(headers.get("host"))
+        if problem is None and (path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)):
+            return await self.app(scope, receive, send)
+        problem = problem or self._problem(headers)
         if problem is None:
             return await self.app(scope, receive, send)
         status, message, code = problem
@@ -86,6 +95,15 @@ class AccessControl:
             return
         await send(start)
         await send(body)
+
+    def _host_problem(self, host: str | None) -> tuple[int, str, str] | None:
+        if host is None or not (self._loopback_only or self._hosts):
+            return None  # no Host header (HTTP/1.0, never a browser), or no limit configured
+        name = _host_name(host)
+        if name in self._hosts or (self._loopback_only and is_loopback(name)):
+            return None
+        return (421, f"this server is not reachable by the name {host[:200]!r} (Host header); if that name is "
+                     "yours (a reverse proxy, a local DNS name), add it to server.allowed_hosts", "host_not_allowed")
 
     def _problem(self, headers: dict[str, str]) -> tuple[int, str, str] | None:
         origin = headers.get("origin")
@@ -111,11 +129,20 @@ class AccessControl:
         return bool(netloc) and netloc == host.lower()
 
 
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port: ``[::1]:8000`` → ``::1``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host[1:]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def install(app, config: ServerConfig) -> None:
     """Add access control (and CORS when origins are configured) around ``app``.
 
     Call after every other middleware is added: the last one added runs first."""
-    app.add_middleware(AccessControl, api_key=config.api_key, cors_origins=config.cors_origins)
+    app.add_middleware(AccessControl, api_key=config.api_key, cors_origins=config.cors_origins,
+                       allowed_hosts=config.allowed_hosts, loopback_only=is_loopback(config.host))
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
