@@ -22,6 +22,18 @@ import gpu_common as C
 from gpu_training import fixed_batch
 
 
+def sm_clock() -> int | None:
+    """The GPU's current SM clock (MHz) through NVML, if available: an idle GPU clocks down."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetClockInfo(pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device()),
+                                             pynvml.NVML_CLOCK_SM)
+    except Exception:
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?")
@@ -68,15 +80,17 @@ def main():
         th = threading.Thread(target=trainer, daemon=True)
         th.start()
 
-        def one_request(out):
+        def one_request(out, first=False):
             times.tokens = []
             time.sleep(random.uniform(0.02, 0.08))  # an idle gap: training resumes in it
             busy = eng._step_thread is not None
+            clock = sm_clock()
             t0 = time.perf_counter()
             c = inf.generate([{"role": "user", "content": "x"}], GenerationParams(max_tokens=a.new))
             tt = times.tokens
             out.append({"ttft": tt[0] - t0, "gaps": [b - x for x, b in zip(tt, tt[1:])], "total": time.perf_counter() - t0,
-                        "n": c.completion_tokens, "training_in_step_at_arrival": busy})
+                        "n": c.completion_tokens, "training_in_step_at_arrival": busy,
+                        "first_of_block": first, "gpu_clock_mhz_before": clock})
 
         times.tokens = []
         inf.generate([{"role": "user", "content": "x"}], GenerationParams(max_tokens=a.new))  # warm-up, graphs
@@ -100,8 +114,8 @@ def main():
                     out = data[cond]
 
                     def client():
-                        for _ in range(per_client):
-                            one_request(out)
+                        for j in range(per_client):
+                            one_request(out, first=j == 0)
                     ts = [threading.Thread(target=client) for _ in range(nc)]
                     [t.start() for t in ts]
                     [t.join() for t in ts]
@@ -114,7 +128,12 @@ def main():
                         "token_p50_ms": 1e3 * C.med(gaps), "token_p99_ms": 1e3 * C.pct(gaps, 99),
                         "total_p99_ms": 1e3 * C.pct([r["total"] for r in rs], 99),
                         "decode_tok_s": sum(len(r["gaps"]) for r in rs) / sum(sum(r["gaps"]) for r in rs),
-                        "training_in_step_at_arrival": sum(r["training_in_step_at_arrival"] for r in rs)}
+                        "training_in_step_at_arrival": sum(r["training_in_step_at_arrival"] for r in rs),
+                        # the first request after the 0.7 s pause that separates conditions vs the rest
+                        "ttft_p99_ms_first_of_block": 1e3 * C.pct([r["ttft"] for r in rs if r["first_of_block"]], 99),
+                        "ttft_p99_ms_others": 1e3 * C.pct([r["ttft"] for r in rs if not r["first_of_block"]], 99),
+                        "ttft_p50_ms_others": 1e3 * C.med([r["ttft"] for r in rs if not r["first_of_block"]]),
+                        "sm_clock_mhz_before_p50": C.med([r["gpu_clock_mhz_before"] for r in rs if r["gpu_clock_mhz_before"]])}
             off, bl = summary(data["off"]), summary(data["backlog"])
             res[f"clients_{nc}"] = {"off": off, "backlog": bl,
                                     "added_ttft_p99_ms": bl["ttft_p99_ms"] - off["ttft_p99_ms"],
@@ -137,6 +156,13 @@ def main():
     print(f"chat with training off vs full backlog, {a.shape}, 256 prompt + {a.new} new ({res['device']}); "
           f"training: {res['training']}")
     C.table(rows, ["clients", "condition", "n", "TTFT p50", "TTFT p99", "token p50", "token p99", "decode tok/s", "arrived mid-step"])
+    for nc in a.clients.split(","):
+        r = res[f"clients_{nc}"]
+        print(f"{nc} client(s): TTFT p99 first-of-block off/backlog "
+              f"{r['off']['ttft_p99_ms_first_of_block']:.1f}/{r['backlog']['ttft_p99_ms_first_of_block']:.1f} ms, "
+              f"others p50 {r['off']['ttft_p50_ms_others']:.1f}/{r['backlog']['ttft_p50_ms_others']:.1f}, "
+              f"p99 {r['off']['ttft_p99_ms_others']:.1f}/{r['backlog']['ttft_p99_ms_others']:.1f} ms; "
+              f"SM clock before p50 {r['off']['sm_clock_mhz_before_p50']}/{r['backlog']['sm_clock_mhz_before_p50']} MHz")
     C.write(res, "gpu_inference_impact.json")
 
 

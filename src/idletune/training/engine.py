@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import deque
 import threading
 import time
@@ -105,6 +106,7 @@ class TrainingEngine:
         self._step_thread: int | None = None
         self._step_stream = None  # the CUDA stream of the step in progress
         self._queued: deque = deque()  # CUDA events, one per layer boundary of the current step
+        self.queued_layers = int(os.environ.get("IDLETUNE_TRAIN_QUEUE_LAYERS", QUEUED_LAYERS))
         self._optimizer = None
         self._install_preemption_hooks()
         if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -298,7 +300,7 @@ class TrainingEngine:
                 ev = torch.cuda.Event()
                 ev.record(self._step_stream)
                 self._queued.append(ev)
-                if len(self._queued) > QUEUED_LAYERS:
+                if len(self._queued) > self.queued_layers:
                     self._queued.popleft().synchronize()  # waits in this thread only, without the GIL
 
         def grad_hook(grad):
