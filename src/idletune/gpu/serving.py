@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -137,6 +138,9 @@ def install(service, *, max_len: int | None = None) -> str | None:
             return out
         setattr(weights, name, after)
     inf.fast = fast
+    # A request must not wait for the trainer thread to hand over the GIL: Python's default
+    # switch interval (5 ms) would add up to that to a request's first token.
+    sys.setswitchinterval(min(sys.getswitchinterval(), float(os.environ.get("IDLETUNE_SWITCH_INTERVAL", "0.0005"))))
     log.info("GPU path: fast decoder (KV cache %d tokens, serving copies %.0f MB), training on a "
              "low-priority stream", limit, decoder.serving_bytes() / 2**20)
     return None
