@@ -87,6 +87,40 @@ def test_sustained_load_still_gets_its_minimum_training_share(svc):
         assert svc.queue.get_stats()["by_status"]["trained"] == 1
 
 
+def test_minimum_share_trains_between_real_generations(svc):
+    """Four client threads generate back to back (the model lock always wanted): the turn still
+    gets the model, trains and publishes, and every request is answered."""
+    import threading
+
+    from idletune.inference import GenerationParams
+
+    svc.scheduler.update_config(min_training_share=0.5, starved_after_ms=1000)
+    stop, answered, errors = threading.Event(), [], []
+
+    def client():
+        while not stop.is_set():
+            try:
+                c = svc.inference.generate([{"role": "user", "content": "hi"}], GenerationParams(max_tokens=4))
+                answered.append(c.completion_tokens)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        svc.queue.add(pair(6))
+        assert wait_for(lambda: svc.weights.version == 1, timeout=60), svc.scheduler.get_stats()
+        n = len(answered)
+        assert wait_for(lambda: len(answered) > n + 4, timeout=30), "requests did not resume after the turn"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors and svc.scheduler.get_stats()["starved_rounds"] >= 1
+
+
 def test_minimum_share_is_validated():
     from idletune.config import ConfigError
 

@@ -18,6 +18,8 @@ class ActivityTracker:
         self._in_flight = 0
         self._last_activity = time.monotonic()
         self._turn = False
+        self._no_turn = threading.Event()
+        self._no_turn.set()
         self.preemptions = 0
 
     @contextmanager
@@ -44,12 +46,20 @@ class ActivityTracker:
     @contextmanager
     def training_turn(self) -> Iterator[None]:
         """Training does not yield to requests inside this block (the scheduler's minimum
-        training share): requests wait for the model between its steps instead."""
+        training share), and requests that need the model lock wait for the block to end
+        (:meth:`wait_for_training_turn`) instead of competing with each training step for it —
+        a lock is not fair, and 16 waiting requests would otherwise starve the turn."""
         self._turn = True
+        self._no_turn.clear()
         try:
             yield
         finally:
             self._turn = False
+            self._no_turn.set()
+
+    def wait_for_training_turn(self) -> None:
+        """Block while a training turn is running (returns at once otherwise)."""
+        self._no_turn.wait()
 
     def idle_for(self) -> float:
         """Seconds since the last request ended (0 while one is in flight)."""

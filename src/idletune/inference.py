@@ -110,6 +110,7 @@ class InferenceEngine:
                     tokens = fast.decoder.tokens(prompt, max_new, pick)
                     text, reason, n = self._emit(tokens, params, counts, on_text, cancelled)
             else:
+                self.activity.wait_for_training_turn()  # under sustained load: training's short turn
                 with self.lock, self.weights.serving() as version, torch.inference_mode():
                     tokens = self._hf_tokens(prompt, max_new, pick or (lambda logits: int(torch.argmax(logits))))
                     text, reason, n = self._emit(tokens, params, counts, on_text, cancelled)
