@@ -121,6 +121,18 @@ def test_minimum_share_trains_between_real_generations(svc):
     assert not errors and svc.scheduler.get_stats()["starved_rounds"] >= 1
 
 
+def test_pause_on_inference_off_lets_a_step_finish(svc):
+    svc.scheduler.pause()
+    with svc.activity.request():
+        r = svc.engine.train_round([pair(7)])
+        assert r.preempted and r.steps == 0  # the default: a request in flight preempts
+        svc.scheduler.update_config(pause_on_inference=False)
+        r = svc.engine.train_round([pair(7)])
+        assert not r.preempted and r.steps >= 1
+        svc.scheduler.update_config(pause_on_inference=True)
+        assert svc.activity.should_yield()
+
+
 def test_minimum_share_is_validated():
     from idletune.config import ConfigError
 

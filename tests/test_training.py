@@ -1,5 +1,6 @@
 """The training engine, adapters and weight updater on a tiny model built from a config."""
 import threading
+import time
 
 import pytest
 import torch
@@ -183,3 +184,15 @@ def test_a_step_with_a_non_finite_loss_changes_nothing(svc, monkeypatch, fused):
     r = svc.engine.train_round([fact()])
     assert r.skipped_nonfinite == 0 and any(
         not torch.equal(t, after_one[k]) for k, t in adapters.adapter_tensors(svc.model, TRAIN).items())
+
+
+def test_evaluation_waiting_for_a_gap_gives_up_after_max_wait(svc):
+    """Under load that never pauses, an evaluation must not wait forever (the scheduler then
+    takes its training turn); with no limit it waits, and runs once the requests are gone."""
+    svc.engine.max_wait_s = 0.3
+    with svc.activity.request():
+        t = time.monotonic()
+        with pytest.raises(Preempted):
+            svc.engine.evaluate([fact()], LIVE)
+        assert time.monotonic() - t < 5
+    assert svc.engine.evaluate([fact()], LIVE) > 0

@@ -18,6 +18,7 @@ class ActivityTracker:
         self._in_flight = 0
         self._last_activity = time.monotonic()
         self._turn = False
+        self.preempt_training = True  # scheduler.pause_on_inference
         self._no_turn = threading.Event()
         self._no_turn.set()
         self.preemptions = 0
@@ -40,8 +41,10 @@ class ActivityTracker:
 
     def should_yield(self) -> bool:
         """True while any request is in flight (read without a lock: a plain int read is atomic),
-        except during a training turn granted under sustained load."""
-        return self._in_flight > 0 and not self._turn
+        except during a training turn granted under sustained load, or when preemption is off
+        (``scheduler.pause_on_inference = false``: a step then finishes before a request waiting
+        for the model lock gets it)."""
+        return self._in_flight > 0 and not self._turn and self.preempt_training
 
     @contextmanager
     def training_turn(self) -> Iterator[None]:

@@ -18,6 +18,7 @@ from typing import Callable
 from .activity import ActivityTracker
 from .config import SchedulerConfig
 from .examples import Status
+from .training.engine import Preempted
 from .training.screen import screen
 
 log = logging.getLogger("idletune.scheduler")
@@ -30,6 +31,7 @@ class TrainingScheduler:
         self.queue, self.engine, self.weights, self.batches = queue, engine, weights, batches
         self.activity = activity
         self.config = config or SchedulerConfig()
+        self.activity.preempt_training = self.config.pause_on_inference
         self.probes = probes
         self.heldout_examples = heldout_examples
         self.max_attempts = max_attempts
@@ -103,6 +105,7 @@ class TrainingScheduler:
     def update_config(self, **changes) -> SchedulerConfig:
         """Change scheduler settings at run time (validated; unknown names are refused)."""
         self.config = dataclasses.replace(self.config, **changes)
+        self.activity.preempt_training = self.config.pause_on_inference
         self._wake.set()
         return self.config
 
@@ -180,7 +183,22 @@ class TrainingScheduler:
             return True
 
     def run_round(self, forced: bool = False, slice_ms: int | None = None) -> bool:
-        """One round: select, train, gate, publish or discard. Returns False if preempted."""
+        """One round: select, train, gate, publish or discard. Returns False if preempted.
+
+        Its evaluations (screening, the gate) wait for gaps between requests; under load that
+        leaves none they give up after ``starved_after_ms`` (when a minimum training share is
+        set), and the round ends preempted — what was trained stays in the candidate, and the
+        scheduler's training turn takes over."""
+        c = self.config
+        self.engine.max_wait_s = c.starved_after_ms / 1000 if c.min_training_share > 0 else None
+        try:
+            return self._round(forced, slice_ms)
+        except Preempted:
+            self.activity.preemptions += 1
+            self.state = "preempted"
+            return False
+
+    def _round(self, forced: bool, slice_ms: int | None) -> bool:
         # Noise, repetition and superseded corrections never train; each is marked with why.
         # Select again until something is left to train (or nothing is pending).
         probes = self.probes()

@@ -106,6 +106,7 @@ class TrainingEngine:
         self._step_thread: int | None = None
         self._step_stream = None  # the CUDA stream of the step in progress
         self._queued: deque = deque()  # CUDA events, one per layer boundary of the current step
+        self.max_wait_s: float | None = None  # evaluation waits at most this long for a gap (None: forever)
         self.queued_layers = int(os.environ.get("IDLETUNE_TRAIN_QUEUE_LAYERS", QUEUED_LAYERS))
         self._optimizer = None
         self._install_preemption_hooks()
@@ -328,7 +329,10 @@ class TrainingEngine:
         out: list[tuple[float, int]] = []
         for i in range(0, len(items), batch_size):
             while True:
+                waited = time.monotonic()
                 while self.should_yield():
+                    if self.max_wait_s is not None and time.monotonic() - waited > self.max_wait_s:
+                        raise Preempted()  # requests never stopped: the scheduler decides what next
                     time.sleep(0.005)
                 try:
                     with self.lock, torch.no_grad():
