@@ -101,8 +101,8 @@ def target_token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     selected = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["target_pos"])  # (N, C)
     labels = batch["target_labels"]  # (N,)
     head = lm.get_output_embeddings()
-    frozen = _frozen_head(head) if selected.is_cuda else None
-    if frozen is not None:  # on a GPU: no (N, V) logits in memory (see gpu/loss.py)
+    frozen = _frozen_head(head)
+    if frozen is not None:  # a frozen output layer: no (N, V) logits in memory (see gpu/loss.py)
         from ..gpu.loss import linear_cross_entropy
 
         tok = linear_cross_entropy(selected, frozen, labels)  # (N,)
