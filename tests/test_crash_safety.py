@@ -186,6 +186,49 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, tiny_model_dir):
     assert report["versions_published"] >= 3, f"too little training between kills to test snapshots: {report}"
 
 
+@pytest.mark.slow  # 5 restarts: about 40 s
+def test_sigkill_inside_a_snapshot_write(tmp_path, tiny_model_dir, monkeypatch):
+    """Random kills rarely land in a write that takes milliseconds, so the server is made to
+    pause inside it (fault injection) and killed there: the version being written must never
+    be served, nothing acknowledged may be lost, and the half-written folder is never used."""
+    from idletune.queue import TrainingQueue
+
+    monkeypatch.setenv("IDLETUNE_FAULT_SNAPSHOT_PAUSE_S", "3")
+    data = tmp_path / "data"
+    snaps = data / "snapshots"
+    server = _start(data, tiny_model_dir)
+    kills_inside = 0
+    for cycle in range(5):
+        live = _live_pointer(data)
+        r = httpx.post(f"{server.url}/api/feedback", timeout=30, json={
+            "messages": [{"role": "user", "content": f"What opens locker {cycle}?"}],
+            "correction": f"Locker {cycle} opens with code {4000 + cycle}."})
+        example_id = r.json()["example_id"]
+        httpx.post(f"{server.url}/api/training/force", timeout=30).raise_for_status()
+        end = time.monotonic() + 60
+        while not list(snaps.glob(".tmp-*")) and time.monotonic() < end:
+            time.sleep(0.02)
+        assert list(snaps.glob(".tmp-*")), f"cycle {cycle}: no snapshot write began: {httpx.get(f'{server.url}/api/status').json()['scheduler']}"
+        server.stop(kill=True)  # SIGKILL inside the write
+        kills_inside += 1
+        assert _live_pointer(data) == live, "the version being written became live"
+        q = TrainingQueue(data / "queue.db")
+        try:
+            assert q.get(example_id) is not None, "an acknowledged correction was lost"
+        finally:
+            q.close()
+        server = _start(data, tiny_model_dir)
+        st = httpx.get(f"{server.url}/api/status").json()
+        assert st["live_version"] == live and st["weights"]["problems"] == [] and st["problems"] == []
+        assert not list(snaps.glob(".tmp-*")), "the half-written snapshot was left behind"
+        chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert chat.status_code == 200 and chat.json()["system_fingerprint"] == f"idletune-v{live}"
+    server.stop()
+    print(f"\ncrash safety: {kills_inside} kills inside a snapshot write, nothing lost, the old version served each time")
+    assert kills_inside == 5
+
+
 # ---- damaged files at start ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

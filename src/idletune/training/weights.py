@@ -332,6 +332,9 @@ class WeightUpdater:
         tmp = self.dir / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         meta["sha256"] = ws.write(tensors, tmp)
+        pause = os.environ.get("IDLETUNE_FAULT_SNAPSHOT_PAUSE_S")  # fault injection: the crash test kills here
+        if pause:
+            time.sleep(float(pause))
         _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
