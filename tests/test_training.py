@@ -196,3 +196,19 @@ def test_evaluation_waiting_for_a_gap_gives_up_after_max_wait(svc):
             svc.engine.evaluate([fact()], LIVE)
         assert time.monotonic() - t < 5
     assert svc.engine.evaluate([fact()], LIVE) > 0
+
+
+def test_evaluation_preempted_again_and_again_also_gives_up(svc):
+    """Requests back to back: each gap lets the batch start, the next request preempts it."""
+    calls = {"n": 0}
+
+    def gap_then_request():
+        calls["n"] += 1
+        return calls["n"] % 2 == 0  # the wait loop sees a gap, the first layer boundary a request
+
+    svc.engine.should_yield = gap_then_request
+    svc.engine.max_wait_s = 0.3
+    t = time.monotonic()
+    with pytest.raises(Preempted):
+        svc.engine.evaluate([fact()], LIVE)
+    assert time.monotonic() - t < 5 and calls["n"] > 4

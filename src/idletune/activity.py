@@ -60,9 +60,10 @@ class ActivityTracker:
             self._turn = False
             self._no_turn.set()
 
-    def wait_for_training_turn(self) -> None:
-        """Block while a training turn is running (returns at once otherwise)."""
-        self._no_turn.wait()
+    def wait_for_training_turn(self, timeout: float = 120.0) -> None:
+        """Block while a training turn is running (returns at once otherwise); after ``timeout``
+        a request goes on and takes its chance at the model lock between training steps."""
+        self._no_turn.wait(timeout)
 
     def idle_for(self) -> float:
         """Seconds since the last request ended (0 while one is in flight)."""

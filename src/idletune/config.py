@@ -88,9 +88,10 @@ class TrainingConfig:
     plateau_min_delta: float = 0.01
     gradient_checkpointing: bool = False
     compile: str = "auto"
-    """Compile the decoder layers for training steps with torch.compile: "auto" (on a CUDA GPU),
-    "on" or "off". The first step compiles (tens of seconds, once per process), then steps run
-    up to 1.6× faster; evaluation and chat never use the compiled layers."""
+    """Compile the decoder layers for training steps with torch.compile: "auto" (on a CUDA GPU
+    whose requests the GPU fast path serves, i.e. LoRA mode), "on" or "off". The first step
+    compiles (tens of seconds, once per process), then steps run up to 1.6× faster; evaluation
+    and chat never use the compiled layers."""
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -170,8 +170,11 @@ class TrainingScheduler:
         budget_ms = max(1000, min(self.config.max_idle_time_ms, int(1000 * self.config.min_training_share * waited)))
         log.info("training starved for %.0f s under load: a %.1f s turn between requests", waited, budget_ms / 1000)
         self.starved_rounds += 1
-        with self.activity.training_turn():
-            return self.run_round(slice_ms=budget_ms)
+        try:
+            with self.activity.training_turn():
+                return self.run_round(slice_ms=budget_ms)
+        finally:
+            self._last_chance = time.monotonic()  # the next turn is owed only after another wait
 
     def _cpu_free(self) -> bool:
         try:

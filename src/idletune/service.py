@@ -89,7 +89,6 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     engine = TrainingEngine(peft_model, tokenizer, config.training, lock=lock, should_yield=activity.should_yield,
                             metrics_path=data_dir / "metrics.jsonl", batch_manager=batches, weights=weights.ws)
     weights.on_mode_change.append(engine.set_weights)
-    _compile_training(config, peft_model)
     restored = weights.restore_at_start()
     for problem in weights.problems:
         log.warning(problem)
@@ -99,6 +98,7 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
                   None, inference, activity, import_jobs, importers_config,  # type: ignore[arg-type]
                   problems + list(weights.problems))
     _gpu_path(svc)
+    _compile_training(config, peft_model, fast_path=svc.inference.fast is not None)
     svc.scheduler = TrainingScheduler(queue, engine, weights, batches, activity=activity, config=config.scheduler,
                                       probes=svc.probes, heldout_examples=config.gate.heldout_examples,
                                       training_mode=config.training.mode)
@@ -109,10 +109,10 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     return svc
 
 
-def _compile_training(config: Config, model) -> None:
+def _compile_training(config: Config, model, fast_path: bool) -> None:
     from .gpu.training import compile_layers, wanted
 
-    if wanted(config.training.compile, model):
+    if wanted(config.training.compile, model, fast_path=fast_path):
         n = compile_layers(model)
         log.info("training: %d decoder layers compiled for training steps (the first step compiles)", n)
 

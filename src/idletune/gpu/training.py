@@ -43,15 +43,17 @@ def compile_layers(model, **kwargs) -> int:
     return len(layers)
 
 
-def wanted(setting: str, model) -> bool:
+def wanted(setting: str, model, fast_path: bool = True) -> bool:
     """Whether ``training.compile`` ("auto", "on", "off") asks to compile for this model.
-    "auto" compiles on a CUDA device when Triton (torch.compile's GPU backend) is there."""
+    "auto" compiles on a CUDA device when Triton (torch.compile's GPU backend) is there and
+    requests are served by the GPU fast path: a compilation runs inside a training step, under
+    the model lock, which requests on the portable path (full/hybrid modes) would wait for."""
     if setting == "off":
         return False
     on_cuda = next(model.parameters()).device.type == "cuda"
     if setting == "on":
         return True
-    if not on_cuda:
+    if not on_cuda or not fast_path:
         return False
     try:
         import triton  # noqa: F401

@@ -134,7 +134,8 @@ def _host_name(host: str) -> str:
     host = host.strip().lower()
     if host.startswith("["):
         return host[1:host.find("]")] if "]" in host else host[1:]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name[:-1] if name.endswith(".") else name  # "localhost." is "localhost"
 
 
 def install(app, config: ServerConfig) -> None:

@@ -59,15 +59,35 @@ class RoundResult:
 
 @dataclass
 class _Figures:
-    """One step's figures, still on the device until booked."""
+    """One step's figures (per-example loss sums and target counts, loss, gradient norm, finite),
+    packed into one tensor. On a GPU they are copied into pinned host memory right after the
+    step's kernels, behind an event: reading them waits for that step only, not for the steps
+    queued after it (a plain ``.tolist()`` would wait for the whole stream)."""
     batch: list
-    sums: torch.Tensor
-    counts: torch.Tensor
-    loss: torch.Tensor
-    grad_norm: torch.Tensor
-    finite: torch.Tensor
+    packed: torch.Tensor
+    event: object
     lr: float
     started: float
+
+    @classmethod
+    def copy_to_host(cls, batch, sums, counts, loss, grad_norm, finite, lr, started) -> "_Figures":
+        packed = torch.cat([sums.float(), counts.float(), loss.float().reshape(1), grad_norm.float().reshape(1),
+                            finite.float().reshape(1)])
+        event = None
+        if packed.is_cuda:
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            packed = host
+        return cls(batch, packed, event, lr, started)
+
+    def read(self) -> tuple[list[float], list[int], float, float, bool]:
+        if self.event is not None:
+            self.event.synchronize()
+        v = self.packed.tolist()
+        n = len(self.batch)
+        return v[:n], [int(c) for c in v[n:2 * n]], v[2 * n], v[2 * n + 1], bool(v[2 * n + 2])
 
 
 class TrainingEngine:
@@ -136,8 +156,7 @@ class TrainingEngine:
         pending: deque[_Figures] = deque()
 
         def book(f: _Figures) -> None:  # 4. which examples are learned, metrics
-            sums, counts = f.sums.tolist(), f.counts.tolist()
-            loss, grad_norm, finite = float(f.loss), float(f.grad_norm), bool(f.finite)
+            sums, counts, loss, grad_norm, finite = f.read()
             if not finite:
                 result.skipped_nonfinite += 1
             for it, s, c in zip(f.batch, sums, counts):
@@ -189,7 +208,7 @@ class TrainingEngine:
             except Preempted:
                 result.preempted = True
                 break
-            pending.append(_Figures(batch, sums, counts, loss, grad_norm, finite, lr, started))
+            pending.append(_Figures.copy_to_host(batch, sums, counts, loss, grad_norm, finite, lr, started))
             while len(pending) > lag:
                 book(pending.popleft())
         while pending:
@@ -328,11 +347,10 @@ class TrainingEngine:
         items = [encode(e, self.tokenizer, self.config.max_seq_len) for e in examples]
         out: list[tuple[float, int]] = []
         for i in range(0, len(items), batch_size):
+            waited = time.monotonic()  # per batch: a preempted attempt counts toward max_wait_s
             while True:
-                waited = time.monotonic()
                 while self.should_yield():
-                    if self.max_wait_s is not None and time.monotonic() - waited > self.max_wait_s:
-                        raise Preempted()  # requests never stopped: the scheduler decides what next
+                    self._give_up_after(waited)
                     time.sleep(0.005)
                 try:
                     with self.lock, torch.no_grad():
@@ -347,9 +365,14 @@ class TrainingEngine:
                             self._step_thread = None
                     break
                 except Preempted:
+                    self._give_up_after(waited)  # requests that keep coming back to back count too
                     continue
             out += [(float(x), int(n)) for x, n in zip(s, c)]
         return out
+
+    def _give_up_after(self, waited: float) -> None:
+        if self.max_wait_s is not None and time.monotonic() - waited > self.max_wait_s:
+            raise Preempted()  # requests never stopped: the scheduler decides what next
 
     def example_losses(self, examples: list[TrainingExample], which: str, batch_size: int = 4) -> list[float]:
         """Each example's mean token loss under the ``live`` or ``candidate`` weights (nan if it has no target)."""
