@@ -212,3 +212,28 @@ def test_evaluation_preempted_again_and_again_also_gives_up(svc):
     with pytest.raises(Preempted):
         svc.engine.evaluate([fact()], LIVE)
     assert time.monotonic() - t < 5 and calls["n"] > 4
+
+
+def test_micro_batches_bound_tokens_and_give_the_same_gradients(svc):
+    from idletune.training.data import encode
+
+    eng = svc.engine
+    batch = [encode(fact(i), svc.tokenizer, 128) for i in range(3)]
+    longest = max(len(it.input_ids) for it in batch)
+
+    def grads(limit):
+        eng.micro_batch_tokens = limit
+        parts = eng._micro_batches(batch)
+        eng._enter_training()
+        eng.model.eval()  # no dropout: the two runs must see the same function
+        eng._forward_backward(batch)
+        g = [p.grad.clone() for p in eng._trainable()]
+        for p in eng._trainable():
+            p.grad = None
+        return parts, g
+
+    whole, g1 = grads(10**6)
+    split, g2 = grads(longest)  # one example per part
+    assert len(whole) == 1 and [len(p) for p in split] == [1, 1, 1]
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -67,6 +67,9 @@ class TrainingConfig:
     batch_size: int = 4
     """Examples per optimizer step while the user is active; the batch manager grows it after long idle (1–32)."""
     gradient_accumulation_steps: int = 1
+    micro_batch_tokens: int = 0
+    """Most padded tokens in one forward/backward; a larger batch is split into micro-batches
+    whose gradients add up to the same step (bounds memory). 0: 512 on a CPU, 16384 on a GPU."""
     max_grad_norm: float = 1.0
     weight_decay: float = 0.01
     warmup_steps: int = 3
@@ -101,6 +104,8 @@ class TrainingConfig:
         _check(_num(self.learning_rate) and 1e-5 <= self.learning_rate <= 1e-3, "training.learning_rate", f"must be in 1e-5–1e-3, got {self.learning_rate!r}")
         _check(_int(self.batch_size) and 1 <= self.batch_size <= 32, "training.batch_size", f"must be an integer in 1–32, got {self.batch_size!r}")
         _check(_int(self.gradient_accumulation_steps) and self.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "must be ≥ 1")
+        _check(_int(self.micro_batch_tokens) and (self.micro_batch_tokens == 0 or self.micro_batch_tokens >= 16),
+               "training.micro_batch_tokens", f"must be 0 (automatic) or ≥ 16, got {self.micro_batch_tokens!r}")
         _check(_num(self.max_grad_norm) and self.max_grad_norm > 0, "training.max_grad_norm", f"must be > 0, got {self.max_grad_norm!r}")
         _check(_num(self.weight_decay) and 0 <= self.weight_decay <= 1, "training.weight_decay", f"must be in 0–1, got {self.weight_decay!r}")
         _check(_int(self.warmup_steps) and self.warmup_steps >= 0, "training.warmup_steps", "must be ≥ 0")

@@ -126,6 +126,9 @@ class TrainingEngine:
         self._step_thread: int | None = None
         self._step_stream = None  # the CUDA stream of the step in progress
         self._queued: deque = deque()  # CUDA events, one per layer boundary of the current step
+        # Tokens in one forward/backward: bounds a step's activation memory (about 2.6 MB per
+        # token for the default model in float32 on a CPU; a GPU in bf16 holds far more).
+        self.micro_batch_tokens = config.micro_batch_tokens or (16384 if self.device.type == "cuda" else 512)
         self.max_wait_s: float | None = None  # evaluation waits at most this long for a gap (None: forever)
         self.queued_layers = int(os.environ.get("IDLETUNE_TRAIN_QUEUE_LAYERS", QUEUED_LAYERS))
         self._optimizer = None
@@ -222,18 +225,31 @@ class TrainingEngine:
     # ---- pieces of a step -------------------------------------------------------------------
     def _forward_backward(self, batch: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss summed per example, gradients accumulated over micro-batches; (B,), (B,)."""
-        n_micro = max(1, min(self.config.gradient_accumulation_steps, len(batch)))
         total_tokens = max(1, sum(it.num_target_tokens for it in batch))
         sums, counts = [], []
-        size = math.ceil(len(batch) / n_micro)
-        for i in range(0, len(batch), size):
-            micro = collate(batch[i:i + size], self.tokenizer.pad_token_id, self.device)
+        for part in self._micro_batches(batch):
+            micro = collate(part, self.tokenizer.pad_token_id, self.device)
             with self._autocast():
                 s, c = target_token_losses(self.model, micro)  # (b,), (b,)
             (s.sum() / total_tokens).backward()
             sums.append(s.detach().float())
             counts.append(c.detach())
         return torch.cat(sums), torch.cat(counts)
+
+    def _micro_batches(self, batch: list[Encoded]) -> list[list[Encoded]]:
+        """At least ``gradient_accumulation_steps`` parts, and none over ``micro_batch_tokens``
+        padded tokens (one example alone may be longer): a step's activation memory is bounded
+        whatever the batch size, at the same gradients."""
+        n_micro = max(1, min(self.config.gradient_accumulation_steps, len(batch)))
+        size = math.ceil(len(batch) / n_micro)
+        limit = self.micro_batch_tokens
+        parts: list[list[Encoded]] = [[]]
+        for it in batch:
+            cur = parts[-1]
+            if cur and (len(cur) >= size or max(len(it.input_ids), *(len(x.input_ids) for x in cur)) * (len(cur) + 1) > limit):
+                parts.append(cur := [])
+            cur.append(it)
+        return parts
 
     def _optimizer_step(self, opt, finite: torch.Tensor) -> None:
         """Step unless the loss or gradient norm is not finite. The fused (GPU) AdamW takes the
