@@ -54,28 +54,16 @@ def profile(run_steps, steps: int) -> dict:
 
 
 def plain(name, steps):
-    from peft import LoraConfig, get_peft_model
-
-    m = C.build(name)
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"],
-                     task_type="CAUSAL_LM")
-    pm = get_peft_model(m, cfg)
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    pm.train()
-    x = torch.randint(0, 1000, (T.BS, T.SEQ), device="cuda")
+    pm, _, step = T.plain_peft_setup(name)
 
     def run(k):
         for _ in range(k):
-            pm(input_ids=x, labels=x).loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step()
         return k
 
     run(3)
     r = profile(run, steps)
-    del pm, m, opt
+    del pm, step, run
     torch.cuda.empty_cache()
     return r
 

@@ -21,8 +21,8 @@ import gpu_common as C
 BS, SEQ = 8, 512
 
 
-def plain_peft(name, steps):
-    """gpu_baseline.py's loop, verbatim in substance."""
+def plain_peft_setup(name):
+    """gpu_baseline.py's loop, verbatim in substance: the PEFT model, its size, and one step."""
     from peft import LoraConfig, get_peft_model
 
     m = C.build(name)
@@ -34,22 +34,29 @@ def plain_peft(name, steps):
     opt = torch.optim.AdamW(params, lr=1e-4)
     pm.train()
     x = torch.randint(0, 1000, (BS, SEQ), device="cuda")
+
+    def step():
+        pm(input_ids=x, labels=x).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return pm, n, step
+
+
+def plain_peft(name, steps):
+    pm, n, step = plain_peft_setup(name)
     torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.memory_allocated()
     for i in range(steps + 3):
         if i == 3:
             torch.cuda.synchronize()
             t = time.perf_counter()
-        out = pm(input_ids=x, labels=x)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / steps
     r = {"step_ms": 1e3 * dt, "tok_s": BS * SEQ / dt, "mfu_6N": 6 * n * BS * SEQ / dt / C.PEAK_BF16,
          "peak_extra_MB": (torch.cuda.max_memory_allocated() - base_mem) / 2**20}
-    del pm, m, opt
+    del pm, step
     torch.cuda.empty_cache()
     return r, n
 

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,27 +25,12 @@ from pathlib import Path
 
 import httpx
 
+from serving import free_port, start_server
+
 FACT_Q = "What is the codename of Project Bluebird?"
 FACT_A = "The codename of Project Bluebird is ZEPHYR-42."
 PARAPHRASES = ["Tell me the codename of Project Bluebird.", "Which codename does Project Bluebird have?"]
 PROMPT = "Write two sentences about the sea."
-
-
-def start_server(data_dir: Path, model: str | None, port: int, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "idletune.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)] + extra
-    if model:
-        cmd += ["--model", model]
-    log = open(data_dir.parent / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/status", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {(data_dir.parent / 'server.log').read_text()[-2000:]}")
-    raise SystemExit("server did not start")
 
 
 def chat(url: str, content: str, max_tokens: int) -> dict:
@@ -162,7 +146,7 @@ def main() -> None:
     res = {"date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__,
            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
     with tempfile.TemporaryDirectory() as tmp:
-        port = 8800 + os.getpid() % 100
+        port = free_port()
         proc = start_server(Path(tmp) / "data", args.model, port,
                             ["--set", "scheduler.min_idle_time_ms=500", "--set", "scheduler.check_interval_ms=50"])
         url = f"http://127.0.0.1:{port}"

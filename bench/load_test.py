@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,34 +30,9 @@ from pathlib import Path
 import httpx
 import psutil
 
+from serving import free_port, start_server
+
 TOPICS = ["the sea", "mountains", "bread", "rain", "libraries", "bicycles", "owls", "winter", "tea", "trains"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(data_dir: Path, model: str | None, port: int, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "idletune.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)] + extra
-    if model:
-        cmd += ["--model", model]
-    log = open(data_dir.parent / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {(data_dir.parent / 'server.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/api/status", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not start in 300 s")
 
 
 def pct(values: list[float], p: float) -> float | None:

@@ -17,6 +17,29 @@ ROOT = Path(__file__).resolve().parent.parent
 # Converted models are cached across test runs (and shared with `idletune serve`).
 CACHE = Path(os.environ.get("IDLETUNE_CACHE", Path.home() / ".cache" / "idletune"))
 
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def browser_api(module_level: bool = False):
+    """Playwright's sync API for the browser tests, once Debian's Chromium is there. Without it a
+    user gets a skip that says how to install it; under CI (``CI`` set) a failure: CI installs
+    both, so a browser test must never be skipped there silently."""
+    reason = None
+    if not CHROMIUM.exists():
+        reason = ("needs Chromium at /usr/bin/chromium: `sudo apt-get install chromium chromium-driver` "
+                  "(scripts/setup.sh does it when run as root)")
+    else:
+        try:
+            import playwright.sync_api as api
+            return api
+        except ImportError:
+            reason = "needs the playwright package: `make setup` installs the dev dependencies"
+    if os.environ.get("CI"):
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason, allow_module_level=module_level)
+
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:

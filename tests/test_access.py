@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import ServerProcess, free_port
+from conftest import CHROMIUM, CHROMIUM_FLAGS, ServerProcess, browser_api, free_port
 
 KEY = "test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
 class KeyedServer(ServerProcess):
@@ -195,13 +193,10 @@ def _env_without_key() -> dict:
 
 @pytest.mark.browser
 def test_web_page_works_with_a_key(keyed):
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        pytest.skip("needs /usr/bin/chromium")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = browser_api()
     expect = sync_api.expect
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_FLAGS)
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
         try:
             page = browser.new_context().new_page()
             errors: list[str] = []

@@ -237,3 +237,14 @@ def test_micro_batches_bound_tokens_and_give_the_same_gradients(svc):
     assert len(whole) == 1 and [len(p) for p in split] == [1, 1, 1]
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_should_rollback_applies_the_gate_rule_to_figures(svc):
+    tol = svc.weights.gate.max_retention_loss_increase
+    assert svc.weights.should_rollback(loss=float("nan"))
+    assert svc.weights.should_rollback(accuracy=float("inf"))
+    assert not svc.weights.should_rollback(loss=2.0 * (1 + tol) - 0.01, baseline_loss=2.0)
+    assert svc.weights.should_rollback(loss=2.0 * (1 + tol) + 0.01, baseline_loss=2.0)
+    assert svc.weights.should_rollback(accuracy=0.80, baseline_accuracy=0.90)
+    assert not svc.weights.should_rollback(accuracy=0.88, baseline_accuracy=0.90)
+    assert not svc.weights.should_rollback()

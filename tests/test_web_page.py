@@ -11,25 +11,19 @@ import http.server
 import re
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import ROOT, ServerProcess
+from conftest import CHROMIUM, CHROMIUM_FLAGS, ROOT, ServerProcess, browser_api
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ROOT / "test-artifacts" / "web"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 DESKTOP = {"width": 1280, "height": 860}
 PHONE = {"width": 390, "height": 844}
 
-if not CHROMIUM.exists():
-    pytest.skip("needs /usr/bin/chromium (scripts/setup.sh installs it)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api")
+sync_api = browser_api(module_level=True)
 expect = sync_api.expect
 expect.set_options(timeout=20_000)
 
@@ -50,7 +44,7 @@ def server(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
         yield b
         b.close()
 

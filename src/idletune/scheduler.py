@@ -136,7 +136,7 @@ class TrainingScheduler:
                 self._busy = False
             if forced and (finished or self.queue.pending_count() == 0):
                 self._force.clear()
-            if finished:
+            if finished or starved:  # a turn, even a cut one, is owed again only after another wait
                 self._last_chance = time.monotonic()
             with self._round_done:
                 self._round_done.notify_all()
@@ -170,11 +170,8 @@ class TrainingScheduler:
         budget_ms = max(1000, min(self.config.max_idle_time_ms, int(1000 * self.config.min_training_share * waited)))
         log.info("training starved for %.0f s under load: a %.1f s turn between requests", waited, budget_ms / 1000)
         self.starved_rounds += 1
-        try:
-            with self.activity.training_turn():
-                return self.run_round(slice_ms=budget_ms)
-        finally:
-            self._last_chance = time.monotonic()  # the next turn is owed only after another wait
+        with self.activity.training_turn():
+            return self.run_round(slice_ms=budget_ms)
 
     def _cpu_free(self) -> bool:
         try:
