@@ -17,6 +17,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 FULL = [
+    ("graphs_check", ["gpu_graphs_check.py"]),
     ("baseline", ["gpu_baseline.py"]),
     ("decode", ["gpu_decode.py", "--hf"]),
     ("live_adapter", ["gpu_live_adapter.py"]),

@@ -4,6 +4,10 @@ idletune's GPU path (FastDecoder: merged fused weights, static KV cache, one CUD
 step, greedy argmax on the device one step ahead of the host) with a live rank-8 adapter, for a
 256-token prompt and 128 new tokens. The limit is copy bandwidth / model bytes (as gpu_baseline.py).
 
+On ``--variant-shapes`` the decode step's other layouts are timed too (``cache_write`` fused
+into the layer's compiled piece or a separate copy; attention as two products and a softmax
+(bmm) or one fused kernel (sdpa)); the shipped default is "fused, bmm".
+
 Usage: python bench/gpu_decode.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b] [--hf]
 """
 import argparse
@@ -49,7 +53,7 @@ def main():
     ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b")
     ap.add_argument("--hf", action="store_true", help="also time Hugging Face generate (plain, no adapter)")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--eager-graph-shapes", default="qwen2.5-0.5b", help="also time graphs without torch.compile")
+    ap.add_argument("--variant-shapes", default="qwen2.5-0.5b", help="also time the other decode-step layouts")
     a = ap.parse_args()
     from idletune.gpu import FastDecoder
 
@@ -67,12 +71,19 @@ def main():
             r["hf_generate"] = hf_latency(m, prompt)
         pm = C.attach(m, live_scale=0.01)
         with torch.cuda.stream(stream):
-            if name in a.eager_graph_shapes.split(","):
-                dec = FastDecoder(pm, "live", max_len=1024, stream=stream, compile=False)
-                r["graphs_no_compile"] = fast_latency(dec, prompt, reps=a.reps)
-                rows.append([name + " (graphs, no compile)", r["graphs_no_compile"]["tok_s"], r["bw_limit_tok_s"],
-                             100 * r["graphs_no_compile"]["tok_s"] / r["bw_limit_tok_s"], r["graphs_no_compile"]["ttft_ms"], "-"])
-                del dec
+            if name in a.variant_shapes.split(","):
+                for cw, att in (("separate", "bmm"), ("fused", "sdpa"), ("separate", "sdpa")):
+                    try:
+                        dec = FastDecoder(pm, "live", max_len=1024, stream=stream, cache_write=cw, attention=att)
+                        v = r[f"{cw}_{att}"] = fast_latency(dec, prompt, reps=a.reps)
+                        v["compile_error"] = dec.compile_error
+                        rows.append([f"{name} ({cw} cache write, {att})", v["tok_s"], r["bw_limit_tok_s"],
+                                     100 * v["tok_s"] / r["bw_limit_tok_s"], v["ttft_ms"], "-"])
+                        del dec
+                    except Exception as e:  # report and go on
+                        r[f"{cw}_{att}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                        rows.append([f"{name} ({cw}, {att})", "error", "", "", "", str(e)[:50]])
+                    torch._dynamo.reset()
             t0 = time.perf_counter()
             dec = FastDecoder(pm, "live", max_len=1024, stream=stream)
             r["fast"] = fast_latency(dec, prompt, reps=a.reps)

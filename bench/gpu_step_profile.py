@@ -6,17 +6,17 @@ For each loop: wall ms per step, GPU kernel ms per step (torch.profiler, summed 
 durations), kernels per step, and "GPU busy" = kernel time / wall time. A loop far below 100 %
 busy is bound by the host, and no faster kernel will help it.
 
-Engine variants: ``default`` (as shipped: on a GPU the decoder layers are compiled for training);
+Engine variants: ``default`` (as shipped: on a GPU the decoder layers are compiled for training
+and replayed as CUDA graphs); ``compiled`` (compiled, no graphs: ``training.compile = "on"``);
 ``eager`` (``training.compile = "off"``); ``no_autocast`` and ``no_hooks`` (eager, without the
-autocast context / without the per-layer preemption hooks); ``compiled_ro`` (compiled with
-``mode="reduce-overhead"``: CUDA graphs per layer).
+autocast context / without the per-layer preemption hooks).
 
 ``--varlen``: the shipped default on batches whose length changes every round (512, 256, 384,
 448, 320, 512 tokens): seconds of each round (the first compiles; the second recompiles with
 dynamic sizes) and the steady step time.
 
 Usage: python bench/gpu_step_profile.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b]
-       [--variants default,eager,no_autocast,no_hooks,compiled_ro] [--steps 8] [--varlen]
+       [--variants default,compiled,eager,no_autocast,no_hooks] [--steps 8] [--varlen]
 """
 import argparse
 import contextlib
@@ -69,16 +69,13 @@ def plain(name, steps):
 
 
 def engine(name, variant, steps, tok):
-    from idletune.gpu.training import compile_layers, wanted
     from idletune.training import adapters
 
     m = C.build(name, tok)
     pm = C.attach(m)
-    if variant == "default" and wanted("auto", pm):
-        compile_layers(pm)
-    if variant == "compiled_ro":
-        compile_layers(pm, mode="reduce-overhead")
+    how = T.shipped_compile(pm, variant if variant in ("default", "compiled") else "eager")
     eng = T.make_engine(pm, tok, steps=steps)
+    eng.graphs = how == "graphs"
     if variant == "no_autocast":
         eng._autocast = contextlib.nullcontext
     if variant == "no_hooks":
@@ -104,14 +101,13 @@ def varlen(name, tok, lengths=(512, 256, 384, 448, 320, 512), steps=4):
     """Round seconds on batches of changing length, with the shipped compile setting."""
     import idletune.training.engine as E
     from idletune.examples import TrainingExample
-    from idletune.gpu.training import compile_layers, wanted
     from idletune.training.data import IGNORE, Encoded
 
     m = C.build(name, tok)
     pm = C.attach(m)
-    if wanted("auto", pm):
-        compile_layers(pm)
+    how = T.shipped_compile(pm, "default")
     eng = T.make_engine(pm, tok, steps=steps)
+    eng.graphs = how == "graphs"
     g = torch.Generator().manual_seed(0)
     out = []
     lo = torch.cuda.Stream(priority=0)
@@ -141,7 +137,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?")
     ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b")
-    ap.add_argument("--variants", default="default,eager,no_autocast,no_hooks,compiled_ro")
+    ap.add_argument("--variants", default="default,compiled,eager,no_autocast,no_hooks")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--varlen", action="store_true")
     a = ap.parse_args()

@@ -3,12 +3,13 @@ engine vs the plain PEFT loop, same model, data, lengths (8 × 512 tokens, loss 
 batch, steps and precision (bf16), rank 8 on q/v/gate/up.
 
 Variants of the engine: as configured by default (on a GPU: decoder layers compiled for
-training, ``training.compile = "auto"``); ``eager`` (``training.compile = "off"``); with gradient
-checkpointing (the memory setting). Also a chat-shaped batch (loss on the last 128 tokens of
+training and replayed as CUDA graphs, ``training.compile = "auto"``); ``compiled`` (compiled, no
+graphs: ``training.compile = "on"``); ``eager`` (``training.compile = "off"``); with gradient
+checkpointing (the memory setting; compiled without graphs, as the service does). Also a chat-shaped batch (loss on the last 128 tokens of
 each 512), where only target positions reach the output layer.
 
 Usage: python bench/gpu_training.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b]
-       [--variants default,eager,checkpointed,chat] [--steps 20]
+       [--variants default,compiled,eager,checkpointed,chat] [--steps 20]
 """
 import argparse
 import threading
@@ -61,6 +62,20 @@ def plain_peft(name, steps):
     return r, n
 
 
+def shipped_compile(pm, variant: str) -> str | None:
+    """Compile the layers as the service would for ``variant`` ("eager": not at all,
+    "compiled": without graphs, "checkpointed": without graphs, as the service does with
+    gradient checkpointing, else ``training.compile = "auto"``). Returns "graphs", "compile" or None."""
+    from idletune.gpu.training import compile_layers, wanted
+
+    how = None if variant == "eager" else wanted("auto", pm)
+    if how == "graphs" and variant in ("compiled", "checkpointed"):
+        how = "compile"
+    if how:
+        compile_layers(pm, graphs=how == "graphs")
+    return how
+
+
 def make_engine(pm, tok, *, checkpointing=False, steps=20):
     from idletune.config import TrainingConfig
     from idletune.training.engine import TrainingEngine
@@ -107,12 +122,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?")
     ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b")
-    ap.add_argument("--variants", default="default,eager,checkpointed,chat")
+    ap.add_argument("--variants", default="default,compiled,eager,checkpointed,chat")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--big-variants", default="default,checkpointed", help="variants for llama-3-8b")
     a = ap.parse_args()
-    from idletune.gpu.training import compile_layers, wanted
-
     tok = C.load_tokenizer()
     res = C.header()
     rows = []
@@ -126,11 +139,11 @@ def main():
             m = C.build(name, tok)
             pm = C.attach(m)
             try:
-                compiled = v != "eager" and wanted("auto", pm)
-                if compiled:
-                    t0 = time.perf_counter()
-                    compile_layers(pm)
+                t0 = time.perf_counter()
+                how = shipped_compile(pm, v)
                 eng = make_engine(pm, tok, checkpointing=(v == "checkpointed"), steps=a.steps)
+                eng.graphs = how == "graphs"
+                compiled = how is not None
                 examples = fixed_batch(tok, chat=(v == "chat"))
                 with torch.cuda.stream(lo):
                     if compiled:

@@ -142,17 +142,29 @@ def test_unknown_target_modules_are_named(tiny_model_dir):
         adapters.attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(target_modules=["c_attn"]))
 
 
-def test_target_only_loss_equals_full_logits_loss(svc):
+@pytest.mark.parametrize("pad_to", [1, 64])
+def test_right_padded_batches_need_no_mask_and_match_each_example_alone(svc, pad_to):
+    """Losses of a right-padded batch (no attention mask: attention is causal and pads come last;
+    lengths bucketed as CUDA-graphed training does) equal each example's loss alone, and the
+    target-only loss equals the full-logits loss with an explicit padding mask."""
     from idletune.training.data import collate, encode, per_example_loss, target_token_losses
 
     exs = [fact(0), TrainingExample.from_text("Plain text chunk about owls and their nests.")]
     exs[1].id = 9
-    b = collate([encode(e, svc.tokenizer, 128) for e in exs], svc.tokenizer.pad_token_id, "cpu")
+    enc = [encode(e, svc.tokenizer, 128) for e in exs]
+    assert len(enc[0].input_ids) != len(enc[1].input_ids)
+    b = collate(enc, svc.tokenizer.pad_token_id, "cpu", pad_to=pad_to)
+    assert b["input_ids"].shape[1] % pad_to == 0
+    mask = torch.zeros_like(b["input_ids"])
+    for i, e in enumerate(enc):
+        mask[i, :len(e.input_ids)] = 1
     with torch.no_grad():
-        full = per_example_loss(svc.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        full = per_example_loss(svc.model(input_ids=b["input_ids"], attention_mask=mask).logits, b["labels"])
         fast = target_token_losses(svc.model, b)
+        alone = [target_token_losses(svc.model, collate([e], svc.tokenizer.pad_token_id, "cpu")) for e in enc]
     torch.testing.assert_close(fast[0], full[0], rtol=1e-5, atol=1e-4)
     assert torch.equal(fast[1], full[1])
+    torch.testing.assert_close(fast[0], torch.cat([a[0] for a in alone]), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain-adamw", "fused-adamw"])
@@ -248,3 +260,32 @@ def test_should_rollback_applies_the_gate_rule_to_figures(svc):
     assert svc.weights.should_rollback(accuracy=0.80, baseline_accuracy=0.90)
     assert not svc.weights.should_rollback(accuracy=0.88, baseline_accuracy=0.90)
     assert not svc.weights.should_rollback()
+
+
+def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir):
+    """What the engine does for CUDA-graphed layers (lengths padded to multiples of 64, a new
+    graph iteration per micro-batch, gradient buffers kept between steps) must not change what
+    is learned: two rounds give the same adapter as the plain path. The graphs themselves need a
+    GPU (bench/gpu_graphs_check.py)."""
+    cfg = Config.load(None, {"training.max_steps": 3, "training.target_loss": 0.0, "training.lora.dropout": 0.0,
+                             "training.warmup_steps": 0, "training.replay_examples": 0})
+    trained, start = [], None
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        s = build_service(tmp_path / f"data{graphs}", model=tiny_model_dir, config=cfg, start_scheduler=False)
+        try:
+            start = start or adapters.clone_adapter(s.model, TRAIN)
+            s.engine.graphs = graphs
+            s.engine.micro_batch_tokens = 64  # several micro-batches per step
+            r = s.engine.train_round([fact(i) for i in range(3)], batch_size=3)
+            assert r.steps == 3 and not r.preempted
+            if graphs:
+                assert all(p.grad is not None and not p.grad.any() for p in s.engine._trainable())
+            trained.append(adapters.clone_adapter(s.model, TRAIN))
+        finally:
+            s.close()
+    assert trained[0].keys() == trained[1].keys()
+    moved = max(float((trained[0][k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e-3  # (Adam steps of ~lr each; the paths differ by float rounding only)
+    for k in trained[0]:
+        torch.testing.assert_close(trained[0][k], trained[1][k], rtol=1e-4, atol=moved * 1e-2)

@@ -13,6 +13,11 @@ its memory bandwidth allows. Here:
   (256, 512, … positions) for the decode step: a token costs one graph launch. The graph also
   takes the argmax and writes it back as the next input, so greedy decoding runs one step ahead
   of the host (no host sync on the critical path).
+- **Few kernels per layer.** At batch 1 a small model's step is set by how many kernels it
+  launches (each reads little), not by bandwidth. Each layer is one compiled piece: norm, fused
+  q/k/v product, rotary and the cache write in one pass, attention, the output product with its
+  residual and the second norm, gate/up, SiLU·up, down. The last residual addition is left to
+  the next layer's first norm, where it costs no extra kernel.
 
 The same code runs eagerly on the CPU (no graphs), which is how its tests check it against the
 Hugging Face model with the adapter applied.
@@ -69,12 +74,18 @@ class FastDecoder:
         compile: compile the decode step's pieces with torch.compile (default: with graphs,
             unless IDLETUNE_COMPILE_DECODE=0); a failure falls back to eager and is kept in
             ``compile_error``.
+        cache_write: where a decode step writes k and v to the cache: "fused" (inside the
+            layer's compiled piece) or "separate" (one copy kernel per layer, between two
+            compiled pieces). Default: IDLETUNE_DECODE_CACHE_WRITE, else "fused".
+        attention: "bmm" (two batched products and a softmax) or "sdpa" (one fused attention
+            kernel). Default: IDLETUNE_DECODE_ATTENTION, else "bmm".
     """
 
     MIN_BUCKET = 256
 
     def __init__(self, model, adapter: str = "live", max_len: int = 4096, use_graphs: bool | None = None,
-                 stream: torch.cuda.Stream | None = None, compile: bool | None = None):
+                 stream: torch.cuda.Stream | None = None, compile: bool | None = None,
+                 cache_write: str | None = None, attention: str | None = None):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"FastDecoder cannot serve this model: {reason}")
@@ -95,17 +106,22 @@ class FastDecoder:
         if compile is None:
             compile = self.use_graphs and os.environ.get("IDLETUNE_COMPILE_DECODE", "1") != "0"
         self.compile_error: str | None = None
-        self._pre, self._post = _pre_attention, _post_attention
+        self.cache_write = cache_write or os.environ.get("IDLETUNE_DECODE_CACHE_WRITE", "fused")
+        self.attention = attention or os.environ.get("IDLETUNE_DECODE_ATTENTION", "bmm")
+        if self.cache_write not in ("fused", "separate") or self.attention not in ("bmm", "sdpa"):
+            raise ValueError(f"cache_write must be fused or separate and attention bmm or sdpa, got "
+                             f"{self.cache_write!r}, {self.attention!r}")
+        self._eager = {"pre": _decode_pre, "post": _decode_post, "layer": _decode_layer}
+        self._pieces = dict(self._eager)
         if compile:  # fuses each layer's element-wise work; compiled on the first captured step
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._pre = torch.compile(_pre_attention, dynamic=False, fullgraph=True)
-            self._post = torch.compile(_post_attention, dynamic=False, fullgraph=True)
+            self._pieces = {k: torch.compile(f, dynamic=False, fullgraph=True) for k, f in self._eager.items()}
         self.version = None  # what refresh() last merged (set by the caller)
         n_layers = len(self.lm.model.layers)
-        # static KV cache: (layers, kv heads, positions, head dim)
-        shape = (n_layers, self.n_kv, self.max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # static KV cache: (layers, k|v, kv heads, positions, head dim); k and v of a layer are
+        # written together
+        self.kv_cache = torch.zeros((n_layers, 2, self.n_kv, self.max_len, self.head_dim), dtype=self.dtype,
+                                    device=self.device)
         with torch.no_grad():
             pos = torch.arange(self.max_len, device=self.device)
             dummy = torch.zeros(1, 1, self.hidden, dtype=self.dtype, device=self.device)
@@ -116,6 +132,7 @@ class FastDecoder:
         self.ids_buf = torch.zeros(1, dtype=torch.long, device=self.device)
         self.pos_buf = torch.zeros(1, dtype=torch.long, device=self.device)
         self.logits_buf = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=self.device)
+        self._zero = torch.zeros(1, self.hidden, dtype=self.dtype, device=self.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._merge_graph = None
         self._pool = None
@@ -216,7 +233,7 @@ class FastDecoder:
         base = {p.data_ptr() for p in self.lm.parameters()}
         own = {t.data_ptr(): t for e in self.layers for t in e.values() if t is not None and t.data_ptr() not in base}
         total = sum(t.numel() * t.element_size() for t in own.values())
-        return total + 2 * self.k_cache.numel() * self.k_cache.element_size()
+        return total + self.kv_cache.numel() * self.kv_cache.element_size()
 
     # ---- the model --------------------------------------------------------------------------
     def _layer(self, x: torch.Tensor, li: int, e: dict, pos: torch.Tensor, attend: Callable) -> torch.Tensor:
@@ -224,8 +241,7 @@ class FastDecoder:
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (T, 1, D)
         q, k, v = _pre_attention(x, e["ln1"], e["qkv"], e["qkv_bias"], cos, sin, self.eps, self.n_heads, self.n_kv,
                                  self.head_dim)
-        self.k_cache[li].index_copy_(1, pos, k)
-        self.v_cache[li].index_copy_(1, pos, v)
+        self.kv_cache[li].index_copy_(2, pos, torch.stack((k, v)))
         x = x + F.linear(attend(q, li), e["o"], e["o_bias"])
         h = F.rms_norm(x, (self.hidden,), e["ln2"], self.eps)
         g, u = F.linear(h, e["gate_up"]).chunk(2, dim=-1)
@@ -233,8 +249,8 @@ class FastDecoder:
 
     def _attend_prefill(self, T: int):
         def attend(q, li):  # causal attention over the prompt just written (positions 0..T-1)
-            k = self.k_cache[li, :, :T][None]
-            v = self.v_cache[li, :, :T][None]
+            k = self.kv_cache[li, 0, :, :T][None]
+            v = self.kv_cache[li, 1, :, :T][None]
             o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, is_causal=True,
                                                enable_gqa=self.n_kv != self.n_heads)  # (1, H, T, D)
             return o[0].transpose(0, 1).reshape(T, -1)
@@ -263,16 +279,22 @@ class FastDecoder:
         """Decode one token: feed ids_buf at pos_buf; write logits_buf; feed the argmax next."""
         pos = self.pos_buf
         x = F.embedding(self.ids_buf, self.embed)  # (1, C)
+        d = self._zero  # the residual addition owed to the next layer's norm (none before the first)
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (1, 1, D), once per step
         mask = torch.where(self.positions[:L] <= pos, 0.0, float("-inf"))  # (L,)
-        pre, post = self._pre, self._post
+        P = self._pieces
+        shape = (self.eps, self.n_heads, self.n_kv, self.head_dim, self.attention == "sdpa")
         for li, e in enumerate(self.layers):
-            q, k, v = pre(x, e["ln1"], e["qkv"], e["qkv_bias"], cos, sin, self.eps, self.n_heads, self.n_kv, self.head_dim)
-            self.k_cache[li].index_copy_(1, pos, k)
-            self.v_cache[li].index_copy_(1, pos, v)
-            x = post(x, q, self.k_cache[li, :, :L], self.v_cache[li, :, :L], mask, e["o"], e["o_bias"], e["ln2"],
-                     e["gate_up"], e["down"], self.eps)
-        logits = self._logits(x)
+            cache = self.kv_cache[li]  # (2, Hkv, max_len, D)
+            if self.cache_write == "fused":
+                x, d = P["layer"](x, d, cache, pos, L, mask, cos, sin, e["ln1"], e["qkv"], e["qkv_bias"], e["o"],
+                                  e["o_bias"], e["ln2"], e["gate_up"], e["down"], *shape)
+            else:
+                x, q, kv = P["pre"](x, d, cos, sin, e["ln1"], e["qkv"], e["qkv_bias"], *shape[:4])
+                cache.index_copy_(2, pos, kv)
+                x, d = P["post"](x, q, cache[:, :, :L], mask, e["o"], e["o_bias"], e["ln2"], e["gate_up"], e["down"],
+                                 *shape)
+        logits = self._logits(x + d)
         self.logits_buf.copy_(logits)
         self.ids_buf.copy_(logits.argmax(dim=-1))
         self.pos_buf.add_(1)
@@ -307,10 +329,10 @@ class FastDecoder:
                 try:
                     self._step(L)
                 except Exception as e:  # a compile failure: fall back to the eager pieces
-                    if self._pre is _pre_attention:
+                    if self._pieces == self._eager:
                         raise
                     self.compile_error = f"{type(e).__name__}: {e}"[:300]
-                    self._pre, self._post = _pre_attention, _post_attention
+                    self._pieces = dict(self._eager)
                     self._step(L)
                 self.ids_buf.copy_(ids)
                 self.pos_buf.copy_(pos)
@@ -377,18 +399,41 @@ def _pre_attention(x, ln1, qkv_w, qkv_b, cos, sin, eps: float, H: int, Hkv: int,
     return q, k.transpose(0, 1), v.view(T, Hkv, D).transpose(0, 1)
 
 
-def _post_attention(x, q, k, v, mask, o_w, o_b, ln2, gu_w, down_w, eps: float):
-    """One query (1, H, D) over cache slices k, v (Hkv, L, D) with ``mask`` (L,), then the
-    output projection, the residual, and the MLP. Returns the layer's output (1, C)."""
-    Hkv, _, D = k.shape
-    qg = q.reshape(Hkv, -1, D)  # (Hkv, G, D): the query heads sharing each kv head
-    s = torch.bmm(qg, k.transpose(1, 2)).float() * (1.0 / math.sqrt(D)) + mask  # (Hkv, G, L)
-    p = torch.softmax(s, dim=-1).to(v.dtype)
-    o = torch.bmm(p, v).reshape(1, -1)  # (1, H D)
+def _decode_pre(x, d, cos, sin, ln1, qkv_w, qkv_b, eps: float, H: int, Hkv: int, D: int):
+    """Decode step, first half of a layer: the owed residual ``x + d``, then norm, q/k/v and
+    rotary. Returns the residual stream (1, C), q (1, H, D) and k|v (2, Hkv, 1, D) for the cache."""
+    x = x + d
+    q, k, v = _pre_attention(x, ln1, qkv_w, qkv_b, cos, sin, eps, H, Hkv, D)
+    return x, q, torch.stack((k, v))
+
+
+def _decode_post(x, q, kv, mask, o_w, o_b, ln2, gu_w, down_w, eps: float, H: int, Hkv: int, D: int, sdpa: bool):
+    """Decode step, second half: one query (1, H, D) over the cache slice k|v (2, Hkv, L, D) with
+    ``mask`` (L,), the output projection, the residual, and the MLP. Returns the residual stream
+    (1, C) and the MLP's output (1, C), which the next layer (or the final norm) adds."""
+    k, v = kv[0], kv[1]
+    if sdpa:
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask.to(q.dtype).view(1, 1, 1, -1),
+                                           enable_gqa=Hkv != H)  # (1, H, 1, D)
+        o = o.reshape(1, -1)
+    else:
+        qg = q.reshape(Hkv, -1, D)  # (Hkv, G, D): the query heads sharing each kv head
+        s = torch.bmm(qg, k.transpose(1, 2)).float() * (1.0 / math.sqrt(D)) + mask  # (Hkv, G, L)
+        p = torch.softmax(s, dim=-1).to(v.dtype)
+        o = torch.bmm(p, v).reshape(1, -1)  # (1, H D)
     x = x + F.linear(o, o_w, o_b)
     h = F.rms_norm(x, (x.shape[-1],), ln2, eps)
     g, u = F.linear(h, gu_w).chunk(2, dim=-1)
-    return x + F.linear(F.silu(g) * u, down_w)
+    return x, F.linear(F.silu(g) * u, down_w)
+
+
+def _decode_layer(x, d, cache, pos, L: int, mask, cos, sin, ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, down_w,
+                  eps: float, H: int, Hkv: int, D: int, sdpa: bool):
+    """A whole decode layer in one piece, the cache write included: ``cache`` (2, Hkv, max_len,
+    D) gets k|v at ``pos``; attention reads its first ``L`` positions."""
+    x, q, kv = _decode_pre(x, d, cos, sin, ln1, qkv_w, qkv_b, eps, H, Hkv, D)
+    cache.index_copy_(2, pos, kv)
+    return _decode_post(x, q, cache[:, :, :L], mask, o_w, o_b, ln2, gu_w, down_w, eps, H, Hkv, D, sdpa)
 
 
 def _event(device) -> torch.cuda.Event | None:

@@ -1,4 +1,4 @@
-"""Training-side GPU option: compiling the decoder layers for training steps.
+"""Training-side GPU options: compiled decoder layers, optionally replayed as CUDA graphs.
 
 On a GPU a LoRA step spends most of its time in element-wise work (norms, rotary, SiLU·up, the
 adapters' dropout, casts and additions: measured 28 of 121 ms of kernels per step at the 1.5B
@@ -7,10 +7,19 @@ element-wise work into a few Triton kernels: half the launches, a third less ker
 (docs/BENCHMARKS.md). Only the layers' ``forward`` is compiled, so the preemption hooks around
 each layer stay in eager Python and can still stop a step.
 
+``graphs``: each compiled layer's forward and backward are also captured as CUDA graphs
+(``mode="reduce-overhead"``, torch's CUDA graph trees), so a layer costs one launch instead of
+dozens and the host no longer limits the step. A graph holds one shape, so the engine pads
+batches to multiples of 64 tokens (``engine.GRAPH_LENGTH_MULTIPLE``), marks each micro-batch as a new
+iteration (a step preempted between layers leaves no half-used graph behind) and keeps the
+gradient buffers allocated (a graph's output is overwritten by its next replay, so it must never
+become a ``.grad`` itself).
+
 The compiled forward runs only for training passes (module in train mode, gradients on).
 Evaluation and any inference through the Hugging Face forward stay eager, so a request never
 waits for a compilation. Shapes: the first batch compiles for its shape; the first batch of
-another length recompiles once with dynamic sizes, which then serve every length.
+another length recompiles once with dynamic sizes, which then serve every length (with graphs,
+each new padded shape is captured once, in about a second).
 """
 from __future__ import annotations
 
@@ -21,11 +30,15 @@ import torch
 log = logging.getLogger("idletune.gpu")
 
 
-def compile_layers(model, **kwargs) -> int:
-    """Compile every decoder layer's forward for training passes. Returns how many layers."""
+def compile_layers(model, graphs: bool = False, **kwargs) -> int:
+    """Compile every decoder layer's forward for training passes (with ``graphs``, replayed as
+    CUDA graphs). Returns how many layers."""
     from ..training.adapters import decoder_layers
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if graphs:
+        kwargs.setdefault("mode", "reduce-overhead")
+        torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None  # shapes are bucketed
     layers = decoder_layers(model)
     for layer in layers:
         if getattr(layer.forward, "_idletune_compiled", False):
@@ -43,21 +56,27 @@ def compile_layers(model, **kwargs) -> int:
     return len(layers)
 
 
-def wanted(setting: str, model, fast_path: bool = True) -> bool:
-    """Whether ``training.compile`` ("auto", "on", "off") asks to compile for this model.
-    "auto" compiles on a CUDA device when Triton (torch.compile's GPU backend) is there and
-    requests are served by the GPU fast path: a compilation runs inside a training step, under
-    the model lock, which requests on the portable path (full/hybrid modes) would wait for."""
+def wanted(setting: str, model, fast_path: bool = True) -> str | None:
+    """What ``training.compile`` ("auto", "graphs", "on", "off") asks for this model: "graphs",
+    "compile" or None. "auto" means graphs on a CUDA device when Triton (torch.compile's GPU
+    backend) is there and requests are served by the GPU fast path: a compilation runs inside a
+    training step, under the model lock, which requests on the portable path (full/hybrid modes)
+    would wait for."""
     if setting == "off":
-        return False
+        return None
     on_cuda = next(model.parameters()).device.type == "cuda"
     if setting == "on":
-        return True
+        return "compile"
+    if setting == "graphs":
+        if not on_cuda:
+            log.info("training.compile=graphs: not on a CUDA device, compiling without graphs")
+            return "compile"
+        return "graphs"
     if not on_cuda or not fast_path:
-        return False
+        return None
     try:
         import triton  # noqa: F401
     except ImportError:
         log.info("training.compile=auto: triton is not installed, training layers stay eager")
-        return False
-    return True
+        return None
+    return "graphs"

@@ -40,32 +40,34 @@ def encode(example: TrainingExample, tokenizer, max_len: int) -> Encoded:
     return Encoded(example.id, ids, [IGNORE] * len(bos) + ids[len(bos):], kind="text")
 
 
-def collate(items: list[Encoded], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest item; padding carries no loss and no attention.
+def collate(items: list[Encoded], pad_id: int, device, pad_to: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest item (rounded up to a multiple of ``pad_to``: CUDA-graphed
+    training replays one graph per shape, so lengths are bucketed); padding carries no loss.
+
+    No attention mask is needed: padding is only ever on the right and attention is causal, so
+    no real token attends to a pad, and positions count from 0 in every row. Without a mask the
+    model takes its fast causal attention path, with no check of a mask on the device.
 
     Besides the padded tensors, the batch carries where its targets are, worked out here on the
     host: ``target_pos`` (flat indices into the (B, T-1) shifted positions), ``target_row`` and
     ``target_labels``, and ``target_count`` per row. With them the loss needs no boolean
-    indexing on the device, which would make the host wait for the GPU. ``attention_mask`` is
-    None when no row is padded (the model then takes the fast causal path, with no check of the
-    mask on the device). On a GPU the tensors are copied from pinned memory without blocking.
+    indexing on the device, which would make the host wait for the GPU. On a GPU the tensors
+    are copied from pinned memory without blocking.
     """
     n = max(len(e.input_ids) for e in items)
+    n = -(-n // pad_to) * pad_to
     ids = torch.full((len(items), n), pad_id, dtype=torch.long)
     labels = torch.full((len(items), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(items), n), dtype=torch.long)
     pos, rows, targets, count = [], [], [], []
     for i, e in enumerate(items):
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
-        mask[i, : len(e.input_ids)] = 1
         hits = [(t - 1, lab) for t, lab in enumerate(e.labels) if t > 0 and lab != IGNORE]
         pos += [i * (n - 1) + t for t, _ in hits]
         rows += [i] * len(hits)
         targets += [lab for _, lab in hits]
         count.append(len(hits))
-    padded = any(len(e.input_ids) < n for e in items)
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask if padded else None,
+    batch = {"input_ids": ids, "labels": labels,
              "target_pos": torch.tensor(pos, dtype=torch.long), "target_row": torch.tensor(rows, dtype=torch.long),
              "target_labels": torch.tensor(targets, dtype=torch.long), "target_count": torch.tensor(count, dtype=torch.long)}
     device = torch.device(device)
@@ -95,9 +97,9 @@ def target_token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = lm.config
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) or not hasattr(lm, "get_decoder"):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"]).logits
         return per_example_loss(logits, batch["labels"])
-    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
     selected = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["target_pos"])  # (N, C)
     labels = batch["target_labels"]  # (N,)
     head = lm.get_output_embeddings()

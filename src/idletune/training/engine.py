@@ -25,6 +25,8 @@ from . import adapters
 from .adapters import LIVE, TRAIN
 from .data import Encoded, collate, encode, target_token_losses
 
+GRAPH_LENGTH_MULTIPLE = 64  # with CUDA-graphed layers: padded lengths are multiples of this
+
 
 QUEUED_LAYERS = 3  # on a GPU: most layers of training work queued ahead of a request
 
@@ -132,6 +134,10 @@ class TrainingEngine:
         self.max_wait_s: float | None = None  # evaluation waits at most this long for a gap (None: forever)
         self.queued_layers = int(os.environ.get("IDLETUNE_TRAIN_QUEUE_LAYERS", QUEUED_LAYERS))
         self._optimizer = None
+        # Set when the decoder layers are replayed as CUDA graphs (gpu/training.py): batches are
+        # padded to bucketed lengths, each micro-batch is a new graph iteration, and gradient
+        # buffers stay allocated between steps.
+        self.graphs = False
         self._install_preemption_hooks()
         if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -199,13 +205,15 @@ class TrainingEngine:
                     self._step_stream = torch.cuda.current_stream() if self.device.type == "cuda" else None
                     try:
                         self._enter_training()
+                        if self.graphs:
+                            self._allocate_grads()
                         sums, counts = self._forward_backward(batch)
                         grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), cfg.max_grad_norm)
                         loss = sums.sum() / counts.sum().clamp(min=1)
                         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
                         self._optimizer_step(opt, finite)
                     finally:
-                        opt.zero_grad(set_to_none=True)
+                        opt.zero_grad(set_to_none=not self.graphs)
                         self._step_thread = self._step_stream = None  # before the lock is released
                         self._queued.clear()
             except Preempted:
@@ -227,8 +235,11 @@ class TrainingEngine:
         """Loss summed per example, gradients accumulated over micro-batches; (B,), (B,)."""
         total_tokens = max(1, sum(it.num_target_tokens for it in batch))
         sums, counts = [], []
+        pad_to = GRAPH_LENGTH_MULTIPLE if self.graphs else 1
         for part in self._micro_batches(batch):
-            micro = collate(part, self.tokenizer.pad_token_id, self.device)
+            micro = collate(part, self.tokenizer.pad_token_id, self.device, pad_to=pad_to)
+            if self.graphs:  # a new iteration: what a preempted pass left in the graphs is dropped
+                torch.compiler.cudagraph_mark_step_begin()
             with self._autocast():
                 s, c = target_token_losses(self.model, micro)  # (b,), (b,)
             (s.sum() / total_tokens).backward()
@@ -250,6 +261,14 @@ class TrainingEngine:
                 parts.append(cur := [])
             cur.append(it)
         return parts
+
+    def _allocate_grads(self) -> None:
+        """Gradients accumulate into buffers that outlive the step: a CUDA graph's output is
+        overwritten by the graph's next replay, so autograd must add it into ``.grad``, never
+        adopt it as ``.grad``."""
+        for p in self._trainable():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     def _optimizer_step(self, opt, finite: torch.Tensor) -> None:
         """Step unless the loss or gradient norm is not finite. The fused (GPU) AdamW takes the
