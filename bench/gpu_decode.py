@@ -4,9 +4,8 @@ idletune's GPU path (FastDecoder: merged fused weights, static KV cache, one CUD
 step, greedy argmax on the device one step ahead of the host) with a live rank-8 adapter, for a
 256-token prompt and 128 new tokens. The limit is copy bandwidth / model bytes (as gpu_baseline.py).
 
-On ``--variant-shapes`` the decode step's other layouts are timed too (``cache_write`` fused
-into the layer's compiled piece or a separate copy; attention as two products and a softmax
-(bmm) or one fused kernel (sdpa)); the shipped default is "fused, bmm".
+On ``--variant-shapes`` the decoder is timed without coordinate-descent tuning too (``tuned``
+off: matrix-vector products stay cuBLAS calls); the shipped default is tuned.
 
 Usage: python bench/gpu_decode.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b] [--hf]
 """
@@ -34,6 +33,25 @@ def fast_latency(dec, prompt, new=128, reps=5):
     return {"ttft_ms": 1e3 * C.med(ttft), "per_token_ms": 1e3 * C.med(per_tok), "tok_s": 1 / C.med(per_tok)}
 
 
+@torch.no_grad()
+def logits_error(dec, pm, prompt, steps=8):
+    """Largest |decoder − PEFT forward| of the decode steps' logits, relative to the logits' spread
+    (the same tokens fed to both; bf16 either way)."""
+    from idletune.training import adapters
+
+    adapters.activate(pm, "live")
+    pm.eval()
+    ids = prompt + [int(t) for t in torch.randint(100, 1000, (steps,))]
+    ref = pm(input_ids=torch.tensor([ids], device="cuda")).logits[0].float()
+    dec.prefill(prompt)
+    worst = 0.0
+    for i, pos in enumerate(range(len(prompt), len(ids))):
+        dec.ids_buf.fill_(ids[pos])
+        dec.step(pos)
+        worst = max(worst, float((dec.logits_buf[0] - ref[pos]).abs().max() / ref[pos].std()))
+    return worst
+
+
 def hf_latency(model, prompt, new=32):
     ids = torch.tensor([prompt], device="cuda")
     with torch.no_grad():
@@ -53,7 +71,7 @@ def main():
     ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b")
     ap.add_argument("--hf", action="store_true", help="also time Hugging Face generate (plain, no adapter)")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--variant-shapes", default="qwen2.5-0.5b", help="also time the other decode-step layouts")
+    ap.add_argument("--variant-shapes", default="qwen2.5-0.5b", help="also time the decoder untuned")
     a = ap.parse_args()
     from idletune.gpu import FastDecoder
 
@@ -72,23 +90,25 @@ def main():
         pm = C.attach(m, live_scale=0.01)
         with torch.cuda.stream(stream):
             if name in a.variant_shapes.split(","):
-                for cw, att in (("separate", "bmm"), ("fused", "sdpa"), ("separate", "sdpa")):
-                    try:
-                        dec = FastDecoder(pm, "live", max_len=1024, stream=stream, cache_write=cw, attention=att)
-                        v = r[f"{cw}_{att}"] = fast_latency(dec, prompt, reps=a.reps)
-                        v["compile_error"] = dec.compile_error
-                        rows.append([f"{name} ({cw} cache write, {att})", v["tok_s"], r["bw_limit_tok_s"],
-                                     100 * v["tok_s"] / r["bw_limit_tok_s"], v["ttft_ms"], "-"])
-                        del dec
-                    except Exception as e:  # report and go on
-                        r[f"{cw}_{att}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                        rows.append([f"{name} ({cw}, {att})", "error", "", "", "", str(e)[:50]])
-                    torch._dynamo.reset()
+                try:
+                    t0 = time.perf_counter()
+                    dec = FastDecoder(pm, "live", max_len=1024, stream=stream, tuned=False)
+                    v = r["untuned"] = fast_latency(dec, prompt, reps=a.reps)
+                    v["first_use_s (compile + capture)"] = time.perf_counter() - t0
+                    v["compile_error"] = dec.compile_error
+                    rows.append([f"{name} (untuned)", v["tok_s"], r["bw_limit_tok_s"],
+                                 100 * v["tok_s"] / r["bw_limit_tok_s"], v["ttft_ms"], "-"])
+                    del dec
+                except Exception as e:  # report and go on
+                    r["untuned"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                    rows.append([f"{name} (untuned)", "error", "", "", "", str(e)[:50]])
+                torch._dynamo.reset()
             t0 = time.perf_counter()
             dec = FastDecoder(pm, "live", max_len=1024, stream=stream)
             r["fast"] = fast_latency(dec, prompt, reps=a.reps)
             r["fast"]["first_use_s (compile + capture)"] = time.perf_counter() - t0
             r["fast"]["compile_error"] = dec.compile_error
+            r["fast"]["logits_error_vs_peft"] = logits_error(dec, pm, prompt)
         r["fast"]["share_of_limit"] = r["fast"]["tok_s"] / r["bw_limit_tok_s"]
         r["serving_copy_MB"] = dec.serving_bytes() / 2**20
         res[name] = r
@@ -98,6 +118,11 @@ def main():
         torch.cuda.empty_cache()
     print(f"decode, batch 1, 256-token prompt, 128 new ({res['device']}, copy {bw:.2f} TB/s)")
     C.table(rows, ["shape", "tok/s", "limit tok/s", "% of limit", "TTFT ms", "HF generate tok/s"])
+    for name in a.shapes.split(","):
+        f = res[name]["fast"]
+        print(f"{name}: first use {f['first_use_s (compile + capture)']:.1f} s (compile + capture), "
+              f"compile error: {f['compile_error']}; logits vs PEFT forward: max |diff| = "
+              f"{f['logits_error_vs_peft']:.3f} × their std")
     C.write(res, "gpu_decode.json")
 
 

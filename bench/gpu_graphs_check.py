@@ -47,9 +47,12 @@ def examples_of(tok, n_rounds: int):
     return rounds
 
 
-def run(shape, tok, graphs: bool, rounds, preempt_at: dict):
+def run(shape, tok, graphs: bool, rounds, preempt_at: dict, probe_weights=None):
     """Train every round (4 steps each) with ``preempt_at[round] = boundary index`` preempting
-    that round's second step; returns (losses, adapter, eval losses, seconds per round)."""
+    that round's second step. Then the gradient probe: with the adapter set to ``probe_weights``
+    (default: this run's result), the gradients of the last round's batch (three micro-batches),
+    computed twice. Returns (losses, adapter, eval losses, seconds per round, start adapter,
+    [gradients of each probe pass])."""
     from idletune.config import TrainingConfig
     from idletune.gpu.training import compile_layers
     from idletune.training import adapters
@@ -100,11 +103,26 @@ def run(shape, tok, graphs: bool, rounds, preempt_at: dict):
             torch.cuda.synchronize()
             secs.append(time.perf_counter() - t)
             evals.append(eng.evaluate(exs[:3], adapters.TRAIN))
-    tensors = {k: v.float().clone() for k, v in adapters.adapter_tensors(pm, adapters.TRAIN).items()}
+        tensors = {k: v.float().clone() for k, v in adapters.adapter_tensors(pm, adapters.TRAIN).items()}
+        adapters.load_adapter_tensors(pm, adapters.TRAIN, probe_weights or tensors)
+        import idletune.training.engine as E
+
+        batch = [E.encode(e, tok, 512) for e in rounds[-1]]
+        probes = []
+        for _ in range(2):  # with graphs: the second pass replays what the first may have recorded
+            eng._enter_training()
+            if graphs:
+                eng._allocate_grads()
+            with eng.lock:
+                eng._step_thread = threading.get_ident()
+                eng._forward_backward(batch)
+                eng._step_thread = None
+            probes.append([p.grad.float().clone() for p in eng._trainable()])
+            eng._get_optimizer().zero_grad(set_to_none=not graphs)
     del eng, pm, m
     torch._dynamo.reset()
     torch.cuda.empty_cache()
-    return losses, tensors, evals, secs, start
+    return losses, tensors, evals, secs, start, probes
 
 
 def main():
@@ -121,7 +139,7 @@ def main():
     # micro-batch); round 3: in the backward pass (boundaries past the forward of every micro-batch)
     preempt_at = {1: 5, 3: 3 * n_layers + 4}
     eager = run(a.shape, tok, False, rounds, preempt_at)
-    graphs = run(a.shape, tok, True, rounds, preempt_at)
+    graphs = run(a.shape, tok, True, rounds, preempt_at, probe_weights=eager[1])
     problems = []
     rel = [abs(x - y) / max(abs(x), 1e-6) for x, y in zip(eager[0], graphs[0])]
     if len(eager[0]) != len(graphs[0]):
@@ -133,14 +151,24 @@ def main():
         problems.append("the two copies did not start from the same adapter")
     for k, v in eager[1].items():
         d_e, d_g = v - eager[4][k], graphs[1][k] - eager[4][k]
-        cos.append(float(torch.nn.functional.cosine_similarity(d_e.flatten(), d_g.flatten(), dim=0)))
-    if min(cos) < 0.98:
-        problems.append(f"adapter updates differ: min cosine similarity {min(cos):.4f}")
+        cos.append(float(torch.nn.functional.cosine_similarity(d_e.flatten(), d_g.flatten(), dim=0).detach()))
+    d_e = torch.cat([(v - eager[4][k]).flatten() for k, v in eager[1].items()])
+    d_g = torch.cat([(graphs[1][k] - eager[4][k]).flatten() for k in eager[1]])
+    total_cos = float(torch.nn.functional.cosine_similarity(d_e, d_g, dim=0))
+    if total_cos < 0.98:
+        problems.append(f"adapter updates differ: cosine similarity {total_cos:.4f}")
+    # the gradients of one batch from the same weights: eager vs graphs (both probe passes)
+    grad_cos = [float(torch.nn.functional.cosine_similarity(a_.flatten(), b_.flatten(), dim=0))
+                for p in graphs[5] for a_, b_ in zip(eager[5][1], p) if a_.abs().sum() > 0]
+    if min(grad_cos) < 0.99:
+        problems.append(f"gradients differ: min cosine similarity {min(grad_cos):.4f} over {len(grad_cos)} tensors")
     res.update(shape=a.shape, losses_eager=eager[0], losses_graphs=graphs[0], max_rel_loss_diff=max(rel),
-               min_update_cosine=min(cos), eval_eager=eager[2], eval_graphs=graphs[2],
+               min_update_cosine=min(cos), update_cosine=total_cos, min_grad_cosine=min(grad_cos),
+               median_grad_cosine=sorted(grad_cos)[len(grad_cos) // 2], eval_eager=eager[2], eval_graphs=graphs[2],
                round_s_eager=eager[3], round_s_graphs=graphs[3], problems=problems)
     print(f"{a.shape}: {len(eager[0])} steps each; losses max rel diff {max(rel):.2e}; adapter update cosine "
-          f"min {min(cos):.5f}; eval eager {[round(x, 4) for x in eager[2]]} graphs {[round(x, 4) for x in graphs[2]]}")
+          f"{total_cos:.5f} (per tensor min {min(cos):.5f}); gradients of one batch from the same weights, cosine "
+          f"min {min(grad_cos):.5f}, median {sorted(grad_cos)[len(grad_cos) // 2]:.5f}; eval eager {[round(x, 4) for x in eager[2]]} graphs {[round(x, 4) for x in graphs[2]]}")
     print("round seconds eager ", [round(x, 2) for x in eager[3]])
     print("round seconds graphs", [round(x, 2) for x in graphs[3]])
     print("PROBLEMS: " + "; ".join(problems) if problems else "OK: graphed training matches eager")

@@ -41,13 +41,11 @@ def hf_logits(model, ids):
     return model(input_ids=torch.tensor([ids])).logits[0].float()  # (T, V)
 
 
-@pytest.mark.parametrize("kind,cache_write,attention", [("qwen2", "fused", "bmm"), ("llama", "fused", "bmm"),
-                                                        ("qwen2", "separate", "sdpa"), ("llama", "separate", "bmm"),
-                                                        ("llama", "fused", "sdpa")])
-def test_prefill_and_decode_match_hf_with_live_adapter(kind, cache_write, attention):
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_prefill_and_decode_match_hf_with_live_adapter(kind):
     model = tiny(kind)
     assert unsupported_reason(model) is None
-    dec = FastDecoder(model, LIVE, max_len=300, use_graphs=False, cache_write=cache_write, attention=attention)
+    dec = FastDecoder(model, LIVE, max_len=300, use_graphs=False)
     ids = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
     ref = hf_logits(model, ids)
     prompt = ids[:6]

@@ -14,10 +14,13 @@ its memory bandwidth allows. Here:
   takes the argmax and writes it back as the next input, so greedy decoding runs one step ahead
   of the host (no host sync on the critical path).
 - **Few kernels per layer.** At batch 1 a small model's step is set by how many kernels it
-  launches (each reads little), not by bandwidth. Each layer is one compiled piece: norm, fused
-  q/k/v product, rotary and the cache write in one pass, attention, the output product with its
-  residual and the second norm, gate/up, SiLU·up, down. The last residual addition is left to
-  the next layer's first norm, where it costs no extra kernel.
+  launches (each reads little), not by bandwidth. A layer is two compiled pieces around one
+  attention kernel: (norm, fused q/k/v, rotary, cache write) and (output product, residual,
+  norm, gate/up, SiLU·up, down). The last residual addition is left to the next layer's first
+  norm, where it costs no extra kernel. The pieces do not depend on the attention length, so
+  they compile once for every bucket. With ``tuned`` (the default) inductor turns the
+  matrix-vector products into Triton reductions, tuned by coordinate descent, that fuse with
+  the element-wise work around them.
 
 The same code runs eagerly on the CPU (no graphs), which is how its tests check it against the
 Hugging Face model with the adapter applied.
@@ -74,18 +77,15 @@ class FastDecoder:
         compile: compile the decode step's pieces with torch.compile (default: with graphs,
             unless IDLETUNE_COMPILE_DECODE=0); a failure falls back to eager and is kept in
             ``compile_error``.
-        cache_write: where a decode step writes k and v to the cache: "fused" (inside the
-            layer's compiled piece) or "separate" (one copy kernel per layer, between two
-            compiled pieces). Default: IDLETUNE_DECODE_CACHE_WRITE, else "fused".
-        attention: "bmm" (two batched products and a softmax) or "sdpa" (one fused attention
-            kernel). Default: IDLETUNE_DECODE_ATTENTION, else "bmm".
+        tuned: compile with inductor's coordinate-descent tuning, which also turns batch-1
+            matrix products into fusable reductions (default: IDLETUNE_DECODE_TUNED, else on).
     """
 
     MIN_BUCKET = 256
 
     def __init__(self, model, adapter: str = "live", max_len: int = 4096, use_graphs: bool | None = None,
                  stream: torch.cuda.Stream | None = None, compile: bool | None = None,
-                 cache_write: str | None = None, attention: str | None = None):
+                 tuned: bool | None = None):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"FastDecoder cannot serve this model: {reason}")
@@ -106,16 +106,16 @@ class FastDecoder:
         if compile is None:
             compile = self.use_graphs and os.environ.get("IDLETUNE_COMPILE_DECODE", "1") != "0"
         self.compile_error: str | None = None
-        self.cache_write = cache_write or os.environ.get("IDLETUNE_DECODE_CACHE_WRITE", "fused")
-        self.attention = attention or os.environ.get("IDLETUNE_DECODE_ATTENTION", "bmm")
-        if self.cache_write not in ("fused", "separate") or self.attention not in ("bmm", "sdpa"):
-            raise ValueError(f"cache_write must be fused or separate and attention bmm or sdpa, got "
-                             f"{self.cache_write!r}, {self.attention!r}")
-        self._eager = {"pre": _decode_pre, "post": _decode_post, "layer": _decode_layer}
+        if tuned is None:
+            tuned = os.environ.get("IDLETUNE_DECODE_TUNED", "1") != "0"
+        self.tuned = bool(tuned)
+        self._eager = {"pre": _decode_pre, "post": _decode_post}
         self._pieces = dict(self._eager)
         if compile:  # fuses each layer's element-wise work; compiled on the first captured step
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._pieces = {k: torch.compile(f, dynamic=False, fullgraph=True) for k, f in self._eager.items()}
+            opts = {"coordinate_descent_tuning": True} if self.tuned else None
+            self._pieces = {k: torch.compile(f, dynamic=False, fullgraph=True, options=opts)
+                            for k, f in self._eager.items()}
         self.version = None  # what refresh() last merged (set by the caller)
         n_layers = len(self.lm.model.layers)
         # static KV cache: (layers, k|v, kv heads, positions, head dim); k and v of a layer are
@@ -281,19 +281,16 @@ class FastDecoder:
         x = F.embedding(self.ids_buf, self.embed)  # (1, C)
         d = self._zero  # the residual addition owed to the next layer's norm (none before the first)
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (1, 1, D), once per step
-        mask = torch.where(self.positions[:L] <= pos, 0.0, float("-inf"))  # (L,)
-        P = self._pieces
-        shape = (self.eps, self.n_heads, self.n_kv, self.head_dim, self.attention == "sdpa")
+        # (1, 1, 1, L): the G query heads of a kv head attend as G rows of one head, one mask
+        mask = torch.where(self.positions[:L] <= pos, 0.0, float("-inf")).to(self.dtype).view(1, 1, 1, L)
+        pre, post = self._pieces["pre"], self._pieces["post"]
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         for li, e in enumerate(self.layers):
             cache = self.kv_cache[li]  # (2, Hkv, max_len, D)
-            if self.cache_write == "fused":
-                x, d = P["layer"](x, d, cache, pos, L, mask, cos, sin, e["ln1"], e["qkv"], e["qkv_bias"], e["o"],
-                                  e["o_bias"], e["ln2"], e["gate_up"], e["down"], *shape)
-            else:
-                x, q, kv = P["pre"](x, d, cos, sin, e["ln1"], e["qkv"], e["qkv_bias"], *shape[:4])
-                cache.index_copy_(2, pos, kv)
-                x, d = P["post"](x, q, cache[:, :, :L], mask, e["o"], e["o_bias"], e["ln2"], e["gate_up"], e["down"],
-                                 *shape)
+            x, q = pre(x, d, cache, pos, cos, sin, e["ln1"], e["qkv"], e["qkv_bias"], self.eps, H, Hkv, D)
+            o = F.scaled_dot_product_attention(q.view(1, Hkv, H // Hkv, D), cache[0, :, :L][None],
+                                               cache[1, :, :L][None], attn_mask=mask)  # (1, Hkv, G, D)
+            x, d = post(x, o.reshape(1, H * D), e["o"], e["o_bias"], e["ln2"], e["gate_up"], e["down"], self.eps)
         logits = self._logits(x + d)
         self.logits_buf.copy_(logits)
         self.ids_buf.copy_(logits.argmax(dim=-1))
@@ -390,7 +387,7 @@ def _pre_attention(x, ln1, qkv_w, qkv_b, cos, sin, eps: float, H: int, Hkv: int,
     Returns q (T, H, D) and k, v (Hkv, T, D) as the cache holds them."""
     T = x.shape[0]
     h = F.rms_norm(x, (x.shape[-1],), ln1, eps)
-    qkv = F.linear(h, qkv_w, qkv_b)  # (T, (H + 2 Hkv) D)
+    qkv = _linear(h, qkv_w, qkv_b)  # (T, (H + 2 Hkv) D)
     qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
     qk = qk.view(T, H + Hkv, D)
     x1, x2 = qk.chunk(2, dim=-1)
@@ -399,41 +396,31 @@ def _pre_attention(x, ln1, qkv_w, qkv_b, cos, sin, eps: float, H: int, Hkv: int,
     return q, k.transpose(0, 1), v.view(T, Hkv, D).transpose(0, 1)
 
 
-def _decode_pre(x, d, cos, sin, ln1, qkv_w, qkv_b, eps: float, H: int, Hkv: int, D: int):
-    """Decode step, first half of a layer: the owed residual ``x + d``, then norm, q/k/v and
-    rotary. Returns the residual stream (1, C), q (1, H, D) and k|v (2, Hkv, 1, D) for the cache."""
+def _decode_pre(x, d, cache, pos, cos, sin, ln1, qkv_w, qkv_b, eps: float, H: int, Hkv: int, D: int):
+    """Decode step, first piece of a layer: the owed residual ``x + d``, norm, q/k/v, rotary,
+    and k|v written into ``cache`` (2, Hkv, max_len, D) at ``pos``. Returns the residual stream
+    (1, C) and q (1, H, D)."""
     x = x + d
     q, k, v = _pre_attention(x, ln1, qkv_w, qkv_b, cos, sin, eps, H, Hkv, D)
-    return x, q, torch.stack((k, v))
+    cache.index_copy_(2, pos, torch.stack((k, v)))
+    return x, q
 
 
-def _decode_post(x, q, kv, mask, o_w, o_b, ln2, gu_w, down_w, eps: float, H: int, Hkv: int, D: int, sdpa: bool):
-    """Decode step, second half: one query (1, H, D) over the cache slice k|v (2, Hkv, L, D) with
-    ``mask`` (L,), the output projection, the residual, and the MLP. Returns the residual stream
-    (1, C) and the MLP's output (1, C), which the next layer (or the final norm) adds."""
-    k, v = kv[0], kv[1]
-    if sdpa:
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask.to(q.dtype).view(1, 1, 1, -1),
-                                           enable_gqa=Hkv != H)  # (1, H, 1, D)
-        o = o.reshape(1, -1)
-    else:
-        qg = q.reshape(Hkv, -1, D)  # (Hkv, G, D): the query heads sharing each kv head
-        s = torch.bmm(qg, k.transpose(1, 2)).float() * (1.0 / math.sqrt(D)) + mask  # (Hkv, G, L)
-        p = torch.softmax(s, dim=-1).to(v.dtype)
-        o = torch.bmm(p, v).reshape(1, -1)  # (1, H D)
-    x = x + F.linear(o, o_w, o_b)
+def _decode_post(x, o, o_w, o_b, ln2, gu_w, down_w, eps: float):
+    """Decode step, second piece: the output projection of attention's ``o`` (1, H D), the
+    residual, and the MLP. Returns the residual stream (1, C) and the MLP's output (1, C), which
+    the next layer (or the final norm) adds."""
+    x = x + _linear(o, o_w, o_b)
     h = F.rms_norm(x, (x.shape[-1],), ln2, eps)
     g, u = F.linear(h, gu_w).chunk(2, dim=-1)
     return x, F.linear(F.silu(g) * u, down_w)
 
 
-def _decode_layer(x, d, cache, pos, L: int, mask, cos, sin, ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, down_w,
-                  eps: float, H: int, Hkv: int, D: int, sdpa: bool):
-    """A whole decode layer in one piece, the cache write included: ``cache`` (2, Hkv, max_len,
-    D) gets k|v at ``pos``; attention reads its first ``L`` positions."""
-    x, q, kv = _decode_pre(x, d, cos, sin, ln1, qkv_w, qkv_b, eps, H, Hkv, D)
-    cache.index_copy_(2, pos, kv)
-    return _decode_post(x, q, cache[:, :, :L], mask, o_w, o_b, ln2, gu_w, down_w, eps, H, Hkv, D, sdpa)
+def _linear(x, w, b):
+    """``F.linear`` with the bias added separately: a product with a bias is one fixed library
+    call (addmm), a product plus an addition is what inductor can fuse."""
+    y = F.linear(x, w)
+    return y if b is None else y + b
 
 
 def _event(device) -> torch.cuda.Event | None:
