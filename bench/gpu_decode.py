@@ -52,6 +52,30 @@ def logits_error(dec, pm, prompt, steps=8):
     return worst
 
 
+def kernel_profile(dec, prompt, steps=16) -> dict:
+    """Kernels of one decode step (replayed graph): count, summed GPU time, the top few."""
+    from torch.autograd import DeviceType
+
+    list(dec.tokens(prompt, 4))
+    dec.prefill(prompt)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            dec.step(len(prompt) + i)
+        torch.cuda.synchronize()
+    names, n, total = {}, 0, 0.0
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            d = e.time_range.elapsed_us()
+            n += 1
+            total += d
+            k = e.name[:70]
+            names[k] = (names.get(k, (0, 0.0))[0] + 1, names.get(k, (0, 0.0))[1] + d)
+    top = sorted(names.items(), key=lambda kv: -kv[1][1])[:8]
+    return {"kernels_per_step": n / steps, "kernel_us_per_step": total / steps,
+            "top": [(k, c / steps, round(t / steps, 1)) for k, (c, t) in top]}
+
+
 def hf_latency(model, prompt, new=32):
     ids = torch.tensor([prompt], device="cuda")
     with torch.no_grad():
@@ -96,6 +120,7 @@ def main():
                     v = r["untuned"] = fast_latency(dec, prompt, reps=a.reps)
                     v["first_use_s (compile + capture)"] = time.perf_counter() - t0
                     v["compile_error"] = dec.compile_error
+                    v["logits_error_vs_peft"] = logits_error(dec, pm, prompt)
                     rows.append([f"{name} (untuned)", v["tok_s"], r["bw_limit_tok_s"],
                                  100 * v["tok_s"] / r["bw_limit_tok_s"], v["ttft_ms"], "-"])
                     del dec
@@ -109,6 +134,8 @@ def main():
             r["fast"]["first_use_s (compile + capture)"] = time.perf_counter() - t0
             r["fast"]["compile_error"] = dec.compile_error
             r["fast"]["logits_error_vs_peft"] = logits_error(dec, pm, prompt)
+            if name in a.variant_shapes.split(","):
+                r["fast"]["kernels"] = kernel_profile(dec, prompt)
         r["fast"]["share_of_limit"] = r["fast"]["tok_s"] / r["bw_limit_tok_s"]
         r["serving_copy_MB"] = dec.serving_bytes() / 2**20
         res[name] = r
@@ -122,7 +149,13 @@ def main():
         f = res[name]["fast"]
         print(f"{name}: first use {f['first_use_s (compile + capture)']:.1f} s (compile + capture), "
               f"compile error: {f['compile_error']}; logits vs PEFT forward: max |diff| = "
-              f"{f['logits_error_vs_peft']:.3f} × their std")
+              f"{f['logits_error_vs_peft']:.3f} × their std (untuned: "
+              f"{res[name].get('untuned', {}).get('logits_error_vs_peft', float('nan')):.3f})")
+        if "kernels" in f:
+            k = f["kernels"]
+            print(f"{name}: {k['kernels_per_step']:.0f} kernels per step, {k['kernel_us_per_step']:.0f} µs of kernel time; top:")
+            for row in k["top"]:
+                print("   ", row)
     C.write(res, "gpu_decode.json")
 
 

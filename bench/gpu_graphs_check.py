@@ -117,6 +117,7 @@ def run(shape, tok, graphs: bool, rounds, preempt_at: dict, probe_weights=None):
                 eng._step_thread = threading.get_ident()
                 eng._forward_backward(batch)
                 eng._step_thread = None
+            torch.cuda.synchronize()
             probes.append([p.grad.float().clone() for p in eng._trainable()])
             eng._get_optimizer().zero_grad(set_to_none=not graphs)
     del eng, pm, m
@@ -160,6 +161,14 @@ def main():
     # the gradients of one batch from the same weights: eager vs graphs (both probe passes)
     grad_cos = [float(torch.nn.functional.cosine_similarity(a_.flatten(), b_.flatten(), dim=0))
                 for p in graphs[5] for a_, b_ in zip(eager[5][1], p) if a_.abs().sum() > 0]
+    keys = list(eager[1])
+    for which, p in enumerate(graphs[5]):
+        for i, (a_, b_) in enumerate(zip(eager[5][1], p)):
+            c = float(torch.nn.functional.cosine_similarity(a_.flatten(), b_.flatten(), dim=0))
+            if c < 0.99:
+                print(f"probe pass {which}: {keys[i]} {tuple(a_.shape)}: cosine {c:.4f}, "
+                      f"|eager| {float(a_.norm()):.3e}, |graphs| {float(b_.norm()):.3e}, "
+                      f"|eager pass 1 − pass 2| {float((eager[5][0][i] - eager[5][1][i]).norm()):.3e}")
     if min(grad_cos) < 0.99:
         problems.append(f"gradients differ: min cosine similarity {min(grad_cos):.4f} over {len(grad_cos)} tensors")
     res.update(shape=a.shape, losses_eager=eager[0], losses_graphs=graphs[0], max_rel_loss_diff=max(rel),
