@@ -242,7 +242,7 @@ class TrainingEngine:
                 torch.compiler.cudagraph_mark_step_begin()
             with self._autocast():
                 s, c = target_token_losses(self.model, micro)  # (b,), (b,)
-            (s.sum() / total_tokens).backward()
+            self._backward(s.sum() / total_tokens)
             sums.append(s.detach().float())
             counts.append(c.detach())
         return torch.cat(sums), torch.cat(counts)
@@ -264,11 +264,25 @@ class TrainingEngine:
 
     def _allocate_grads(self) -> None:
         """Gradients accumulate into buffers that outlive the step: a CUDA graph's output is
-        overwritten by the graph's next replay, so autograd must add it into ``.grad``, never
-        adopt it as ``.grad``."""
+        overwritten by the graph's next replay, so it must be added into ``.grad``, never
+        adopted as ``.grad``."""
         for p in self._trainable():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Add the gradients of ``loss`` into ``.grad``. With CUDA-graphed layers they are taken
+        with ``autograd.grad`` and added here, on the training stream, before the next
+        micro-batch replays the graphs that produced them: left to autograd's own accumulation,
+        contributions were lost on a GPU (bench/gpu_graphs_check.py, docs/BENCHMARKS.md)."""
+        if not self.graphs:
+            loss.backward()
+            return
+        params = self._trainable()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        pairs = [(p.grad, g) for p, g in zip(params, grads) if g is not None]
+        if pairs:
+            torch._foreach_add_([a for a, _ in pairs], [g for _, g in pairs])
 
     def _optimizer_step(self, opt, finite: torch.Tensor) -> None:
         """Step unless the loss or gradient norm is not finite. The fused (GPU) AdamW takes the
