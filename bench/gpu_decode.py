@@ -4,8 +4,9 @@ idletune's GPU path (FastDecoder: merged fused weights, static KV cache, one CUD
 step, greedy argmax on the device one step ahead of the host) with a live rank-8 adapter, for a
 256-token prompt and 128 new tokens. The limit is copy bandwidth / model bytes (as gpu_baseline.py).
 
-On ``--variant-shapes`` the decoder is timed without coordinate-descent tuning too (``tuned``
-off: matrix-vector products stay cuBLAS calls); the shipped default is tuned.
+On ``--variant-shapes`` two other settings are timed too: ``untuned`` (no coordinate-descent
+tuning: matrix-vector products stay cuBLAS calls) and ``sdpa`` (attention as one library
+kernel instead of compiled reductions); the shipped default is tuned, with reductions.
 
 Usage: python bench/gpu_decode.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b] [--hf]
 """
@@ -114,20 +115,21 @@ def main():
         pm = C.attach(m, live_scale=0.01)
         with torch.cuda.stream(stream):
             if name in a.variant_shapes.split(","):
-                try:
-                    t0 = time.perf_counter()
-                    dec = FastDecoder(pm, "live", max_len=1024, stream=stream, tuned=False)
-                    v = r["untuned"] = fast_latency(dec, prompt, reps=a.reps)
-                    v["first_use_s (compile + capture)"] = time.perf_counter() - t0
-                    v["compile_error"] = dec.compile_error
-                    v["logits_error_vs_peft"] = logits_error(dec, pm, prompt)
-                    rows.append([f"{name} (untuned)", v["tok_s"], r["bw_limit_tok_s"],
-                                 100 * v["tok_s"] / r["bw_limit_tok_s"], v["ttft_ms"], "-"])
-                    del dec
-                except Exception as e:  # report and go on
-                    r["untuned"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                    rows.append([f"{name} (untuned)", "error", "", "", "", str(e)[:50]])
-                torch._dynamo.reset()
+                for variant, kw in (("untuned", {"tuned": False}), ("sdpa", {"attention": "sdpa"})):
+                    try:
+                        t0 = time.perf_counter()
+                        dec = FastDecoder(pm, "live", max_len=1024, stream=stream, **kw)
+                        v = r[variant] = fast_latency(dec, prompt, reps=a.reps)
+                        v["first_use_s (compile + capture)"] = time.perf_counter() - t0
+                        v["compile_error"] = dec.compile_error
+                        v["logits_error_vs_peft"] = logits_error(dec, pm, prompt)
+                        rows.append([f"{name} ({variant})", v["tok_s"], r["bw_limit_tok_s"],
+                                     100 * v["tok_s"] / r["bw_limit_tok_s"], v["ttft_ms"], "-"])
+                        del dec
+                    except Exception as e:  # report and go on
+                        r[variant] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                        rows.append([f"{name} ({variant})", "error", "", "", "", str(e)[:50]])
+                    torch._dynamo.reset()
             t0 = time.perf_counter()
             dec = FastDecoder(pm, "live", max_len=1024, stream=stream)
             r["fast"] = fast_latency(dec, prompt, reps=a.reps)

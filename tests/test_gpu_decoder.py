@@ -41,11 +41,11 @@ def hf_logits(model, ids):
     return model(input_ids=torch.tensor([ids])).logits[0].float()  # (T, V)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
-def test_prefill_and_decode_match_hf_with_live_adapter(kind):
+@pytest.mark.parametrize("kind,attention", [("qwen2", "reductions"), ("llama", "reductions"), ("llama", "sdpa")])
+def test_prefill_and_decode_match_hf_with_live_adapter(kind, attention):
     model = tiny(kind)
     assert unsupported_reason(model) is None
-    dec = FastDecoder(model, LIVE, max_len=300, use_graphs=False)
+    dec = FastDecoder(model, LIVE, max_len=300, use_graphs=False, attention=attention)
     ids = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
     ref = hf_logits(model, ids)
     prompt = ids[:6]
