@@ -9,6 +9,7 @@ decoder. Reported: time to first token and inter-token latency, p50 and p99, dec
 and backlog/off ratios.
 
 Usage: python bench/gpu_inference_impact.py [OUT.json] [--shape qwen2.5-0.5b] [--rounds 8]
+       [--clients 1,8] [--per-client 4,2]
 """
 import argparse
 import random
@@ -41,6 +42,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--clients", default="1,8")
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--per-client", default="4,2", help="requests per client per block, for each --clients entry")
     a = ap.parse_args()
     from idletune.inference import GenerationParams
 
@@ -104,9 +106,8 @@ def main():
         res["training_warmup_s"] = round(time.perf_counter() - t0, 1)
         stats.update(steps=0, rounds=0, preempted=0)
         random.seed(0)
-        for nc in [int(x) for x in a.clients.split(",")]:
+        for nc, per_client in zip([int(x) for x in a.clients.split(",")], [int(x) for x in a.per_client.split(",")]):
             data = {"off": [], "backlog": []}
-            per_client = 4 if nc == 1 else 2
             for rnd in range(a.rounds):
                 for cond in (("off", "backlog") if rnd % 2 == 0 else ("backlog", "off")):
                     (training.set if cond == "backlog" else training.clear)()

@@ -350,6 +350,20 @@ class FastDecoder:
         self._graphs[L] = g
         return g
 
+    @torch.no_grad()
+    def warm_up(self) -> float:
+        """Compile the decode step and capture the first length bucket now (seconds taken), so
+        that the first request does not wait for it. Later buckets only capture a graph
+        (the pieces do not depend on the length; attention compiles with a dynamic length)."""
+        import time
+
+        t = time.perf_counter()
+        for _ in self.tokens([0] * 8, 3):  # cache contents past a request's length are masked
+            pass
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        return time.perf_counter() - t
+
     def fits(self, total_tokens: int) -> bool:
         return total_tokens <= self.max_len
 

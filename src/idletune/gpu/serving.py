@@ -126,6 +126,8 @@ def install(service, *, max_len: int | None = None) -> str | None:
     limit = max_len or min(inf.max_context, int(os.environ.get("IDLETUNE_KV_CACHE_TOKENS", "8192")))
     with torch.cuda.stream(hi):
         decoder = FastDecoder(model, "live", max_len=limit, stream=hi)
+        log.info("GPU path: compiling the decode step (once per process)")
+        warm = decoder.warm_up()
     hi.synchronize()
     fast = GpuServing(decoder, service.weights, service.engine.lock, hi)
     weights = service.weights
@@ -141,6 +143,7 @@ def install(service, *, max_len: int | None = None) -> str | None:
     # A request must not wait for the trainer thread to hand over the GIL: Python's default
     # switch interval (5 ms) would add up to that to a request's first token.
     sys.setswitchinterval(min(sys.getswitchinterval(), float(os.environ.get("IDLETUNE_SWITCH_INTERVAL", "0.0005"))))
-    log.info("GPU path: fast decoder (KV cache %d tokens, serving copies %.0f MB), training on a "
-             "low-priority stream", limit, decoder.serving_bytes() / 2**20)
+    log.info("GPU path: fast decoder (KV cache %d tokens, serving copies %.0f MB, ready in %.1f s%s), "
+             "training on a low-priority stream", limit, decoder.serving_bytes() / 2**20, warm,
+             f"; compile failed, eager pieces: {decoder.compile_error}" if decoder.compile_error else "")
     return None
