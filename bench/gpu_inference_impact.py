@@ -42,13 +42,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--clients", default="1,8")
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--training-compile", default="auto", help="training.compile (auto = CUDA-graphed layers)")
     ap.add_argument("--per-client", default="4,2", help="requests per client per block, for each --clients entry")
     a = ap.parse_args()
     from idletune.inference import GenerationParams
 
     res = C.header()
     with tempfile.TemporaryDirectory() as tmp:
-        svc = C.service(a.shape, tmp)
+        svc = C.service(a.shape, tmp, **{"training.compile": a.training_compile})
         res["gpu_path"] = svc.inference.fast is not None
         inf, eng = svc.inference, svc.engine
         tok = svc.tokenizer
