@@ -137,12 +137,62 @@ def run(shape, tok, graphs: bool, rounds, preempt_at: dict, probe_weights=None):
     return losses, tensors, evals, secs, start, probes
 
 
+def sweep(shape):
+    """Preempt a graphed step at every layer boundary in turn (forward and backward of each
+    micro-batch), a full step between, the device synchronized after each: the first boundary
+    whose preemption breaks the graphs is named."""
+    from idletune.config import TrainingConfig
+    from idletune.gpu.training import compile_layers
+    from idletune.training.engine import TrainingEngine
+
+    tok = C.load_tokenizer()
+    rounds = examples_of(tok, 1)
+    m = C.build(shape, tok)
+    pm = C.attach(m)
+    compile_layers(pm, graphs=True)
+    cfg = TrainingConfig(batch_size=6, max_steps=1, max_seq_len=512, target_loss=0.0, target_loss_text=0.0,
+                         warmup_steps=0, replay_examples=0)
+    state = {"n": 0, "at": None}
+
+    def should_yield():
+        if eng._step_thread is None or state["at"] is None:
+            return False
+        state["n"] += 1
+        return state["n"] == state["at"]
+
+    eng = TrainingEngine(pm, tok, cfg, lock=threading.Lock(), should_yield=should_yield)
+    eng.graphs = True
+    eng.micro_batch_tokens = 1536
+    lo = torch.cuda.Stream(priority=0)
+    n_layers = C.config(shape).num_hidden_layers
+    with torch.cuda.stream(lo):
+        eng.train_round(rounds[0])
+        eng.train_round(rounds[0])
+        torch.cuda.synchronize()
+        for b in range(1, 8 * n_layers + 1):
+            state.update(n=0, at=b)
+            r = eng.train_round(rounds[0])
+            state["at"] = None
+            torch.cuda.synchronize()
+            r2 = eng.train_round(rounds[0])
+            torch.cuda.synchronize()
+            if b % 16 == 0 or not r.preempted:
+                print(f"boundary {b}: preempted={r.preempted}, then a step: {r2.steps}, loss {eng.get_latest_metrics()['loss']:.4f}",
+                      flush=True)
+            if not r.preempted:
+                break  # past the last boundary of the step
+    print("sweep done: no failure")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?")
     ap.add_argument("--shape", default="qwen2.5-0.5b")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--sweep", action="store_true", help="only: preempt a graphed step at every boundary in turn")
     a = ap.parse_args()
+    if a.sweep:
+        return sweep(a.shape)
     tok = C.load_tokenizer()
     res = C.header()
     n_layers = C.config(a.shape).num_hidden_layers
