@@ -42,14 +42,21 @@ def main():
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--clients", default="1,8")
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--training-compile", default="auto", help="training.compile (auto = CUDA-graphed layers)")
+    ap.add_argument("--training-compile", default="auto", help="training.compile: auto, on, off")
+    ap.add_argument("--graphs", action="store_true", help="train with CUDA-graphed layers (not what the service "
+                    "does: this reproduces the crash of docs/BENCHMARKS.md run M)")
     ap.add_argument("--per-client", default="4,2", help="requests per client per block, for each --clients entry")
     a = ap.parse_args()
     from idletune.inference import GenerationParams
 
     res = C.header()
     with tempfile.TemporaryDirectory() as tmp:
-        svc = C.service(a.shape, tmp, **{"training.compile": a.training_compile})
+        svc = C.service(a.shape, tmp, **{"training.compile": "off" if a.graphs else a.training_compile})
+        if a.graphs:
+            from idletune.gpu.training import compile_layers
+
+            compile_layers(svc.model, graphs=True)
+            svc.engine.graphs = True
         res["gpu_path"] = svc.inference.fast is not None
         inf, eng = svc.inference, svc.engine
         tok = svc.tokenizer

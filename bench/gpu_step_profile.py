@@ -6,9 +6,8 @@ For each loop: wall ms per step, GPU kernel ms per step (torch.profiler, summed 
 durations), kernels per step, and "GPU busy" = kernel time / wall time. A loop far below 100 %
 busy is bound by the host, and no faster kernel will help it.
 
-Engine variants: ``default`` (as shipped: on a GPU the decoder layers are compiled for training
-and replayed as CUDA graphs); ``compiled`` (compiled, no graphs: ``training.compile = "on"``);
-``eager`` (``training.compile = "off"``); ``no_autocast`` and ``no_hooks`` (eager, without the
+Engine variants: ``default`` (as shipped: on a GPU the decoder layers are compiled for
+training); ``graphs`` (compiled layers replayed as CUDA graphs, benchmarks only); ``eager`` (``training.compile = "off"``); ``no_autocast`` and ``no_hooks`` (eager, without the
 autocast context / without the per-layer preemption hooks).
 
 ``--varlen``: the shipped default on batches whose length changes every round (512, 256, 384,
@@ -16,7 +15,7 @@ autocast context / without the per-layer preemption hooks).
 dynamic sizes) and the steady step time.
 
 Usage: python bench/gpu_step_profile.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b]
-       [--variants default,compiled,eager,no_autocast,no_hooks] [--steps 8] [--varlen]
+       [--variants default,graphs,eager,no_autocast,no_hooks] [--steps 8] [--varlen]
 """
 import argparse
 import contextlib
@@ -73,7 +72,7 @@ def engine(name, variant, steps, tok):
 
     m = C.build(name, tok)
     pm = C.attach(m)
-    how = T.shipped_compile(pm, variant if variant in ("default", "compiled") else "eager")
+    how = T.shipped_compile(pm, variant if variant in ("default", "graphs") else "eager")
     eng = T.make_engine(pm, tok, steps=steps)
     eng.graphs = how == "graphs"
     if variant == "no_autocast":
@@ -137,7 +136,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?")
     ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b")
-    ap.add_argument("--variants", default="default,compiled,eager,no_autocast,no_hooks")
+    ap.add_argument("--variants", default="default,graphs,eager,no_autocast,no_hooks")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--varlen", action="store_true")
     a = ap.parse_args()

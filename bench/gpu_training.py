@@ -3,13 +3,13 @@ engine vs the plain PEFT loop, same model, data, lengths (8 × 512 tokens, loss 
 batch, steps and precision (bf16), rank 8 on q/v/gate/up.
 
 Variants of the engine: as configured by default (on a GPU: decoder layers compiled for
-training and replayed as CUDA graphs, ``training.compile = "auto"``); ``compiled`` (compiled, no
-graphs: ``training.compile = "on"``); ``eager`` (``training.compile = "off"``); with gradient
-checkpointing (the memory setting; compiled without graphs, as the service does). Also a chat-shaped batch (loss on the last 128 tokens of
+training, ``training.compile = "auto"``); ``graphs`` (compiled layers replayed as CUDA graphs,
+not used by the service: see docs/BENCHMARKS.md); ``eager`` (``training.compile = "off"``);
+with gradient checkpointing (the memory setting). Also a chat-shaped batch (loss on the last 128 tokens of
 each 512), where only target positions reach the output layer.
 
 Usage: python bench/gpu_training.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b]
-       [--variants default,compiled,eager,checkpointed,chat] [--steps 20]
+       [--variants default,graphs,eager,checkpointed,chat] [--steps 20]
 """
 import argparse
 import threading
@@ -63,14 +63,12 @@ def plain_peft(name, steps):
 
 
 def shipped_compile(pm, variant: str) -> str | None:
-    """Compile the layers as the service would for ``variant`` ("eager": not at all,
-    "compiled": without graphs, "checkpointed": without graphs, as the service does with
-    gradient checkpointing, else ``training.compile = "auto"``). Returns "graphs", "compile" or None."""
+    """Compile the layers for ``variant``: "eager" not at all, "graphs" replayed as CUDA graphs,
+    else as the service does (``training.compile = "auto"``). Returns "graphs", "compile" or
+    None; with "graphs" set ``engine.graphs``."""
     from idletune.gpu.training import compile_layers, wanted
 
-    how = None if variant == "eager" else wanted("auto", pm)
-    if how == "graphs" and variant in ("compiled", "checkpointed"):
-        how = "compile"
+    how = None if variant == "eager" else ("graphs" if variant == "graphs" else wanted("auto", pm))
     if how:
         compile_layers(pm, graphs=how == "graphs")
     return how
@@ -122,9 +120,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?")
     ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b")
-    ap.add_argument("--variants", default="default,compiled,eager,checkpointed,chat")
+    ap.add_argument("--variants", default="default,graphs,eager,checkpointed,chat")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--big-variants", default="default,checkpointed", help="variants for llama-3-8b")
+    ap.add_argument("--big-variants", default="default,graphs,checkpointed", help="variants for llama-3-8b")
     a = ap.parse_args()
     tok = C.load_tokenizer()
     res = C.header()

@@ -112,14 +112,9 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
 def _compile_training(config: Config, engine, fast_path: bool) -> None:
     from .gpu.training import compile_layers, wanted
 
-    how = wanted(config.training.compile, engine.model, fast_path=fast_path)
-    if how == "graphs" and config.training.gradient_checkpointing:
-        how = "compile"  # checkpointing re-runs layers inside the backward pass: no graphs there
-    if how:
-        n = compile_layers(engine.model, graphs=how == "graphs")
-        engine.graphs = how == "graphs"
-        log.info("training: %d decoder layers compiled for training steps%s (the first step compiles)", n,
-                 ", replayed as CUDA graphs" if engine.graphs else "")
+    if wanted(config.training.compile, engine.model, fast_path=fast_path):
+        n = compile_layers(engine.model)
+        log.info("training: %d decoder layers compiled for training steps (the first step compiles)", n)
 
 
 def _gpu_path(svc: Service) -> None:

@@ -7,7 +7,8 @@ element-wise work into a few Triton kernels: half the launches, a third less ker
 (docs/BENCHMARKS.md). Only the layers' ``forward`` is compiled, so the preemption hooks around
 each layer stay in eager Python and can still stop a step.
 
-``graphs``: each compiled layer's forward and backward are also captured as CUDA graphs
+``graphs`` (benchmarks only, see :func:`wanted`): each compiled layer's forward and backward
+are also captured as CUDA graphs
 (``mode="reduce-overhead"``, torch's CUDA graph trees), so a layer costs one launch instead of
 dozens and the host no longer limits the step. A graph holds one shape, so the engine pads
 batches to multiples of 64 tokens (``engine.GRAPH_LENGTH_MULTIPLE``), marks each micro-batch as a new
@@ -57,21 +58,19 @@ def compile_layers(model, graphs: bool = False, **kwargs) -> int:
 
 
 def wanted(setting: str, model, fast_path: bool = True) -> str | None:
-    """What ``training.compile`` ("auto", "graphs", "on", "off") asks for this model: "graphs",
-    "compile" or None. "auto" means graphs on a CUDA device when Triton (torch.compile's GPU
-    backend) is there and requests are served by the GPU fast path: a compilation runs inside a
-    training step, under the model lock, which requests on the portable path (full/hybrid modes)
-    would wait for."""
+    """What ``training.compile`` ("auto", "on", "off") asks for this model: "compile" or None.
+    "auto" compiles on a CUDA device when Triton (torch.compile's GPU backend) is there and
+    requests are served by the GPU fast path: a compilation runs inside a training step, under
+    the model lock, which requests on the portable path (full/hybrid modes) would wait for.
+
+    Never "graphs": CUDA-graphed layers are measured by the benchmarks but not used by the
+    service, because training with them while the GPU path served requests crashed with an
+    illegal memory access (docs/BENCHMARKS.md, run M)."""
     if setting == "off":
         return None
     on_cuda = next(model.parameters()).device.type == "cuda"
     if setting == "on":
         return "compile"
-    if setting == "graphs":
-        if not on_cuda:
-            log.info("training.compile=graphs: not on a CUDA device, compiling without graphs")
-            return "compile"
-        return "graphs"
     if not on_cuda or not fast_path:
         return None
     try:
@@ -79,4 +78,4 @@ def wanted(setting: str, model, fast_path: bool = True) -> str | None:
     except ImportError:
         log.info("training.compile=auto: triton is not installed, training layers stay eager")
         return None
-    return "graphs"
+    return "compile"
