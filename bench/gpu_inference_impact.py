@@ -12,6 +12,7 @@ Usage: python bench/gpu_inference_impact.py [OUT.json] [--shape qwen2.5-0.5b] [-
        [--clients 1,8] [--per-client 4,2]
 """
 import argparse
+import gc
 import random
 import tempfile
 import threading
@@ -74,7 +75,15 @@ def main():
             return orig_emit(gen(), *args)
         inf._emit = timed_emit
 
+        pauses = []  # (generation, seconds, training condition) of every garbage collection
+
+        def on_gc(phase, info, _t=[0.0]):
+            if phase == "start":
+                _t[0] = time.perf_counter()
+            else:
+                pauses.append((info["generation"], time.perf_counter() - _t[0], training.is_set()))
         training = threading.Event()
+        gc.callbacks.append(on_gc)
         stop = threading.Event()
         stats = {"steps": 0, "rounds": 0, "preempted": 0}
 
@@ -113,6 +122,7 @@ def main():
             time.sleep(0.01)
         res["training_warmup_s"] = round(time.perf_counter() - t0, 1)
         stats.update(steps=0, rounds=0, preempted=0)
+        pauses.clear()
         random.seed(0)
         for nc, per_client in zip([int(x) for x in a.clients.split(",")], [int(x) for x in a.per_client.split(",")]):
             data = {"off": [], "backlog": []}
@@ -151,6 +161,11 @@ def main():
                                     "decode_throughput_ratio": bl["decode_tok_s"] / off["decode_tok_s"]}
         stop.set()
         th.join(30)
+        gc.callbacks.remove(on_gc)
+        res["gc_pauses"] = {f"gen{g}": {"count": sum(1 for x in pauses if x[0] == g),
+                                        "max_ms": 1e3 * max([x[1] for x in pauses if x[0] == g], default=0.0),
+                                        "over_20ms": sum(1 for x in pauses if x[0] == g and x[1] > 0.02)}
+                            for g in (0, 1, 2)}
         res["training"] = dict(stats)
         svc.close()
     rows = []
@@ -172,6 +187,8 @@ def main():
               f"others p50 {r['off']['ttft_p50_ms_others']:.1f}/{r['backlog']['ttft_p50_ms_others']:.1f}, "
               f"p99 {r['off']['ttft_p99_ms_others']:.1f}/{r['backlog']['ttft_p99_ms_others']:.1f} ms; "
               f"SM clock before p50 {r['off']['sm_clock_mhz_before_p50']}/{r['backlog']['sm_clock_mhz_before_p50']} MHz")
+    print("garbage collections while measuring (heap frozen after compiling unless IDLETUNE_GC_FREEZE=0):",
+          res["gc_pauses"])
     C.write(res, "gpu_inference_impact.json")
 
 
