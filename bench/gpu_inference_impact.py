@@ -187,8 +187,7 @@ def main():
               f"others p50 {r['off']['ttft_p50_ms_others']:.1f}/{r['backlog']['ttft_p50_ms_others']:.1f}, "
               f"p99 {r['off']['ttft_p99_ms_others']:.1f}/{r['backlog']['ttft_p99_ms_others']:.1f} ms; "
               f"SM clock before p50 {r['off']['sm_clock_mhz_before_p50']}/{r['backlog']['sm_clock_mhz_before_p50']} MHz")
-    print("garbage collections while measuring (heap frozen after compiling unless IDLETUNE_GC_FREEZE=0):",
-          res["gc_pauses"])
+    print("garbage collections while measuring:", res["gc_pauses"])
     C.write(res, "gpu_inference_impact.json")
 
 

@@ -14,7 +14,6 @@ the request's kernels.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import sys
@@ -106,33 +105,6 @@ def _on_stream(fn, stream: torch.cuda.Stream):
     return wrapped
 
 
-def _freeze_heap() -> None:
-    """Move every object alive now out of the garbage collector's reach. Compiling (the decode
-    step at start, the training layers in the first round) leaves hundreds of thousands of
-    long-lived objects, and each full collection would walk them all while holding the GIL —
-    a pause that lands on whatever request is running. IDLETUNE_GC_FREEZE=0 turns this off."""
-    if os.environ.get("IDLETUNE_GC_FREEZE", "1") == "0":
-        return
-    gc.collect()
-    gc.freeze()
-
-
-def _freeze_after_first_steps(train_round):
-    """``train_round`` that freezes the heap once, after the first round that took a step (the
-    one that compiled the training layers)."""
-    done = False
-
-    def wrapped(*args, **kwargs):
-        nonlocal done
-        result = train_round(*args, **kwargs)
-        if not done and result.steps:
-            done = True
-            _freeze_heap()
-        return result
-    wrapped.__wrapped__ = train_round
-    return wrapped
-
-
 def install(service, *, max_len: int | None = None) -> str | None:
     """Switch ``service`` to the GPU path. Returns None when installed, else why not."""
     model = service.model
@@ -148,7 +120,7 @@ def install(service, *, max_len: int | None = None) -> str | None:
     hi = torch.cuda.Stream(priority=-1)  # lower number = higher priority
     lo = torch.cuda.Stream(priority=0)
     engine = service.engine
-    engine.train_round = _freeze_after_first_steps(_on_stream(engine.train_round, lo))
+    engine.train_round = _on_stream(engine.train_round, lo)
     engine.evaluate = _on_stream(engine.evaluate, lo)
     inf = service.inference
     limit = max_len or min(inf.max_context, int(os.environ.get("IDLETUNE_KV_CACHE_TOKENS", "8192")))
@@ -157,7 +129,6 @@ def install(service, *, max_len: int | None = None) -> str | None:
         log.info("GPU path: compiling the decode step (once per process)")
         warm = decoder.warm_up()
     hi.synchronize()
-    _freeze_heap()
     fast = GpuServing(decoder, service.weights, service.engine.lock, hi)
     weights = service.weights
     for name in ("publish", "rollback"):
