@@ -65,7 +65,7 @@ def wanted(setting: str, model, fast_path: bool = True) -> str | None:
 
     Never "graphs": CUDA-graphed layers are measured by the benchmarks but not used by the
     service, because training with them while the GPU path served requests crashed with an
-    illegal memory access (docs/BENCHMARKS.md, run M)."""
+    illegal memory access (docs/BENCHMARKS.md, run N)."""
     if setting == "off":
         return None
     on_cuda = next(model.parameters()).device.type == "cuda"
