@@ -47,16 +47,39 @@ def examples_of(tok, n_rounds: int):
     return rounds
 
 
+def engine_for(pm, tok, graphs: bool, max_steps: int):
+    """An engine on ``pm`` (CUDA-graphed layers if ``graphs``) with 2–3 micro-batches per step,
+    and the switch that preempts it: set ``state["at"] = k`` to preempt at the k-th layer
+    boundary from the moment ``state["n"]`` was reset to 0. Returns (engine, state)."""
+    from idletune.config import TrainingConfig
+    from idletune.gpu.training import compile_layers
+    from idletune.training.engine import TrainingEngine
+
+    if graphs:
+        compile_layers(pm, graphs=True)
+    cfg = TrainingConfig(batch_size=6, max_steps=max_steps, max_seq_len=512, target_loss=0.0, target_loss_text=0.0,
+                         warmup_steps=0, replay_examples=0)
+    state = {"n": 0, "at": None}
+
+    def should_yield():
+        if eng._step_thread is None or state["at"] is None:
+            return False
+        state["n"] += 1
+        return state["n"] == state["at"]
+
+    eng = TrainingEngine(pm, tok, cfg, lock=threading.Lock(), should_yield=should_yield)
+    eng.graphs = graphs
+    eng.micro_batch_tokens = 1536
+    return eng, state
+
+
 def run(shape, tok, graphs: bool, rounds, preempt_at: dict, probe_weights=None):
     """Train every round (4 steps each) with ``preempt_at[round] = boundary index`` preempting
     that round's second step. Then the gradient probe: with the adapter set to ``probe_weights``
     (default: this run's result), the gradients of the last round's batch (three micro-batches),
     computed twice. Returns (losses, adapter, eval losses, seconds per round, start adapter,
     [gradients of each probe pass])."""
-    from idletune.config import TrainingConfig
-    from idletune.gpu.training import compile_layers
     from idletune.training import adapters
-    from idletune.training.engine import TrainingEngine
 
     m = C.build(shape, tok)
     pm = C.attach(m)
@@ -64,21 +87,7 @@ def run(shape, tok, graphs: bool, rounds, preempt_at: dict, probe_weights=None):
     for mod in pm.modules():
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
-    if graphs:
-        compile_layers(pm, graphs=True)
-    cfg = TrainingConfig(batch_size=6, max_steps=4, max_seq_len=512, target_loss=0.0, target_loss_text=0.0,
-                         warmup_steps=0, replay_examples=0)
-    boundaries = {"n": 0, "at": None}
-
-    def should_yield():
-        if eng._step_thread is None or boundaries["at"] is None:
-            return False
-        boundaries["n"] += 1
-        return boundaries["n"] == boundaries["at"]
-
-    eng = TrainingEngine(pm, tok, cfg, lock=threading.Lock(), should_yield=should_yield)
-    eng.graphs = graphs
-    eng.micro_batch_tokens = 1536  # 2–3 micro-batches per step
+    eng, boundaries = engine_for(pm, tok, graphs, max_steps=4)
     losses, evals, secs = [], [], []
     lo = torch.cuda.Stream(priority=0)
     with torch.cuda.stream(lo):
@@ -141,28 +150,11 @@ def sweep(shape):
     """Preempt a graphed step at every layer boundary in turn (forward and backward of each
     micro-batch), a full step between, the device synchronized after each: the first boundary
     whose preemption breaks the graphs is named."""
-    from idletune.config import TrainingConfig
-    from idletune.gpu.training import compile_layers
-    from idletune.training.engine import TrainingEngine
-
     tok = C.load_tokenizer()
     rounds = examples_of(tok, 1)
     m = C.build(shape, tok)
     pm = C.attach(m)
-    compile_layers(pm, graphs=True)
-    cfg = TrainingConfig(batch_size=6, max_steps=1, max_seq_len=512, target_loss=0.0, target_loss_text=0.0,
-                         warmup_steps=0, replay_examples=0)
-    state = {"n": 0, "at": None}
-
-    def should_yield():
-        if eng._step_thread is None or state["at"] is None:
-            return False
-        state["n"] += 1
-        return state["n"] == state["at"]
-
-    eng = TrainingEngine(pm, tok, cfg, lock=threading.Lock(), should_yield=should_yield)
-    eng.graphs = True
-    eng.micro_batch_tokens = 1536
+    eng, state = engine_for(pm, tok, True, max_steps=1)
     lo = torch.cuda.Stream(priority=0)
     n_layers = C.config(shape).num_hidden_layers
     with torch.cuda.stream(lo):

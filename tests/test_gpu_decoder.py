@@ -61,7 +61,6 @@ def test_prefill_and_decode_match_hf_with_live_adapter(kind, attention):
 def test_greedy_tokens_match_hf_greedy():
     model = tiny("qwen2")
     dec = FastDecoder(model, LIVE, max_len=300, use_graphs=False)
-    assert dec.warm_up() >= 0  # what the GPU path does at start: leaves nothing behind
     prompt = [5, 6, 7, 8]
     got = list(dec.tokens(prompt, 12))
     seq = list(prompt)
@@ -70,6 +69,34 @@ def test_greedy_tokens_match_hf_greedy():
     assert got == seq[len(prompt):]
     # with a pick function (sampling path) the same greedy choice gives the same tokens
     assert list(dec.tokens(prompt, 12, pick=lambda logits: int(logits.argmax()))) == got
+
+
+def test_warm_up_leaves_nothing_behind():
+    """What the GPU path does at start: afterwards a request gets exactly what a fresh decoder gives."""
+    model = tiny("qwen2")
+    warm, fresh = (FastDecoder(model, LIVE, max_len=300, use_graphs=False) for _ in range(2))
+    warm.warm_up()
+    prompt = [11, 12, 13]  # shorter than the warm-up prompt: its cache positions stay behind
+    assert torch.equal(warm.prefill(prompt), fresh.prefill(prompt))
+    assert int(warm.pos_buf) == len(prompt) and torch.equal(warm.ids_buf, fresh.ids_buf)
+    for pos in range(len(prompt), len(prompt) + 6):
+        warm.step(pos)
+        fresh.step(pos)
+        assert torch.equal(warm.logits_buf, fresh.logits_buf)
+
+
+def test_decode_attention_forms_agree():
+    """Compiled reductions (the GPU default), batched products (eager pieces) and SDPA give the
+    same attention for one query over a masked cache, grouped-query heads included."""
+    from idletune.gpu.decoder import _decode_attend, _decode_attend_bmm, _decode_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    Hkv, G, L, D, pos = 2, 3, 16, 8, 9
+    q, k, v = (torch.randn(*shape, generator=g) for shape in ((Hkv, G, D), (Hkv, L, D), (Hkv, L, D)))
+    mask = torch.where(torch.arange(L) <= pos, 0.0, float("-inf"))
+    ref = torch.softmax(torch.einsum("hgd,hld->hgl", q, k[:, :pos + 1]) / D ** 0.5, -1) @ v[:, :pos + 1]
+    for f in (_decode_attend, _decode_attend_bmm, _decode_sdpa):
+        torch.testing.assert_close(f(q, k, v, mask), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_refresh_serves_the_new_live_adapter_and_never_the_candidate():

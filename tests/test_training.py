@@ -262,25 +262,45 @@ def test_should_rollback_applies_the_gate_rule_to_figures(svc):
     assert not svc.weights.should_rollback()
 
 
-def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir):
+def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir, monkeypatch):
     """What the engine does for CUDA-graphed layers (lengths padded to multiples of 64, a new
     graph iteration per micro-batch, gradient buffers kept between steps) must not change what
     is learned: two rounds give the same adapter as the plain path. The graphs themselves need a
     GPU (bench/gpu_graphs_check.py)."""
     cfg = Config.load(None, {"training.max_steps": 3, "training.target_loss": 0.0, "training.lora.dropout": 0.0,
                              "training.warmup_steps": 0, "training.replay_examples": 0})
+    import idletune.training.engine as E
+
+    widths, marks = [], []
+    real_collate = E.collate
+
+    def recording_collate(items, pad_id, device, pad_to=1):
+        b = real_collate(items, pad_id, device, pad_to=pad_to)
+        widths.append((pad_to, b["input_ids"].shape[1]))
+        return b
+
     trained, start = [], None
     for graphs in (False, True):
         torch.manual_seed(0)
         s = build_service(tmp_path / f"data{graphs}", model=tiny_model_dir, config=cfg, start_scheduler=False)
+        widths.clear()
+        marks.clear()
         try:
             start = start or adapters.clone_adapter(s.model, TRAIN)
             s.engine.graphs = graphs
             s.engine.micro_batch_tokens = 64  # several micro-batches per step
+            monkeypatch.setattr(E, "collate", recording_collate)
+            monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
             r = s.engine.train_round([fact(i) for i in range(3)], batch_size=3)
+            monkeypatch.undo()
             assert r.steps == 3 and not r.preempted
             if graphs:
                 assert all(p.grad is not None and not p.grad.any() for p in s.engine._trainable())
+                # every micro-batch padded to a multiple of 64 and marked as a new graph iteration
+                assert len(widths) > 3 and all(p == 64 and w % 64 == 0 for p, w in widths)
+                assert len(marks) == len(widths)
+            else:
+                assert all(p == 1 for p, _ in widths) and not marks
             trained.append(adapters.clone_adapter(s.model, TRAIN))
         finally:
             s.close()

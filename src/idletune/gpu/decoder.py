@@ -116,16 +116,18 @@ class FastDecoder:
         self.attention = attention or os.environ.get("IDLETUNE_DECODE_ATTENTION", "reductions")
         if self.attention not in ("reductions", "sdpa"):
             raise ValueError(f"attention must be reductions or sdpa, got {self.attention!r}")
+        # eager pieces (the CPU, IDLETUNE_COMPILE_DECODE=0, a failed compile): attention as
+        # batched products, which never materialise a (heads, L, D) product
         self._eager = {"pre": _decode_pre, "post": _decode_post,
-                       "attend": _decode_attend if self.attention == "reductions" else _decode_sdpa}
+                       "attend": _decode_attend_bmm if self.attention == "reductions" else _decode_sdpa}
         self._pieces = dict(self._eager)
         if compile:  # fuses each layer's element-wise work; compiled on the first captured step
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             opts = {"coordinate_descent_tuning": True} if self.tuned else None
-            self._pieces = {k: torch.compile(f, dynamic=k == "attend", fullgraph=True, options=opts)
-                            for k, f in self._eager.items()}
-            if self.attention == "sdpa":
-                self._pieces["attend"] = _decode_sdpa
+            self._pieces["pre"] = torch.compile(_decode_pre, dynamic=False, fullgraph=True, options=opts)
+            self._pieces["post"] = torch.compile(_decode_post, dynamic=False, fullgraph=True, options=opts)
+            if self.attention == "reductions":
+                self._pieces["attend"] = torch.compile(_decode_attend, dynamic=True, fullgraph=True, options=opts)
         self.version = None  # what refresh() last merged (set by the caller)
         n_layers = len(self.lm.model.layers)
         # static KV cache: (layers, k|v, kv heads, positions, head dim); k and v of a layer are
@@ -431,10 +433,17 @@ def _decode_pre(x, d, cache, pos, cos, sin, ln1, qkv_w, qkv_b, eps: float, H: in
 def _decode_attend(q, k, v, mask):
     """One query position: q (Hkv, G, D) — the G query heads sharing each kv head — over k, v
     (Hkv, L, D) with the additive ``mask`` (L,). Written as reductions, which inductor fuses into
-    a few small kernels. Returns (Hkv, G, D)."""
+    a few small kernels (compiled only: run eagerly it would materialise (Hkv, G, L, D)).
+    Returns (Hkv, G, D)."""
     s = (q.float()[:, :, None, :] * k.float()[:, None, :, :]).sum(-1) * (1.0 / math.sqrt(q.shape[-1])) + mask
     p = torch.softmax(s, dim=-1)  # (Hkv, G, L)
     return (p[:, :, :, None] * v.float()[:, None, :, :]).sum(2).to(q.dtype)
+
+
+def _decode_attend_bmm(q, k, v, mask):
+    """As :func:`_decode_attend`, as two batched products and a softmax (for eager pieces)."""
+    s = torch.bmm(q, k.transpose(1, 2)).float() * (1.0 / math.sqrt(q.shape[-1])) + mask  # (Hkv, G, L)
+    return torch.bmm(torch.softmax(s, dim=-1).to(v.dtype), v)
 
 
 def _decode_sdpa(q, k, v, mask):

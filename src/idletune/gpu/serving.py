@@ -119,16 +119,20 @@ def install(service, *, max_len: int | None = None) -> str | None:
         return reason
     hi = torch.cuda.Stream(priority=-1)  # lower number = higher priority
     lo = torch.cuda.Stream(priority=0)
+    inf = service.inference
+    limit = max_len or min(inf.max_context, int(os.environ.get("IDLETUNE_KV_CACHE_TOKENS", "8192")))
+    try:
+        with torch.cuda.stream(hi):
+            decoder = FastDecoder(model, "live", max_len=limit, stream=hi)
+            log.info("GPU path: compiling the decode step (once per process)")
+            warm = decoder.warm_up()
+        hi.synchronize()
+    except Exception as e:  # out of memory, a bad setting: serve through the portable path
+        torch.cuda.empty_cache()
+        return f"the fast decoder failed to start: {type(e).__name__}: {e}"[:400]
     engine = service.engine
     engine.train_round = _on_stream(engine.train_round, lo)
     engine.evaluate = _on_stream(engine.evaluate, lo)
-    inf = service.inference
-    limit = max_len or min(inf.max_context, int(os.environ.get("IDLETUNE_KV_CACHE_TOKENS", "8192")))
-    with torch.cuda.stream(hi):
-        decoder = FastDecoder(model, "live", max_len=limit, stream=hi)
-        log.info("GPU path: compiling the decode step (once per process)")
-        warm = decoder.warm_up()
-    hi.synchronize()
     fast = GpuServing(decoder, service.weights, service.engine.lock, hi)
     weights = service.weights
     for name in ("publish", "rollback"):

@@ -45,8 +45,10 @@ def collate(items: list[Encoded], pad_id: int, device, pad_to: int = 1) -> dict[
     training replays one graph per shape, so lengths are bucketed); padding carries no loss.
 
     No attention mask is needed: padding is only ever on the right and attention is causal, so
-    no real token attends to a pad, and positions count from 0 in every row. Without a mask the
-    model takes its fast causal attention path, with no check of a mask on the device.
+    no real token attends to a pad, and positions count from 0 in every row (true of causal
+    language models; not of bidirectional embedding variants, which idletune does not train).
+    Without a mask the model takes its fast causal attention path: no padding mask to build or
+    check.
 
     Besides the padded tensors, the batch carries where its targets are, worked out here on the
     host: ``target_pos`` (flat indices into the (B, T-1) shifted positions), ``target_row`` and

@@ -254,10 +254,15 @@ class TrainingEngine:
         n_micro = max(1, min(self.config.gradient_accumulation_steps, len(batch)))
         size = math.ceil(len(batch) / n_micro)
         limit = self.micro_batch_tokens
+        pad = GRAPH_LENGTH_MULTIPLE if self.graphs else 1
+
+        def padded(x: Encoded) -> int:
+            return -(-len(x.input_ids) // pad) * pad
+
         parts: list[list[Encoded]] = [[]]
         for it in batch:
             cur = parts[-1]
-            if cur and (len(cur) >= size or max(len(it.input_ids), *(len(x.input_ids) for x in cur)) * (len(cur) + 1) > limit):
+            if cur and (len(cur) >= size or max(padded(it), *(padded(x) for x in cur)) * (len(cur) + 1) > limit):
                 parts.append(cur := [])
             cur.append(it)
         return parts
@@ -274,7 +279,9 @@ class TrainingEngine:
         """Add the gradients of ``loss`` into ``.grad``. With CUDA-graphed layers they are taken
         with ``autograd.grad`` and added here, on the training stream, before the next
         micro-batch replays the graphs that produced them: left to autograd's own accumulation,
-        contributions were lost on a GPU (bench/gpu_graphs_check.py, docs/BENCHMARKS.md)."""
+        contributions were seen to be lost on a GPU (runs K and L; not in run M, cause not pinned
+        down: bench/gpu_graphs_check.py, docs/BENCHMARKS.md). Every adapter tensor gets a gradient
+        in LoRA; a tensor that got none would keep a zero gradient here, not None."""
         if not self.graphs:
             loss.backward()
             return
