@@ -11,6 +11,7 @@ its cache, or in full fine-tuning mode) use the portable path below.
 """
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,10 @@ class InferenceEngine:
         self.device = next(model.parameters()).device
         self.fast = None
         """GPU path (:class:`idletune.gpu.GpuServing`), set by ``idletune.gpu.install``."""
+        # transformers ≥ 5.24 names the KV cache argument and output ``cache`` (``past_key_values``
+        # is deprecated there); earlier 5.x releases know only ``past_key_values``
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -121,8 +126,8 @@ class InferenceEngine:
         ids = torch.tensor([prompt], device=self.device)
         past = None
         for _ in range(max_new):
-            res = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: past})
+            past = getattr(res, self._cache_arg)
             nxt = pick(res.logits[0, -1].float())  # (V,) -> id
             yield nxt
             ids = torch.tensor([[nxt]], device=self.device)
