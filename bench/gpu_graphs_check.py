@@ -130,8 +130,6 @@ def run(shape, tok, graphs: bool, rounds, preempt_at: dict, probe_weights=None):
             eng._backward = fn
             for _ in range(2):  # with graphs: the second pass replays what the first may have recorded
                 eng._enter_training()
-                if graphs:
-                    eng._allocate_grads()
                 with eng.lock:
                     eng._step_thread = threading.get_ident()
                     eng._forward_backward(batch)

@@ -68,7 +68,12 @@ def shipped_compile(pm, variant: str) -> str | None:
     None; with "graphs" set ``engine.graphs``."""
     from idletune.gpu.training import compile_layers, wanted
 
-    how = None if variant == "eager" else ("graphs" if variant == "graphs" else wanted("auto", pm))
+    if variant == "eager":
+        how = None
+    elif variant == "graphs":
+        how = "graphs"
+    else:
+        how = "compile" if wanted("auto", pm) else None
     if how:
         compile_layers(pm, graphs=how == "graphs")
     return how

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Callable, Iterator
 
 import torch
@@ -357,8 +358,6 @@ class FastDecoder:
         """Compile the decode step and capture the first length bucket now (seconds taken), so
         that the first request does not wait for it. Later buckets only capture a graph
         (the pieces do not depend on the length; attention compiles with a dynamic length)."""
-        import time
-
         t = time.perf_counter()
         for _ in self.tokens([0] * 8, 3):  # cache contents past a request's length are masked
             pass

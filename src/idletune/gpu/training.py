@@ -57,25 +57,25 @@ def compile_layers(model, graphs: bool = False, **kwargs) -> int:
     return len(layers)
 
 
-def wanted(setting: str, model, fast_path: bool = True) -> str | None:
-    """What ``training.compile`` ("auto", "on", "off") asks for this model: "compile" or None.
+def wanted(setting: str, model, fast_path: bool = True) -> bool:
+    """Whether ``training.compile`` ("auto", "on", "off") asks to compile for this model.
     "auto" compiles on a CUDA device when Triton (torch.compile's GPU backend) is there and
     requests are served by the GPU fast path: a compilation runs inside a training step, under
     the model lock, which requests on the portable path (full/hybrid modes) would wait for.
 
-    Never "graphs": CUDA-graphed layers are measured by the benchmarks but not used by the
+    Never with graphs: CUDA-graphed layers are measured by the benchmarks but not used by the
     service, because training with them while the GPU path served requests crashed with an
     illegal memory access (docs/BENCHMARKS.md, run N)."""
     if setting == "off":
-        return None
+        return False
     on_cuda = next(model.parameters()).device.type == "cuda"
     if setting == "on":
-        return "compile"
+        return True
     if not on_cuda or not fast_path:
-        return None
+        return False
     try:
         import triton  # noqa: F401
     except ImportError:
         log.info("training.compile=auto: triton is not installed, training layers stay eager")
-        return None
-    return "compile"
+        return False
+    return True

@@ -205,8 +205,6 @@ class TrainingEngine:
                     self._step_stream = torch.cuda.current_stream() if self.device.type == "cuda" else None
                     try:
                         self._enter_training()
-                        if self.graphs:
-                            self._allocate_grads()
                         sums, counts = self._forward_backward(batch)
                         grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), cfg.max_grad_norm)
                         loss = sums.sum() / counts.sum().clamp(min=1)
@@ -235,9 +233,8 @@ class TrainingEngine:
         """Loss summed per example, gradients accumulated over micro-batches; (B,), (B,)."""
         total_tokens = max(1, sum(it.num_target_tokens for it in batch))
         sums, counts = [], []
-        pad_to = GRAPH_LENGTH_MULTIPLE if self.graphs else 1
         for part in self._micro_batches(batch):
-            micro = collate(part, self.tokenizer.pad_token_id, self.device, pad_to=pad_to)
+            micro = collate(part, self.tokenizer.pad_token_id, self.device, pad_to=self._pad_to)
             if self.graphs:  # a new iteration: what a preempted pass left in the graphs is dropped
                 torch.compiler.cudagraph_mark_step_begin()
             with self._autocast():
@@ -254,7 +251,7 @@ class TrainingEngine:
         n_micro = max(1, min(self.config.gradient_accumulation_steps, len(batch)))
         size = math.ceil(len(batch) / n_micro)
         limit = self.micro_batch_tokens
-        pad = GRAPH_LENGTH_MULTIPLE if self.graphs else 1
+        pad = self._pad_to
 
         def padded(x: Encoded) -> int:
             return -(-len(x.input_ids) // pad) * pad
@@ -267,13 +264,10 @@ class TrainingEngine:
             cur.append(it)
         return parts
 
-    def _allocate_grads(self) -> None:
-        """Gradients accumulate into buffers that outlive the step: a CUDA graph's output is
-        overwritten by the graph's next replay, so it must be added into ``.grad``, never
-        adopted as ``.grad``."""
-        for p in self._trainable():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+    @property
+    def _pad_to(self) -> int:
+        """Padded lengths are multiples of this: one graph per shape, so few shapes with graphs."""
+        return GRAPH_LENGTH_MULTIPLE if self.graphs else 1
 
     def _backward(self, loss: torch.Tensor) -> None:
         """Add the gradients of ``loss`` into ``.grad``. With CUDA-graphed layers they are taken
@@ -281,11 +275,16 @@ class TrainingEngine:
         micro-batch replays the graphs that produced them: left to autograd's own accumulation,
         contributions were seen to be lost on a GPU (runs K and L; not in run M, cause not pinned
         down: bench/gpu_graphs_check.py, docs/BENCHMARKS.md). Every adapter tensor gets a gradient
-        in LoRA; a tensor that got none would keep a zero gradient here, not None."""
+        in LoRA; a tensor that got none would keep a zero gradient here, not None. The buffers
+        are allocated once and kept between steps (a graph's output is overwritten by the
+        graph's next replay, so it is never adopted as ``.grad``)."""
         if not self.graphs:
             loss.backward()
             return
         params = self._trainable()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         pairs = [(p.grad, g) for p, g in zip(params, grads) if g is not None]
         if pairs:
