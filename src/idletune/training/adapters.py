@@ -5,6 +5,8 @@ half-trained or unchecked adapter. Adapters are PEFT's own, so they save in PEFT
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..config import ConfigError, LoraConfig
@@ -25,8 +27,10 @@ def attach_lora(model, cfg: LoraConfig):
                           f"its linear modules are: {', '.join(sorted(leaf_names))}")
     pcfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                           bias="lora_only" if cfg.enable_bias else "none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, pcfg, adapter_name=TRAIN)
-    peft_model.add_adapter(LIVE, pcfg)
+    with warnings.catch_warnings():  # PEFT reads an attribute transformers deprecates: not the user's concern
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, pcfg, adapter_name=TRAIN)
+        peft_model.add_adapter(LIVE, pcfg)
     for name, p in peft_model.named_parameters():
         p.requires_grad_(f".{TRAIN}." in name or name.endswith(f".{TRAIN}"))
     copy_adapter(peft_model, TRAIN, LIVE)
