@@ -4,9 +4,11 @@ idletune's GPU path (FastDecoder: merged fused weights, static KV cache, one CUD
 step, greedy argmax on the device one step ahead of the host) with a live rank-8 adapter, for a
 256-token prompt and 128 new tokens. The limit is copy bandwidth / model bytes (as gpu_baseline.py).
 
-On ``--variant-shapes`` two other settings are timed too: ``untuned`` (no coordinate-descent
-tuning: matrix-vector products stay cuBLAS calls) and ``sdpa`` (attention as one library
-kernel instead of compiled reductions); the shipped default is tuned, with reductions.
+On ``--variant-shapes`` other settings (``--variants``) are timed too, round-robin with the
+shipped default: ``untuned`` (no coordinate-descent tuning: matrix-vector products stay cuBLAS
+calls), ``sdpa`` (attention as one library kernel instead of compiled reductions) and
+``no_pdl`` (no programmatic dependent launch); the shipped default is tuned, with reductions and
+programmatic dependent launch.
 
 Usage: python bench/gpu_decode.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b] [--hf]
 """
@@ -18,20 +20,30 @@ import torch
 import gpu_common as C
 
 
+# variants timed beside the shipped default ("fast"): FastDecoder keyword arguments
+VARIANTS = {
+    "untuned": {"tuned": False},
+    "sdpa": {"attention": "sdpa"},
+    "no_pdl": {"pdl": False},
+}
+
+
+def one_request(dec, prompt, new=128):
+    """(time to first token, per-token time) of one greedy request, in seconds."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    it = dec.tokens(prompt, new)
+    next(it)
+    t1 = time.perf_counter()
+    n = 1 + sum(1 for _ in it)
+    return t1 - t0, (time.perf_counter() - t1) / (n - 1)
+
+
 def fast_latency(dec, prompt, new=128, reps=5):
     list(dec.tokens(prompt, new))  # captures the graphs this length needs
-    ttft, per_tok = [], []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        it = dec.tokens(prompt, new)
-        next(it)
-        t1 = time.perf_counter()
-        n = 1 + sum(1 for _ in it)
-        t2 = time.perf_counter()
-        ttft.append(t1 - t0)
-        per_tok.append((t2 - t1) / (n - 1))
-    return {"ttft_ms": 1e3 * C.med(ttft), "per_token_ms": 1e3 * C.med(per_tok), "tok_s": 1 / C.med(per_tok)}
+    runs = [one_request(dec, prompt, new) for _ in range(reps)]
+    per_tok = C.med([p for _, p in runs])
+    return {"ttft_ms": 1e3 * C.med([t for t, _ in runs]), "per_token_ms": 1e3 * per_tok, "tok_s": 1 / per_tok}
 
 
 @torch.no_grad()
@@ -72,7 +84,7 @@ def kernel_profile(dec, prompt, steps=16) -> dict:
             total += d
             k = e.name[:70]
             names[k] = (names.get(k, (0, 0.0))[0] + 1, names.get(k, (0, 0.0))[1] + d)
-    top = sorted(names.items(), key=lambda kv: -kv[1][1])[:8]
+    top = sorted(names.items(), key=lambda kv: -kv[1][1])[:12]
     return {"kernels_per_step": n / steps, "kernel_us_per_step": total / steps,
             "top": [(k, c / steps, round(t / steps, 1)) for k, (c, t) in top]}
 
@@ -95,8 +107,9 @@ def main():
     ap.add_argument("out", nargs="?")
     ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b")
     ap.add_argument("--hf", action="store_true", help="also time Hugging Face generate (plain, no adapter)")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--variant-shapes", default="qwen2.5-0.5b", help="also time the decoder untuned")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--variant-shapes", default="qwen2.5-0.5b", help="also time the decoder variants")
+    ap.add_argument("--variants", default="no_pdl", help="of " + ", ".join(VARIANTS) + " ('' for none)")
     a = ap.parse_args()
     from idletune.gpu import FastDecoder
 
@@ -114,30 +127,40 @@ def main():
             r["hf_generate"] = hf_latency(m, prompt)
         pm = C.attach(m, live_scale=0.01)
         with torch.cuda.stream(stream):
-            if name in a.variant_shapes.split(","):
-                for variant, kw in (("untuned", {"tuned": False}), ("sdpa", {"attention": "sdpa"})):
-                    try:
-                        t0 = time.perf_counter()
-                        dec = FastDecoder(pm, "live", max_len=1024, stream=stream, **kw)
-                        v = r[variant] = fast_latency(dec, prompt, reps=a.reps)
-                        v["first_use_s (compile + capture)"] = time.perf_counter() - t0
-                        v["compile_error"] = dec.compile_error
-                        v["logits_error_vs_peft"] = logits_error(dec, pm, prompt)
-                        rows.append([f"{name} ({variant})", v["tok_s"], r["bw_limit_tok_s"],
-                                     100 * v["tok_s"] / r["bw_limit_tok_s"], v["ttft_ms"], "-"])
-                        del dec
-                    except Exception as e:  # report and go on
-                        r[variant] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                        rows.append([f"{name} ({variant})", "error", "", "", "", str(e)[:50]])
-                    torch._dynamo.reset()
-            t0 = time.perf_counter()
-            dec = FastDecoder(pm, "live", max_len=1024, stream=stream)
-            r["fast"] = fast_latency(dec, prompt, reps=a.reps)
-            r["fast"]["first_use_s (compile + capture)"] = time.perf_counter() - t0
-            r["fast"]["compile_error"] = dec.compile_error
-            r["fast"]["logits_error_vs_peft"] = logits_error(dec, pm, prompt)
-            if name in a.variant_shapes.split(","):
-                r["fast"]["kernels"] = kernel_profile(dec, prompt)
+            # build every decoder first (compile + capture), then time them round-robin, so that
+            # a drift of the card's speed during the run touches every variant alike
+            labels = [v for v in a.variants.split(",") if v] if name in a.variant_shapes.split(",") else []
+            decs = {}
+            for label in labels + ["fast"]:
+                try:
+                    t0 = time.perf_counter()
+                    dec = FastDecoder(pm, "live", max_len=1024, stream=stream, **VARIANTS.get(label, {}))
+                    list(dec.tokens(prompt, 128))  # compiles the pieces, captures this length's graphs
+                    r[label] = {"first_use_s (compile + capture)": time.perf_counter() - t0,
+                                "compile_error": dec.compile_error, "pdl": dec.pdl,
+                                "logits_error_vs_peft": logits_error(dec, pm, prompt)}
+                    decs[label] = dec
+                except Exception as e:  # report and go on
+                    if label == "fast":
+                        raise
+                    r[label] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                    rows.append([f"{name} ({label})", "error", "", "", "", str(e)[:50]])
+            times = {label: [] for label in decs}
+            for _ in range(a.reps):
+                for label, dec in decs.items():
+                    times[label].append(one_request(dec, prompt))
+            for label, dec in decs.items():
+                v = r[label]
+                v["ttft_ms"] = 1e3 * C.med([t for t, _ in times[label]])
+                v["per_token_ms"] = 1e3 * C.med([p for _, p in times[label]])
+                v["tok_s"] = 1e3 / v["per_token_ms"]
+                if labels:
+                    v["kernels"] = kernel_profile(dec, prompt)
+                if label != "fast":
+                    rows.append([f"{name} ({label})", v["tok_s"], r["bw_limit_tok_s"],
+                                 100 * v["tok_s"] / r["bw_limit_tok_s"], v["ttft_ms"], "-"])
+            dec = decs["fast"]
+            del decs
         r["fast"]["share_of_limit"] = r["fast"]["tok_s"] / r["bw_limit_tok_s"]
         r["serving_copy_MB"] = dec.serving_bytes() / 2**20
         res[name] = r
@@ -153,9 +176,11 @@ def main():
               f"compile error: {f['compile_error']}; logits vs PEFT forward: max |diff| = "
               f"{f['logits_error_vs_peft']:.3f} × their std (untuned: "
               f"{res[name].get('untuned', {}).get('logits_error_vs_peft', float('nan')):.3f})")
-        if "kernels" in f:
+        for label, f in [("", f)] + [(" " + v, res[name][v]) for v in VARIANTS if v in res[name]]:
+            if "kernels" not in f:
+                continue
             k = f["kernels"]
-            print(f"{name}: {k['kernels_per_step']:.0f} kernels per step, {k['kernel_us_per_step']:.0f} µs of kernel time; top:")
+            print(f"{name}{label}: {k['kernels_per_step']:.0f} kernels per step, {k['kernel_us_per_step']:.0f} µs of kernel time; top:")
             for row in k["top"]:
                 print("   ", row)
     C.write(res, "gpu_decode.json")

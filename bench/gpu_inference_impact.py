@@ -43,21 +43,23 @@ def main():
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--clients", default="1,8")
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--training-compile", default="auto", help="training.compile: auto, on, off")
-    ap.add_argument("--graphs", action="store_true", help="train with CUDA-graphed layers (not what the service "
-                    "does: this reproduces the crash of docs/BENCHMARKS.md run M)")
+    ap.add_argument("--training-compile", default="auto", help="training.compile: auto (graphs on a GPU), graphs, on, off")
+    ap.add_argument("--no-workspace-fix", action="store_true", help="capture the decoder's graphs with cuBLAS's "
+                    "cached workspace, as before run U: reproduces the crash of run N under graphed training")
     ap.add_argument("--per-client", default="4,2", help="requests per client per block, for each --clients entry")
     a = ap.parse_args()
     from idletune.inference import GenerationParams
 
     res = C.header()
     with tempfile.TemporaryDirectory() as tmp:
-        svc = C.service(a.shape, tmp, **{"training.compile": "off" if a.graphs else a.training_compile})
-        if a.graphs:
-            from idletune.gpu.training import compile_layers
+        if a.no_workspace_fix:
+            import contextlib
 
-            compile_layers(svc.model, graphs=True)
-            svc.engine.graphs = True
+            import idletune.gpu.decoder as D
+
+            D._own_cublas_workspace = contextlib.nullcontext
+        svc = C.service(a.shape, tmp, **{"training.compile": a.training_compile})
+        res["training_graphs"] = svc.engine.graphs
         res["gpu_path"] = svc.inference.fast is not None
         inf, eng = svc.inference, svc.engine
         tok = svc.tokenizer
@@ -178,6 +180,7 @@ def main():
         rows.append([nc, "backlog − off", "", r["added_ttft_p50_ms"], r["added_ttft_p99_ms"], "", r["added_token_p99_ms"],
                      f"×{r['decode_throughput_ratio']:.3f}", ""])
     print(f"chat with training off vs full backlog, {a.shape}, 256 prompt + {a.new} new ({res['device']}); "
+          f"training graphed: {res['training_graphs']}; "
           f"training: {res['training']}")
     C.table(rows, ["clients", "condition", "n", "TTFT p50", "TTFT p99", "token p50", "token p99", "decode tok/s", "arrived mid-step"])
     for nc in a.clients.split(","):

@@ -7,7 +7,8 @@ durations), kernels per step, and "GPU busy" = kernel time / wall time. A loop f
 busy is bound by the host, and no faster kernel will help it.
 
 Engine variants: ``default`` (as shipped: on a GPU the decoder layers are compiled for
-training); ``graphs`` (compiled layers replayed as CUDA graphs, benchmarks only); ``eager`` (``training.compile = "off"``); ``no_autocast`` and ``no_hooks`` (eager, without the
+training and replayed as CUDA graphs); ``compiled`` (compiled layers without graphs);
+``eager`` (``training.compile = "off"``); ``no_autocast`` and ``no_hooks`` (eager, without the
 autocast context / without the per-layer preemption hooks).
 
 ``--varlen``: the shipped default on batches whose length changes every round (512, 256, 384,
@@ -15,7 +16,7 @@ autocast context / without the per-layer preemption hooks).
 dynamic sizes) and the steady step time.
 
 Usage: python bench/gpu_step_profile.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b]
-       [--variants default,graphs,eager,no_autocast,no_hooks] [--steps 8] [--varlen]
+       [--variants default,compiled,eager,no_autocast,no_hooks] [--steps 8] [--varlen]
 """
 import argparse
 import contextlib
@@ -47,9 +48,12 @@ def profile(run_steps, steps: int) -> dict:
             kern += d
             n += 1
             names[e.name[:60]] = names.get(e.name[:60], 0.0) + d
-    top = sorted(names.items(), key=lambda kv: -kv[1])[:6]
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:16]
+    # the host's side: operators by their own CPU time (where a host-bound step spends it)
+    host = sorted(((e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()), key=lambda r: -r[1])[:20]
     return {"wall_ms": 1e3 * wall, "kernel_ms": kern / 1e3 / done, "kernels_per_step": n / done,
-            "busy": kern / 1e3 / done / (1e3 * wall), "top": [(k, round(v / 1e3 / done, 2)) for k, v in top]}
+            "busy": kern / 1e3 / done / (1e3 * wall), "top": [(k, round(v / 1e3 / done, 2)) for k, v in top],
+            "host_top": [(k[:70], round(t / 1e3 / done, 2), round(c / done, 1)) for k, t, c in host]}
 
 
 def plain(name, steps):
@@ -72,7 +76,7 @@ def engine(name, variant, steps, tok):
 
     m = C.build(name, tok)
     pm = C.attach(m)
-    how = T.shipped_compile(pm, variant if variant in ("default", "graphs") else "eager")
+    how = T.shipped_compile(pm, variant if variant in ("default", "compiled", "graphs") else "eager")
     eng = T.make_engine(pm, tok, steps=steps)
     eng.graphs = how == "graphs"
     if variant == "no_autocast":
@@ -136,7 +140,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?")
     ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b")
-    ap.add_argument("--variants", default="default,graphs,eager,no_autocast,no_hooks")
+    ap.add_argument("--variants", default="default,compiled,eager,no_autocast,no_hooks")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--varlen", action="store_true")
     a = ap.parse_args()
@@ -159,6 +163,9 @@ def main():
                          base / r["wall_ms"]])
         for v, r in res[name].items():
             print(name, v, "top kernels (ms/step):", r.get("top"))
+            print(name, v, "host self time (op, ms/step, calls/step):")
+            for row in r.get("host_top", []):
+                print("   ", row)
         if a.varlen:
             res[name]["varlen"] = vl = varlen(name, tok)
             print(name, "varlen rounds (len: s for", vl[0]["steps"], "steps):",

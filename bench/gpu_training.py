@@ -3,13 +3,13 @@ engine vs the plain PEFT loop, same model, data, lengths (8 × 512 tokens, loss 
 batch, steps and precision (bf16), rank 8 on q/v/gate/up.
 
 Variants of the engine: as configured by default (on a GPU: decoder layers compiled for
-training, ``training.compile = "auto"``); ``graphs`` (compiled layers replayed as CUDA graphs,
-not used by the service: see docs/BENCHMARKS.md); ``eager`` (``training.compile = "off"``);
+training and replayed as CUDA graphs, ``training.compile = "auto"``); ``compiled`` (compiled
+layers without graphs, ``training.compile = "on"``); ``eager`` (``training.compile = "off"``);
 with gradient checkpointing (the memory setting). Also a chat-shaped batch (loss on the last 128 tokens of
 each 512), where only target positions reach the output layer.
 
 Usage: python bench/gpu_training.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b]
-       [--variants default,graphs,eager,checkpointed,chat] [--steps 20]
+       [--variants default,compiled,eager,checkpointed,chat] [--steps 20]
 """
 import argparse
 import threading
@@ -63,17 +63,14 @@ def plain_peft(name, steps):
 
 
 def shipped_compile(pm, variant: str) -> str | None:
-    """Compile the layers for ``variant``: "eager" not at all, "graphs" replayed as CUDA graphs,
-    else as the service does (``training.compile = "auto"``). Returns "graphs", "compile" or
-    None; with "graphs" set ``engine.graphs``."""
+    """Compile the layers for ``variant``: "eager" not at all, "compiled" without CUDA graphs,
+    "graphs" replayed as CUDA graphs, else as the service does (``training.compile = "auto"``:
+    graphs on a GPU). Returns "graphs", "compile" or None; the caller sets ``engine.graphs``."""
     from idletune.gpu.training import compile_layers, wanted
 
-    if variant == "eager":
-        how = None
-    elif variant == "graphs":
-        how = "graphs"
-    else:
-        how = "compile" if wanted("auto", pm) else None
+    how = {"eager": None, "compiled": "compile", "graphs": "graphs"}.get(variant, "auto")
+    if how == "auto":
+        how = wanted("auto", pm)
     if how:
         compile_layers(pm, graphs=how == "graphs")
     return how
@@ -125,9 +122,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?")
     ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b")
-    ap.add_argument("--variants", default="default,graphs,eager,checkpointed,chat")
+    ap.add_argument("--variants", default="default,compiled,eager,checkpointed,chat")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--big-variants", default="default,graphs,checkpointed", help="variants for llama-3-8b")
+    ap.add_argument("--big-variants", default="default,compiled,checkpointed", help="variants for llama-3-8b")
     a = ap.parse_args()
     tok = C.load_tokenizer()
     res = C.header()

@@ -99,6 +99,29 @@ def test_decode_attention_forms_agree():
         torch.testing.assert_close(f(q, k, v, mask), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_layer_forms_agree(bias):
+    """The compiled forms of a decode layer's pieces (products written as reductions, the norm's
+    sum of squares folded into the product, SiLU·up as an epilogue) compute what the eager forms
+    with library products do: same q, same cache write, same residual stream and activation."""
+    from idletune.gpu.decoder import _decode_post, _decode_post_eager, _decode_pre, _decode_pre_eager
+
+    g = torch.Generator().manual_seed(0)
+    C, I, H, Hkv, D, eps = 32, 48, 4, 2, 8, 1e-6
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    x, ln = r(1, C), r(C).abs() + 0.5
+    qkv_w, qkv_b = r((H + 2 * Hkv) * D, C) * 0.2, r((H + 2 * Hkv) * D) if bias else None
+    cos, sin, pos = r(1, 1, D), r(1, 1, D), torch.tensor([5])
+    caches = [torch.zeros(2, Hkv, 16, D) for _ in range(2)]
+    q = [f(x, c, pos, cos, sin, ln, qkv_w, qkv_b, eps, H, Hkv, D) for f, c in zip((_decode_pre, _decode_pre_eager), caches)]
+    torch.testing.assert_close(q[0], q[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[0], caches[1], rtol=1e-5, atol=1e-5)
+    assert caches[0][:, :, 5].abs().sum() > 0 and caches[0][:, :, :5].abs().sum() == 0
+    args = (x, r(1, H * D), r(C, H * D) * 0.2, r(C) if bias else None, ln, r(2 * I, C) * 0.2, r(C, I) * 0.2, eps)
+    for got, want in zip(_decode_post(*args), _decode_post_eager(*args)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_refresh_serves_the_new_live_adapter_and_never_the_candidate():
     model = tiny("llama")
     dec = FastDecoder(model, LIVE, max_len=300, use_graphs=False)

@@ -1,4 +1,5 @@
 """The training engine, adapters and weight updater on a tiny model built from a config."""
+import gc
 import threading
 import time
 
@@ -295,12 +296,15 @@ def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir
             monkeypatch.undo()
             assert r.steps == 3 and not r.preempted
             if graphs:
+                # after the first graphed steps the heap is frozen once (no full-collection pauses)
+                assert s.engine._heap_frozen and gc.get_freeze_count() > 0
+                gc.unfreeze()
                 assert all(p.grad is not None and not p.grad.any() for p in s.engine._trainable())
                 # every micro-batch padded to a multiple of 64 and marked as a new graph iteration
                 assert len(widths) > 3 and all(p == 64 and w % 64 == 0 for p, w in widths)
                 assert len(marks) == len(widths)
             else:
-                assert all(p == 1 for p, _ in widths) and not marks
+                assert all(p == 1 for p, _ in widths) and not marks and not s.engine._heap_frozen
             trained.append(adapters.clone_adapter(s.model, TRAIN))
         finally:
             s.close()
@@ -309,3 +313,15 @@ def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir
     assert moved > 1e-3  # (Adam steps of ~lr each; the paths differ by float rounding only)
     for k in trained[0]:
         torch.testing.assert_close(trained[0][k], trained[1][k], rtol=1e-4, atol=moved * 1e-2)
+
+
+def test_training_compile_setting_on_the_cpu():
+    """training.compile: "auto" leaves CPU training eager (graphs only where CUDA and the GPU
+    serving path are); "on" compiles anywhere; "graphs" without CUDA compiles without graphs."""
+    from idletune.gpu.training import wanted
+
+    model = torch.nn.Linear(2, 2)
+    assert wanted("auto", model) is None and wanted("off", model) is None
+    assert wanted("on", model) == "compile" and wanted("graphs", model) == "compile"
+    with pytest.raises(ValueError, match="training.compile"):
+        Config.load(None, {"training.compile": "fast"})

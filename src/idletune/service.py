@@ -98,7 +98,7 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
                   None, inference, activity, import_jobs, importers_config,  # type: ignore[arg-type]
                   problems + list(weights.problems))
     _gpu_path(svc)
-    _compile_training(config, peft_model, fast_path=svc.inference.fast is not None)
+    _compile_training(config, engine, fast_path=svc.inference.fast is not None)
     svc.scheduler = TrainingScheduler(queue, engine, weights, batches, activity=activity, config=config.scheduler,
                                       probes=svc.probes, heldout_examples=config.gate.heldout_examples,
                                       training_mode=config.training.mode)
@@ -109,12 +109,15 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     return svc
 
 
-def _compile_training(config: Config, model, fast_path: bool) -> None:
+def _compile_training(config: Config, engine, fast_path: bool) -> None:
     from .gpu.training import compile_layers, wanted
 
-    if wanted(config.training.compile, model, fast_path=fast_path):
-        n = compile_layers(model)
-        log.info("training: %d decoder layers compiled for training steps (the first step compiles)", n)
+    how = wanted(config.training.compile, engine.model, fast_path=fast_path)
+    if how:
+        n = compile_layers(engine.model, graphs=how == "graphs")
+        engine.graphs = how == "graphs"
+        log.info("training: %d decoder layers compiled for training steps%s (the first step compiles)", n,
+                 ", replayed as CUDA graphs" if engine.graphs else "")
 
 
 def _gpu_path(svc: Service) -> None:

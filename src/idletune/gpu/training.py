@@ -7,10 +7,9 @@ element-wise work into a few Triton kernels: half the launches, a third less ker
 (docs/BENCHMARKS.md). Only the layers' ``forward`` is compiled, so the preemption hooks around
 each layer stay in eager Python and can still stop a step.
 
-``graphs`` (benchmarks only, see :func:`wanted`): each compiled layer's forward and backward
-are also captured as CUDA graphs
-(``mode="reduce-overhead"``, torch's CUDA graph trees), so a layer costs one launch instead of
-dozens and the host no longer limits the step. A graph holds one shape, so the engine pads
+``graphs`` (the default on a GPU, see :func:`wanted`): each compiled layer's forward and
+backward are also captured as CUDA graphs (``mode="reduce-overhead"``, torch's CUDA graph
+trees), so a layer costs one launch instead of dozens and the host no longer limits the step. A graph holds one shape, so the engine pads
 batches to multiples of 64 tokens (``engine.GRAPH_LENGTH_MULTIPLE``), marks each micro-batch as a new
 iteration (a step preempted between layers leaves no half-used graph behind) and keeps the
 gradient buffers allocated (a graph's output is overwritten by its next replay, so it must never
@@ -57,25 +56,26 @@ def compile_layers(model, graphs: bool = False, **kwargs) -> int:
     return len(layers)
 
 
-def wanted(setting: str, model, fast_path: bool = True) -> bool:
-    """Whether ``training.compile`` ("auto", "on", "off") asks to compile for this model.
-    "auto" compiles on a CUDA device when Triton (torch.compile's GPU backend) is there and
+def wanted(setting: str, model, fast_path: bool = True) -> str | None:
+    """What ``training.compile`` ("auto", "graphs", "on", "off") asks for on this model:
+    "graphs" (compiled layers replayed as CUDA graphs), "compile" (compiled layers) or None.
+
+    "auto" means graphs on a CUDA device when Triton (torch.compile's GPU backend) is there and
     requests are served by the GPU fast path: a compilation runs inside a training step, under
     the model lock, which requests on the portable path (full/hybrid modes) would wait for.
-
-    Never with graphs: CUDA-graphed layers are measured by the benchmarks but not used by the
-    service, because training with them while the GPU path served requests crashed with an
-    illegal memory access (docs/BENCHMARKS.md, run N)."""
+    "graphs" needs CUDA; on another device it compiles without them."""
     if setting == "off":
-        return False
+        return None
     on_cuda = next(model.parameters()).device.type == "cuda"
     if setting == "on":
-        return True
+        return "compile"
+    if setting == "graphs":
+        return "graphs" if on_cuda else "compile"
     if not on_cuda or not fast_path:
-        return False
+        return None
     try:
         import triton  # noqa: F401
     except ImportError:
         log.info("training.compile=auto: triton is not installed, training layers stay eager")
-        return False
-    return True
+        return None
+    return "graphs"
