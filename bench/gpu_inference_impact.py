@@ -87,14 +87,18 @@ def main():
         training = threading.Event()
         gc.callbacks.append(on_gc)
         stop = threading.Event()
-        stats = {"steps": 0, "rounds": 0, "preempted": 0}
+        stats = {"steps": 0, "rounds": 0, "preempted": 0, "round_s_max": 0.0, "rounds_over_2s": 0}
 
         def trainer():
             while not stop.is_set():
                 if not training.is_set() or svc.activity.should_yield():
                     time.sleep(0.0002)
                     continue
+                t = time.perf_counter()
                 r = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 0.5)  # short rounds: "off" starts clean
+                t = time.perf_counter() - t  # a long round: compiling or recording graphs
+                stats["round_s_max"] = round(max(stats["round_s_max"], t), 2)
+                stats["rounds_over_2s"] += int(t > 2)
                 stats["steps"] += r.steps
                 stats["rounds"] += 1
                 stats["preempted"] += int(r.preempted)
@@ -123,7 +127,7 @@ def main():
         while eng._step_thread is not None:
             time.sleep(0.01)
         res["training_warmup_s"] = round(time.perf_counter() - t0, 1)
-        stats.update(steps=0, rounds=0, preempted=0)
+        stats.update(steps=0, rounds=0, preempted=0, round_s_max=0.0, rounds_over_2s=0)
         pauses.clear()
         random.seed(0)
         for nc, per_client in zip([int(x) for x in a.clients.split(",")], [int(x) for x in a.per_client.split(",")]):
@@ -154,6 +158,9 @@ def main():
                         "ttft_p99_ms_first_of_block": 1e3 * C.pct([r["ttft"] for r in rs if r["first_of_block"]], 99),
                         "ttft_p99_ms_others": 1e3 * C.pct([r["ttft"] for r in rs if not r["first_of_block"]], 99),
                         "ttft_p50_ms_others": 1e3 * C.med([r["ttft"] for r in rs if not r["first_of_block"]]),
+                        # requests with a pause of over 50 ms between two of their tokens, and the longest
+                        "requests_with_token_gap_over_50ms": sum(1 for r in rs if r["gaps"] and max(r["gaps"]) > 0.05),
+                        "longest_token_gap_ms": 1e3 * max((max(r["gaps"]) for r in rs if r["gaps"]), default=0.0),
                         "sm_clock_mhz_before_p50": C.med([r["gpu_clock_mhz_before"] for r in rs if r["gpu_clock_mhz_before"]])}
             off, bl = summary(data["off"]), summary(data["backlog"])
             res[f"clients_{nc}"] = {"off": off, "backlog": bl,
@@ -189,7 +196,10 @@ def main():
               f"{r['off']['ttft_p99_ms_first_of_block']:.1f}/{r['backlog']['ttft_p99_ms_first_of_block']:.1f} ms, "
               f"others p50 {r['off']['ttft_p50_ms_others']:.1f}/{r['backlog']['ttft_p50_ms_others']:.1f}, "
               f"p99 {r['off']['ttft_p99_ms_others']:.1f}/{r['backlog']['ttft_p99_ms_others']:.1f} ms; "
-              f"SM clock before p50 {r['off']['sm_clock_mhz_before_p50']}/{r['backlog']['sm_clock_mhz_before_p50']} MHz")
+              f"SM clock before p50 {r['off']['sm_clock_mhz_before_p50']}/{r['backlog']['sm_clock_mhz_before_p50']} MHz; "
+              f"requests with a token gap > 50 ms {r['off']['requests_with_token_gap_over_50ms']}/"
+              f"{r['backlog']['requests_with_token_gap_over_50ms']}, longest gap "
+              f"{r['off']['longest_token_gap_ms']:.0f}/{r['backlog']['longest_token_gap_ms']:.0f} ms")
     print("garbage collections while measuring:", res["gc_pauses"])
     C.write(res, "gpu_inference_impact.json")
 
