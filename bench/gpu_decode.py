@@ -25,6 +25,10 @@ VARIANTS = {
     "untuned": {"tuned": False},
     "sdpa": {"attention": "sdpa"},
     "no_pdl": {"pdl": False},
+    # the same settings compiled (and tuned) again: with TORCHINDUCTOR_FORCE_DISABLE_CACHES=1,
+    # how far two compilations of one setting differ
+    "repeat": {},
+    "no_pdl_repeat": {"pdl": False},
 }
 
 
