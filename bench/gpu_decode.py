@@ -25,8 +25,8 @@ VARIANTS = {
     "untuned": {"tuned": False},
     "sdpa": {"attention": "sdpa"},
     "no_pdl": {"pdl": False},
-    # the same settings compiled (and tuned) again: with TORCHINDUCTOR_FORCE_DISABLE_CACHES=1,
-    # how far two compilations of one setting differ
+    # the same settings again: a second decoder reuses the first one's compiled kernels
+    # (dynamo's cache), so the two differ only by the timing's own noise
     "repeat": {},
     "no_pdl_repeat": {"pdl": False},
 }
