@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--training-compile", default="auto", help="training.compile: auto (graphs on a GPU), graphs, on, off")
     ap.add_argument("--no-workspace-fix", action="store_true", help="capture the decoder's graphs with cuBLAS's "
-                    "cached workspace, as before run U: reproduces the crash of run N under graphed training")
+                    "cached workspace, as before run W: reproduces the crash of run N under graphed training")
     ap.add_argument("--per-client", default="4,2", help="requests per client per block, for each --clients entry")
     a = ap.parse_args()
     from idletune.inference import GenerationParams

@@ -297,8 +297,9 @@ def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir
             assert r.steps == 3 and not r.preempted
             if graphs:
                 # after the first graphed steps the heap is frozen once (no full-collection pauses)
-                assert s.engine._heap_frozen and gc.get_freeze_count() > 0
-                gc.unfreeze()
+                frozen = gc.get_freeze_count()
+                gc.unfreeze()  # before asserting: a failure must not leave the test session frozen
+                assert s.engine._heap_frozen and frozen > 0
                 assert all(p.grad is not None and not p.grad.any() for p in s.engine._trainable())
                 # every micro-batch padded to a multiple of 64 and marked as a new graph iteration
                 assert len(widths) > 3 and all(p == 64 and w % 64 == 0 for p, w in widths)
@@ -313,6 +314,22 @@ def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir
     assert moved > 1e-3  # (Adam steps of ~lr each; the paths differ by float rounding only)
     for k in trained[0]:
         torch.testing.assert_close(trained[0][k], trained[1][k], rtol=1e-4, atol=moved * 1e-2)
+
+
+def test_service_marks_the_engine_for_graphed_layers(tmp_path, tiny_model_dir, monkeypatch):
+    """Where training.compile asks for graphs, the layers are compiled with graphs *and* the
+    engine runs in graph mode (padding, iteration marks, its own gradient accumulation): graphs
+    without graph mode lost gradient contributions on a GPU (docs/BENCHMARKS.md, runs K, L)."""
+    import idletune.gpu.training as G
+
+    calls = []
+    monkeypatch.setattr(G, "wanted", lambda setting, model, fast_path=True: "graphs")
+    monkeypatch.setattr(G, "compile_layers", lambda model, graphs=False: calls.append(graphs) or 2)
+    s = build_service(tmp_path / "data", model=tiny_model_dir, start_scheduler=False)
+    try:
+        assert calls == [True] and s.engine.graphs
+    finally:
+        s.close()
 
 
 def test_training_compile_setting_on_the_cpu():

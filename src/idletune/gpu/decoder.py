@@ -86,8 +86,10 @@ class FastDecoder:
         compile: compile the decode step's pieces with torch.compile (default: with graphs,
             unless IDLETUNE_COMPILE_DECODE=0); a failure falls back to eager and is kept in
             ``compile_error``.
-        tuned: compile with inductor's coordinate-descent tuning, which also turns batch-1
-            matrix products into fusable reductions (default: IDLETUNE_DECODE_TUNED, else on).
+        tuned: compile with inductor's coordinate-descent tuning, which tunes the reductions and
+            also turns the remaining batch-1 library products (output, down) into fusable
+            reductions; untuned, those two stay cuBLAS calls and their residual additions are
+            kernels of their own (default: IDLETUNE_DECODE_TUNED, else on).
         attention: "reductions" (compiled, the default) or "sdpa" (one library kernel); default:
             IDLETUNE_DECODE_ATTENTION, else "reductions".
         pdl: compiled kernels use programmatic dependent launch where the GPU has it (Hopper and
@@ -125,8 +127,6 @@ class FastDecoder:
         self.attention = attention or os.environ.get("IDLETUNE_DECODE_ATTENTION", "reductions")
         if self.attention not in ("reductions", "sdpa"):
             raise ValueError(f"attention must be reductions or sdpa, got {self.attention!r}")
-        # eager pieces (the CPU, IDLETUNE_COMPILE_DECODE=0, a failed compile): attention as
-        # batched products, which never materialise a (heads, L, D) product
         # eager pieces (the CPU, IDLETUNE_COMPILE_DECODE=0, a failed compile): library products,
         # and attention as batched products, which never materialise a (heads, L, D) product
         self._eager = {"pre": _decode_pre_eager, "post": _decode_post_eager,
@@ -136,8 +136,8 @@ class FastDecoder:
         if compile:  # fuses each layer's element-wise work; compiled on the first captured step
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             opts = {"coordinate_descent_tuning": True} if self.tuned else {}
-            if self.pdl:  # inductor emits it on Hopper and newer only
-                opts["triton.enable_pdl"] = True
+            if self.pdl and hasattr(torch._inductor.config.triton, "enable_pdl"):  # older torch: no PDL
+                opts["triton.enable_pdl"] = True  # inductor emits it on Hopper and newer only
             self._pieces["pre"] = torch.compile(_decode_pre, dynamic=False, fullgraph=True, options=opts)
             self._pieces["post"] = torch.compile(_decode_post, dynamic=False, fullgraph=True, options=opts)
             if self.attention == "reductions":
@@ -527,8 +527,12 @@ def _own_cublas_workspace():
     library calls use a workspace allocated *during* the capture, from the graph's own pool.
     Otherwise the graph would keep the address of a cached workspace, and whoever clears the
     cache later — torch.compile's CUDA graph trees do at every recording, from the training
-    thread — frees memory the graph still writes to. (torch's graph trees do the same for their
-    own captures.)"""
+    thread — frees memory the graph still writes to (docs/BENCHMARKS.md, runs N and X).
+
+    The clear is process-wide (a private torch call, the one graph trees make around their own
+    recordings). It is safe while another thread trains: a dropped workspace goes back to the
+    caching allocator's pool of the stream it was made for, so only later work on that same
+    stream can reuse it, after the work already queued there."""
     torch._C._cuda_clearCublasWorkspaces()
     try:
         yield

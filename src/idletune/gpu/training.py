@@ -7,11 +7,12 @@ element-wise work into a few Triton kernels: half the launches, a third less ker
 (docs/BENCHMARKS.md). Only the layers' ``forward`` is compiled, so the preemption hooks around
 each layer stay in eager Python and can still stop a step.
 
-``graphs`` (the default on a GPU, see :func:`wanted`): each compiled layer's forward and
-backward are also captured as CUDA graphs (``mode="reduce-overhead"``, torch's CUDA graph
-trees), so a layer costs one launch instead of dozens and the host no longer limits the step. A graph holds one shape, so the engine pads
-batches to multiples of 64 tokens (``engine.GRAPH_LENGTH_MULTIPLE``), marks each micro-batch as a new
-iteration (a step preempted between layers leaves no half-used graph behind) and keeps the
+``graphs`` (the default on a GPU in LoRA mode with the GPU serving path, see :func:`wanted`):
+each compiled layer's forward and backward are also captured as CUDA graphs
+(``mode="reduce-overhead"``, torch's CUDA graph trees), so a layer costs one launch instead of
+dozens and the host no longer limits the step. A graph holds one shape, so the engine pads
+batches to multiples of 64 tokens (``engine.GRAPH_LENGTH_MULTIPLE``), marks each micro-batch as
+a new iteration (a step preempted between layers leaves no half-used graph behind) and keeps the
 gradient buffers allocated (a graph's output is overwritten by its next replay, so it must never
 become a ``.grad`` itself).
 
@@ -63,19 +64,19 @@ def wanted(setting: str, model, fast_path: bool = True) -> str | None:
     "auto" means graphs on a CUDA device when Triton (torch.compile's GPU backend) is there and
     requests are served by the GPU fast path: a compilation runs inside a training step, under
     the model lock, which requests on the portable path (full/hybrid modes) would wait for.
-    "graphs" needs CUDA; on another device it compiles without them."""
+    "graphs" needs CUDA; on another device it compiles without them. On CUDA, without Triton
+    nothing is compiled (with a warning)."""
     if setting == "off":
         return None
     on_cuda = next(model.parameters()).device.type == "cuda"
     if setting == "on":
         return "compile"
-    if setting == "graphs":
-        return "graphs" if on_cuda else "compile"
-    if not on_cuda or not fast_path:
+    if setting == "auto" and not (on_cuda and fast_path):
         return None
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        log.info("training.compile=auto: triton is not installed, training layers stay eager")
-        return None
-    return "graphs"
+    if on_cuda:  # torch.compile's GPU backend
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            log.warning("training.compile=%s: triton is not installed, training layers stay eager", setting)
+            return None
+    return "graphs" if on_cuda else "compile"

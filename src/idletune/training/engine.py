@@ -235,11 +235,11 @@ class TrainingEngine:
         """After the first graphed steps (compiling, recording the graphs), move every object
         alive to the collector's permanent generation: the compiled code and the graph trees'
         bookkeeping are a heap that each full garbage collection would otherwise walk, holding
-        the GIL — a 0.55 s pause of every thread, chat included (docs/BENCHMARKS.md, run U).
-        Once only: garbage frozen with them is never collected."""
+        the GIL — a 0.55 s pause of every thread, chat included (docs/BENCHMARKS.md, run X).
+        One full collection first (that pause, once), so no garbage is frozen with them."""
         self._graphed_steps += steps if self.graphs else 0
         if self._graphed_steps >= 3 and not self._heap_frozen:
-            gc.collect(1)  # the young garbage first
+            gc.collect()
             gc.freeze()
             self._heap_frozen = True
 
