@@ -6,7 +6,9 @@ thread keeps the engine busy (8 × 512-token examples per step, restarted whenev
 in flight: a backlog that never runs dry and never waits for idle time). Conditions "off" and
 "backlog" alternate round by round in one run. Per-token times are taken where tokens leave the
 decoder. Reported: time to first token and inter-token latency, p50 and p99, decode throughput,
-and backlog/off ratios.
+and backlog/off ratios. Every pause of over 50 ms inside a request (with one client, also before
+its first token) is listed as a stall, with the trainer rounds and garbage collections that
+overlapped it.
 
 Usage: python bench/gpu_inference_impact.py [OUT.json] [--shape qwen2.5-0.5b] [--rounds 8]
        [--clients 1,8] [--per-client 4,2]
@@ -77,13 +79,14 @@ def main():
             return orig_emit(gen(), *args)
         inf._emit = timed_emit
 
-        pauses = []  # (generation, seconds, training condition) of every garbage collection
+        pauses = []  # (generation, seconds, training condition, start) of every garbage collection
+        rounds = []  # (start, end, steps, preempted) of every trainer round: a timeline to lay stalls on
 
         def on_gc(phase, info, _t=[0.0]):
             if phase == "start":
                 _t[0] = time.perf_counter()
             else:
-                pauses.append((info["generation"], time.perf_counter() - _t[0], training.is_set()))
+                pauses.append((info["generation"], time.perf_counter() - _t[0], training.is_set(), _t[0]))
         training = threading.Event()
         gc.callbacks.append(on_gc)
         stop = threading.Event()
@@ -94,9 +97,10 @@ def main():
                 if not training.is_set() or svc.activity.should_yield():
                     time.sleep(0.0002)
                     continue
-                t = time.perf_counter()
+                start = time.perf_counter()
                 r = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 0.5)  # short rounds: "off" starts clean
-                t = time.perf_counter() - t  # a long round: compiling or recording graphs
+                rounds.append((start, time.perf_counter(), r.steps, r.preempted))
+                t = time.perf_counter() - start  # a long round: compiling or recording graphs
                 stats["round_s_max"] = round(max(stats["round_s_max"], t), 2)
                 stats["rounds_over_2s"] += int(t > 2)
                 stats["steps"] += r.steps
@@ -104,6 +108,22 @@ def main():
                 stats["preempted"] += int(r.preempted)
         th = threading.Thread(target=trainer, daemon=True)
         th.start()
+
+        def stall_record(r, cond, nc, over=0.05):
+            """A request's longest pause between tokens (with one client, or before its first one),
+            if over ``over`` seconds, with what the trainer and the garbage collector did meanwhile.
+            (With several clients the time to the first token is mostly queueing behind the others.)"""
+            marks = ([r["start"]] if nc == 1 else []) + r["tokens_at"]
+            if len(marks) < 2:
+                return None
+            i = max(range(len(marks) - 1), key=lambda k: marks[k + 1] - marks[k])
+            lo, hi = marks[i], marks[i + 1]
+            if hi - lo <= over:
+                return None
+            return {"condition": cond, "clients": nc, "at_s": round(lo - t_run, 3), "ms": round(1e3 * (hi - lo), 1),
+                    "before_token": i + (nc != 1),
+                    "rounds": [(round(b - t_run, 3), round(e - t_run, 3), n, p) for b, e, n, p in rounds if b < hi and e > lo],
+                    "gc": [(g, round(1e3 * d, 1)) for g, d, _, b in pauses if b < hi and b + d > lo]}
 
         def one_request(out, first=False):
             times.tokens = []
@@ -115,7 +135,7 @@ def main():
             tt = times.tokens
             out.append({"ttft": tt[0] - t0, "gaps": [b - x for x, b in zip(tt, tt[1:])], "total": time.perf_counter() - t0,
                         "n": c.completion_tokens, "training_in_step_at_arrival": busy,
-                        "first_of_block": first, "gpu_clock_mhz_before": clock})
+                        "first_of_block": first, "gpu_clock_mhz_before": clock, "start": t0, "tokens_at": list(tt)})
 
         times.tokens = []
         inf.generate([{"role": "user", "content": "x"}], GenerationParams(max_tokens=a.new))  # warm-up, graphs
@@ -128,6 +148,7 @@ def main():
             time.sleep(0.01)
         res["training_warmup_s"] = round(time.perf_counter() - t0, 1)
         stats.update(steps=0, rounds=0, preempted=0, round_s_max=0.0, rounds_over_2s=0)
+        t_run = time.perf_counter()
         pauses.clear()
         random.seed(0)
         for nc, per_client in zip([int(x) for x in a.clients.split(",")], [int(x) for x in a.per_client.split(",")]):
@@ -168,6 +189,11 @@ def main():
                                     "added_ttft_p50_ms": bl["ttft_p50_ms"] - off["ttft_p50_ms"],
                                     "added_token_p99_ms": bl["token_p99_ms"] - off["token_p99_ms"],
                                     "decode_throughput_ratio": bl["decode_tok_s"] / off["decode_tok_s"]}
+            for cond, rs in data.items():
+                for r in rs:
+                    stall = stall_record(r, cond, nc)
+                    if stall and len(res.setdefault("stalls", [])) < 20:
+                        res["stalls"].append(stall)
         stop.set()
         th.join(30)
         gc.callbacks.remove(on_gc)
@@ -201,6 +227,8 @@ def main():
               f"{r['backlog']['requests_with_token_gap_over_50ms']}, longest gap "
               f"{r['off']['longest_token_gap_ms']:.0f}/{r['backlog']['longest_token_gap_ms']:.0f} ms")
     print("garbage collections while measuring:", res["gc_pauses"])
+    for st in res.get("stalls", []):  # each with the trainer rounds (start, end s, steps, preempted) and collections
+        print("stall:", st)
     C.write(res, "gpu_inference_impact.json")
 
 
