@@ -237,8 +237,10 @@ class TrainingEngine:
         bookkeeping are a heap that each full garbage collection would otherwise walk, holding
         the GIL — a 0.55 s pause of every thread, chat included (docs/BENCHMARKS.md, run X).
         One full collection first (that pause, once), so no garbage is frozen with them."""
-        self._graphed_steps += steps if self.graphs else 0
-        if self._graphed_steps >= 3 and not self._heap_frozen:
+        if not self.graphs or self._heap_frozen:
+            return
+        self._graphed_steps += steps
+        if self._graphed_steps >= 3:
             gc.collect()
             gc.freeze()
             self._heap_frozen = True
