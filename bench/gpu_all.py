@@ -19,6 +19,7 @@ ROOT = HERE.parent
 FULL = [
     ("graphs_check", ["gpu_graphs_check.py"]),
     ("baseline", ["gpu_baseline.py"]),
+    ("loss", ["gpu_loss.py"]),
     ("decode", ["gpu_decode.py", "--hf"]),
     ("live_adapter", ["gpu_live_adapter.py"]),
     ("publish", ["gpu_publish.py"]),
@@ -32,6 +33,7 @@ QUICK = {
     "decode": ["--shapes", "qwen2.5-0.5b", "--reps", "2"],
     "live_adapter": ["--shapes", "qwen2.5-0.5b", "--rounds", "1"],
     "publish": ["--n", "5"],
+    "loss": ["--hidden", "896", "--vocab", "151936", "--reps", "3"],
     "inference_impact": ["--rounds", "2"],
     "training": ["--shapes", "qwen2.5-0.5b", "--steps", "5"],
     "memory": ["--shapes", "qwen2.5-0.5b"],

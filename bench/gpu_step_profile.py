@@ -40,20 +40,64 @@ def profile(run_steps, steps: int) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         done = run_steps(steps)
         torch.cuda.synchronize()
-    kern, names = 0.0, {}
+    kern, names, cats, spans, cpu = 0.0, {}, {}, [], []
     n = 0
     for e in prof.events():
+        if e.device_type == DeviceType.CPU:
+            cpu.append((e.time_range.start, e.time_range.end, e.name[:60]))
         if e.device_type == DeviceType.CUDA:
             d = e.time_range.elapsed_us()
             kern += d
             n += 1
             names[e.name[:60]] = names.get(e.name[:60], 0.0) + d
-    top = sorted(names.items(), key=lambda kv: -kv[1])[:16]
+            cats[category(e.name)] = cats.get(category(e.name), 0.0) + d
+            spans.append((e.time_range.start, e.time_range.end, e.name[:50]))
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:24]
     # the host's side: operators by their own CPU time (where a host-bound step spends it)
     host = sorted(((e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()), key=lambda r: -r[1])[:20]
     return {"wall_ms": 1e3 * wall, "kernel_ms": kern / 1e3 / done, "kernels_per_step": n / done,
             "busy": kern / 1e3 / done / (1e3 * wall), "top": [(k, round(v / 1e3 / done, 2)) for k, v in top],
-            "host_top": [(k[:70], round(t / 1e3 / done, 2), round(c / done, 1)) for k, t, c in host]}
+            "host_top": [(k[:70], round(t / 1e3 / done, 2), round(c / done, 1)) for k, t, c in host],
+            "categories_ms": {k: round(v / 1e3 / done, 2) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "gaps": gaps(spans, done, cpu)}
+
+
+def category(name: str) -> str:
+    """A kernel's family: matrix products, attention, inductor's fused kernels, the rest."""
+    low = name.lower()
+    if any(k in low for k in ("gemm", "nvjet", "cutlass", "xmma", "gemv", "splitk")):
+        return "matmul"
+    if any(k in low for k in ("flash", "fmha", "attention", "sdpa")):
+        return "attention"
+    if low.startswith("triton"):
+        return "triton (fused)"
+    if "foreach" in low or "multi_tensor" in low or "adam" in low:
+        return "foreach/optimizer"
+    if "reduce" in low or "norm" in low:
+        return "reduction"
+    return "elementwise/other"
+
+
+def gaps(spans, done: int, cpu=()) -> dict:
+    """Where the GPU sat idle between kernels: total ms per step, and the largest gaps with the
+    kernels either side (a host-bound stretch shows as a run of gaps between the same kernels)
+    and what the host ran meanwhile (the longest host operations inside the gap, in µs)."""
+    spans.sort()
+    idle, big, end = 0.0, [], None
+    for i, (s, e, name) in enumerate(spans):
+        if end is not None and s > end:
+            g = s - end
+            idle += g
+            if g > 30:
+                big.append((round(g), spans[i - 1][2], name, end, s))
+        end = e if end is None else max(end, e)
+    big.sort(key=lambda r: -r[0])
+    largest = []
+    for g, before, after, t0, t1 in big[:30]:
+        inside = sorted(((ce - cs, cn) for cs, ce, cn in cpu if cs >= t0 and ce <= t1), reverse=True)[:6]
+        largest.append((g, before, after, [(round(d), cn) for d, cn in inside]))
+    return {"idle_ms_per_step": round(idle / 1e3 / done, 2), "over_30us_per_step": round(len(big) / done, 1),
+            "largest": largest}
 
 
 def plain(name, steps):
@@ -162,6 +206,10 @@ def main():
             rows.append([name, v, r["wall_ms"], r["kernel_ms"], round(r["kernels_per_step"]), f"{100 * r['busy']:.0f} %",
                          base / r["wall_ms"]])
         for v, r in res[name].items():
+            print(name, v, "kernel families (ms/step):", r.get("categories_ms"))
+            print(name, v, "GPU idle between kernels:", {k: x for k, x in r.get("gaps", {}).items() if k != "largest"})
+            for row in r.get("gaps", {}).get("largest", [])[:15]:
+                print("    gap", row)
             print(name, v, "top kernels (ms/step):", r.get("top"))
             print(name, v, "host self time (op, ms/step, calls/step):")
             for row in r.get("host_top", []):

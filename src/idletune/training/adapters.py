@@ -55,12 +55,7 @@ def activate(model, name: str) -> None:
     Only the ``candidate`` adapter ever requires grad. PEFT's own switches (``set_adapter``,
     leaving ``disable_adapter()``) hand requires_grad to whichever adapter is active, so the
     flags are re-asserted here, on cached lists (cheap)."""
-    cache = getattr(model, "_idletune_cache", None)
-    if cache is None:
-        cache = (_lora_layers(model), list(adapter_tensors(model, TRAIN).values()),
-                 list(adapter_tensors(model, LIVE).values()))
-        model._idletune_cache = cache
-    layers, train_params, live_params = cache
+    layers, train_params, live_params = _cache(model)
     for m in layers:
         m._active_adapter = [name]
     if not train_params[0].requires_grad or live_params[0].requires_grad:
@@ -68,6 +63,22 @@ def activate(model, name: str) -> None:
             p.requires_grad_(True)
         for p in live_params:
             p.requires_grad_(False)
+
+
+def _cache(model) -> tuple[list, list, list]:
+    """The LoRA layers and both adapters' tensors (matching order), listed once per model: a
+    name scan of the whole model costs milliseconds, and the engine needs the list every step."""
+    cache = getattr(model, "_idletune_cache", None)
+    if cache is None:
+        cache = (_lora_layers(model), list(adapter_tensors(model, TRAIN).values()),
+                 list(adapter_tensors(model, LIVE).values()))
+        model._idletune_cache = cache
+    return cache
+
+
+def trainable_tensors(model) -> list[torch.nn.Parameter]:
+    """The ``candidate`` adapter's tensors, from the cached list (see :func:`_cache`)."""
+    return list(_cache(model)[1])
 
 
 def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:

@@ -351,7 +351,8 @@ class TrainingEngine:
 
     def _enter_training(self) -> None:
         self.ws.use("candidate")
-        self.model.train()
+        if not self.model.training:  # .train() walks every module: milliseconds on each step
+            self.model.train()
 
     def set_weights(self, ws) -> None:
         """Train another weight set (a hybrid mode switch or a rollback across modes)."""

@@ -36,7 +36,7 @@ class LoraWeights:
         adapters.activate(self.model, LIVE if which == "live" else TRAIN)
 
     def trainable(self) -> list[torch.nn.Parameter]:
-        return list(adapters.adapter_tensors(self.model, TRAIN).values())
+        return adapters.trainable_tensors(self.model)
 
     def publish(self) -> None:
         adapters.copy_adapter(self.model, TRAIN, LIVE)
