@@ -91,6 +91,24 @@ def test_saved_adapter_loads_in_peft_with_identical_logits(svc, tiny_model_dir, 
         assert torch.equal(t, trained[k])
 
 
+def test_steps_run_every_module_in_training_mode(svc):
+    """Dropout (and the compiled training layers) need every module in training mode at each
+    step, whatever evaluation or a wrapper left: the root's flag alone is not enough (a
+    PeftModel starts in training mode around a model that from_pretrained put in eval mode)."""
+    seen = []
+    layer = adapters.decoder_layers(svc.model)[-1]
+    layer.register_forward_pre_hook(lambda m, a: seen.append(all(x.training for x in svc.model.modules())))
+    svc.model.eval()
+    svc.model.train(False)
+    svc.model.training = True  # the root says training; nothing below it is
+    svc.engine.config.max_steps = 2
+    svc.engine.train_round([fact()])
+    svc.engine.evaluate([fact()], TRAIN)  # puts the model in eval mode
+    layer.eval()  # and one module on its own
+    svc.engine.train_round([fact()])
+    assert seen[:2] == [True, True] and seen[-2:] == [True, True], seen
+
+
 def test_a_request_preempts_a_step_at_a_layer_boundary(svc):
     calls = {"n": 0}
 

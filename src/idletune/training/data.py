@@ -66,7 +66,7 @@ def collate(items: list[Encoded], pad_id: int, device, pad_to: int = 1) -> dict[
     pos = hit.reshape(-1).nonzero()[:, 0]  # on the host: a batch of 4096 tokens in microseconds
     batch = {"input_ids": ids, "labels": labels, "target_pos": pos,
              "target_row": torch.div(pos, max(n - 1, 1), rounding_mode="floor"),
-             "target_labels": shifted.reshape(-1)[pos], "target_count": hit.sum(dim=1)}
+             "target_labels": shifted.reshape(-1).index_select(0, pos), "target_count": hit.sum(dim=1)}
     device = torch.device(device)
     if device.type == "cuda":
         return {k: v if v is None else v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}

@@ -135,6 +135,7 @@ class TrainingEngine:
         self.max_wait_s: float | None = None  # evaluation waits at most this long for a gap (None: forever)
         self.queued_layers = int(os.environ.get("IDLETUNE_TRAIN_QUEUE_LAYERS", QUEUED_LAYERS))
         self._optimizer = None
+        self._modules: list | None = None  # every module of the model, listed at the first step
         # Set when the decoder layers are replayed as CUDA graphs (gpu/training.py): batches are
         # padded to bucketed lengths, each micro-batch is a new graph iteration, and gradient
         # buffers stay allocated between steps.
@@ -351,7 +352,12 @@ class TrainingEngine:
 
     def _enter_training(self) -> None:
         self.ws.use("candidate")
-        if not self.model.training:  # .train() walks every module: milliseconds on each step
+        # .train() walks the module tree (milliseconds each step): only when some module is not
+        # in training mode. Every module is checked, not just the root: a wrapper (PeftModel)
+        # starts in training mode around a model that from_pretrained put in eval mode.
+        if self._modules is None:
+            self._modules = list(self.model.modules())
+        if not all(m.training for m in self._modules):
             self.model.train()
 
     def set_weights(self, ws) -> None:
