@@ -147,6 +147,26 @@ def main():
         while eng._step_thread is not None:
             time.sleep(0.01)
         res["training_warmup_s"] = round(time.perf_counter() - t0, 1)
+
+        def pause_probe(n=4):
+            """Training off: TTFT of a request after a 0.7 s pause, made from a new thread (as the
+            blocks below do) or from this one; and right after another request, from this one."""
+            out = {"new_thread": [], "same_thread": [], "back_to_back": []}
+            for _ in range(n):
+                for kind in out:
+                    if kind != "back_to_back":
+                        time.sleep(0.7)
+                    got = []
+                    if kind == "new_thread":
+                        th = threading.Thread(target=one_request, args=(got,))
+                        th.start()
+                        th.join()
+                    else:
+                        one_request(got)
+                    out[kind].append(round(1e3 * got[0]["ttft"], 1))
+            return out
+        res["pause_probe_ttft_ms"] = pause_probe()
+        print("TTFT after a 0.7 s pause (training off), ms:", res["pause_probe_ttft_ms"])
         stats.update(steps=0, rounds=0, preempted=0, round_s_max=0.0, rounds_over_2s=0)
         t_run = time.perf_counter()
         pauses.clear()

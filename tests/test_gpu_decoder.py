@@ -66,10 +66,13 @@ def test_prefill_and_decode_match_hf_with_live_adapter(kind, attention):
     assert int(dec.pos_buf) == len(ids)
 
 
-def test_greedy_tokens_match_hf_greedy():
+@pytest.mark.parametrize("pad", [False, True], ids=["exact", "padded prompt"])
+def test_greedy_tokens_match_hf_greedy(pad):
+    """Padded: the prompt runs at its bucket's length, as the GPU's prefill graphs hold it."""
     model = tiny("qwen2")
-    dec = FastDecoder(model, LIVE, max_len=300, use_graphs=False)
+    dec = FastDecoder(model, LIVE, max_len=300, use_graphs=False, pad_prompts=pad)
     prompt = [5, 6, 7, 8]
+    assert dec.prefill_bucket(len(prompt)) == (64 if pad else 4)
     got = list(dec.tokens(prompt, 12))
     seq = list(prompt)
     for _ in range(12):
@@ -79,10 +82,12 @@ def test_greedy_tokens_match_hf_greedy():
     assert list(dec.tokens(prompt, 12, pick=lambda logits: int(logits.argmax()))) == got
 
 
-def test_warm_up_leaves_nothing_behind():
-    """What the GPU path does at start: afterwards a request gets exactly what a fresh decoder gives."""
+@pytest.mark.parametrize("pad", [False, True], ids=["exact", "padded prompt"])
+def test_warm_up_leaves_nothing_behind(pad):
+    """What the GPU path does at start: afterwards a request gets exactly what a fresh decoder
+    gives (padded: the warm-up's longer prompts leave cache positions behind, all masked)."""
     model = tiny("qwen2")
-    warm, fresh = (FastDecoder(model, LIVE, max_len=300, use_graphs=False) for _ in range(2))
+    warm, fresh = (FastDecoder(model, LIVE, max_len=300, use_graphs=False, pad_prompts=pad) for _ in range(2))
     warm.warm_up()
     prompt = [11, 12, 13]  # shorter than the warm-up prompt: its cache positions stay behind
     assert torch.equal(warm.prefill(prompt), fresh.prefill(prompt))
@@ -170,6 +175,30 @@ def test_unsupported_models_are_named():
 def test_buckets():
     dec = FastDecoder(tiny("qwen2"), LIVE, max_len=1000, use_graphs=False)
     assert [dec.bucket(p) for p in (0, 255, 256, 511, 600, 999)] == [256, 256, 512, 512, 1000, 1000]
+    assert dec.prefill_bucket(300) == 300  # exact lengths without graphs
+    dec = FastDecoder(tiny("qwen2"), LIVE, max_len=3000, use_graphs=False, pad_prompts=True)
+    lengths = (1, 64, 65, 300, 1024, 1025, 1600, 2999)
+    assert [dec.prefill_bucket(t) for t in lengths] == [64, 64, 128, 512, 1024, 1536, 2048, 3000]
+    with pytest.raises(ValueError, match="3001 tokens"):
+        dec.prefill([1] * 3001)
+
+
+def test_a_padded_prompt_gives_the_exact_logits_and_cache():
+    """The prompt's padding sits after it: its logits and the cache up to its length are the
+    unpadded ones, so decoding goes on exactly as from an unpadded prompt."""
+    model = tiny("llama")
+    exact = FastDecoder(model, LIVE, max_len=300, use_graphs=False)
+    padded = FastDecoder(model, LIVE, max_len=300, use_graphs=False, pad_prompts=True)
+    padded.prompt_buf.fill_(7)  # whatever an earlier, longer prompt left
+    ids = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+    ref = hf_logits(model, ids)
+    torch.testing.assert_close(padded.prefill(ids[:5]), exact.prefill(ids[:5]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded.kv_cache[:, :, :, :5], exact.kv_cache[:, :, :, :5], rtol=1e-5, atol=1e-5)
+    assert int(padded.pos_buf) == 5 and torch.equal(padded.ids_buf, exact.ids_buf)
+    for pos in range(5, len(ids)):
+        padded.ids_buf.fill_(ids[pos])
+        padded.step(pos)
+        torch.testing.assert_close(padded.logits_buf[0], ref[pos], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("chunk", [3, 64])

@@ -10,7 +10,10 @@ its memory bandwidth allows. Here:
   frozen base after each publish (from ``W0``, never by adding deltas in place, so bf16 rounding
   never accumulates over versions).
 - **Static KV cache** of ``max_len`` positions, and **one CUDA graph per attention-length bucket**
-  (256, 512, … positions) for the decode step: a token costs one graph launch. The graph also
+  (256, 512, … positions) for the decode step: a token costs one graph launch. The prompt
+  (prefill) is a CUDA graph too, one per padded prompt length (64, 128, … 1024, then multiples
+  of 512): eager, a 256-token prompt launched ~500 kernels from Python, 10 ms of host time
+  that a training thread's share of the interpreter lock stretched further (docs/BENCHMARKS.md). The graph also
   takes the argmax and writes it back as the next input, so greedy decoding runs one step ahead
   of the host (no host sync on the critical path).
 - **Few, short kernels per layer.** At batch 1 a small model's step is set by how many
@@ -94,13 +97,18 @@ class FastDecoder:
             IDLETUNE_DECODE_ATTENTION, else "reductions".
         pdl: compiled kernels use programmatic dependent launch where the GPU has it (Hopper and
             newer; default: on unless IDLETUNE_DECODE_PDL=0).
+        pad_prompts: run each prompt padded to its bucket (:meth:`prefill_bucket`), the shape its
+            CUDA graph holds (default: with graphs). Padding goes after the prompt: attention
+            is causal, and the cache positions it fills are masked until decoding overwrites them.
     """
 
     MIN_BUCKET = 256
+    PREFILL_DOUBLING_UNTIL = 1024  # prompt buckets: 64, 128, … 1024, then multiples of 512
 
     def __init__(self, model, adapter: str = "live", max_len: int = 4096, use_graphs: bool | None = None,
                  stream: torch.cuda.Stream | None = None, compile: bool | None = None,
-                 tuned: bool | None = None, attention: str | None = None, pdl: bool | None = None):
+                 tuned: bool | None = None, attention: str | None = None, pdl: bool | None = None,
+                 pad_prompts: bool | None = None):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"FastDecoder cannot serve this model: {reason}")
@@ -117,6 +125,9 @@ class FastDecoder:
         self.device, self.dtype = emb.device, emb.dtype
         self.max_len = int(max_len)
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        self.pad_prompts = self.use_graphs if pad_prompts is None else bool(pad_prompts)
+        if self.use_graphs and not self.pad_prompts:
+            raise ValueError("graphed prefill needs pad_prompts (a graph holds one prompt length)")
         self.stream = stream
         if compile is None:
             compile = self.use_graphs and os.environ.get("IDLETUNE_COMPILE_DECODE", "1") != "0"
@@ -154,11 +165,14 @@ class FastDecoder:
             cos, sin = self.lm.model.rotary_emb(dummy, pos[None])  # (1, L, D) each
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # (L, D)
         self.positions = pos
-        # graph inputs/outputs: the token to feed, its position, the logits and the argmax
+        # graph inputs/outputs: the prompt and its last position (prefill), the token to feed,
+        # its position, the logits and the argmax
+        self.prompt_buf = torch.zeros(self.max_len, dtype=torch.long, device=self.device)
+        self.last_buf = torch.zeros(1, dtype=torch.long, device=self.device)
         self.ids_buf = torch.zeros(1, dtype=torch.long, device=self.device)
         self.pos_buf = torch.zeros(1, dtype=torch.long, device=self.device)
         self.logits_buf = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=self.device)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}  # ("step", L) / ("prefill", T)
         self._merge_graph = None
         self._pool = None
         self.layers: list[dict] = []
@@ -284,21 +298,47 @@ class FastDecoder:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.rms_norm(x, (self.hidden,), self.norm, self.eps), self.lm_head).float()
 
+    def prefill_bucket(self, T: int) -> int:
+        """The padded length a prompt of ``T`` tokens runs at (``T`` itself without padding)."""
+        if not self.pad_prompts:
+            return T
+        b = 64
+        while b < T and b < self.PREFILL_DOUBLING_UNTIL:
+            b *= 2
+        if b < T:
+            b = -(-T // 512) * 512
+        return min(b, self.max_len)
+
     @torch.no_grad()
     def prefill(self, prompt: list[int]) -> torch.Tensor:
         """Run the prompt (positions 0..T-1), fill the cache; returns the last position's logits (V,)."""
         T = len(prompt)
-        ids = torch.tensor(prompt, dtype=torch.long).to(self.device, non_blocking=True)
+        if not 0 < T <= self.max_len:
+            raise ValueError(f"a prompt of {T} tokens (the cache holds {self.max_len})")
+        host = torch.tensor(list(prompt) + [T - 1], dtype=torch.long)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        self.prompt_buf[:T].copy_(host[:T], non_blocking=True)
+        self.last_buf.copy_(host[T:], non_blocking=True)
+        key = ("prefill", self.prefill_bucket(T))
+        if self.use_graphs:
+            (self._graphs.get(key) or self._capture(key)).replay()
+        else:
+            self._prefill(key[1])
+        return self.logits_buf[0]
+
+    def _prefill(self, T: int) -> None:
+        """The prompt in ``prompt_buf[:T]`` (padded past ``last_buf``) through the model: the
+        cache filled, the logits and argmax of position ``last_buf`` written, ``pos_buf`` set."""
         pos = self.positions[:T]
-        x = F.embedding(ids, self.embed)
+        x = F.embedding(self.prompt_buf[:T], self.embed)
         attend = self._attend_prefill(T)
         for li, e in enumerate(self.layers):
             x = self._layer(x, li, e, pos, attend)
-        logits = self._logits(x[-1:])
+        logits = self._logits(x.index_select(0, self.last_buf))
         self.logits_buf.copy_(logits)
         self.ids_buf.copy_(logits.argmax(dim=-1))
-        self.pos_buf.fill_(T)
-        return self.logits_buf[0]
+        self.pos_buf.copy_(self.last_buf + 1)
 
     def _step(self, L: int) -> None:
         """Decode one token: feed ids_buf at pos_buf; write logits_buf; feed the argmax next."""
@@ -332,27 +372,30 @@ class FastDecoder:
         if not self.use_graphs:
             self._step(L)
             return
-        g = self._graphs.get(L)
-        if g is None:
-            g = self._capture(L)
-        g.replay()
+        key = ("step", L)
+        (self._graphs.get(key) or self._capture(key)).replay()
 
-    def _capture(self, L: int) -> torch.cuda.CUDAGraph:
-        # Warm-up runs execute the step for real, at the current position and token: exactly what
-        # the replay that follows will write again, so the cache stays right. Inputs are restored.
+    def _capture(self, key: tuple[str, int]) -> torch.cuda.CUDAGraph:
+        """Capture the decode step at attention length L (``("step", L)``) or the prefill of a
+        padded prompt length T (``("prefill", T)``). Graphs share one memory pool: they never
+        run at once (one sequence at a time), and each keeps its results in the buffers."""
+        kind, n = key
+        run = self._step if kind == "step" else self._prefill
+        # Warm-up runs execute for real, on the current inputs: exactly what the replay that
+        # follows will write again, so the cache stays right. Inputs are restored.
         ids, pos = self.ids_buf.clone(), self.pos_buf.clone()
         side = torch.cuda.Stream(priority=self.stream.priority if self.stream is not None else 0)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
                 try:
-                    self._step(L)
+                    run(n)
                 except Exception as e:  # a compile failure: fall back to the eager pieces
                     if self._pieces == self._eager:
                         raise
                     self.compile_error = f"{type(e).__name__}: {e}"[:300]
                     self._pieces = dict(self._eager)
-                    self._step(L)
+                    run(n)
                 self.ids_buf.copy_(ids)
                 self.pos_buf.copy_(pos)
         torch.cuda.current_stream().wait_stream(side)
@@ -361,18 +404,24 @@ class FastDecoder:
         g = torch.cuda.CUDAGraph()
         with _own_cublas_workspace(), torch.cuda.graph(g, pool=self._pool, stream=side,
                                                         capture_error_mode="thread_local"):
-            self._step(L)
-        self._graphs[L] = g
+            run(n)
+        self._graphs[key] = g
         return g
 
     @torch.no_grad()
     def warm_up(self) -> float:
-        """Compile the decode step and capture the first length bucket now (seconds taken), so
-        that the first request does not wait for it. Later buckets only capture a graph
-        (the pieces do not depend on the length; attention compiles with a dynamic length)."""
+        """Compile the decode step and capture the first length bucket and the prefill graphs of
+        prompts up to 1024 tokens now (seconds taken), so that the first request does not wait
+        for them. Later buckets only capture a graph (the pieces do not depend on the length;
+        attention compiles with a dynamic length)."""
         t = time.perf_counter()
         for _ in self.tokens([0] * 8, 3):  # cache contents past a request's length are masked
             pass
+        if self.pad_prompts:  # the prompt lengths of most chat turns
+            b = 128
+            while b <= min(self.PREFILL_DOUBLING_UNTIL, self.max_len - 1):
+                self.prefill([0] * b)
+                b *= 2
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         return time.perf_counter() - t
