@@ -78,6 +78,19 @@ def main():
                     yield t
             return orig_emit(gen(), *args)
         inf._emit = timed_emit
+        dec = inf.fast.decoder if inf.fast is not None else None
+        if dec is not None:  # where a request's time to first token goes: host and device
+            orig_prefill = dec.prefill
+
+            def timed_prefill(prompt):
+                t, e0 = time.perf_counter(), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                out = orig_prefill(prompt)
+                e1 = torch.cuda.Event(enable_timing=True)
+                e1.record()
+                times.prefill = (t, time.perf_counter(), e0, e1)
+                return out
+            dec.prefill = timed_prefill
 
         pauses = []  # (generation, seconds, training condition, start) of every garbage collection
         rounds = []  # (start, end, steps, preempted) of every trainer round: a timeline to lay stalls on
@@ -133,7 +146,13 @@ def main():
             t0 = time.perf_counter()
             c = inf.generate([{"role": "user", "content": "x"}], GenerationParams(max_tokens=a.new))
             tt = times.tokens
-            out.append({"ttft": tt[0] - t0, "gaps": [b - x for x, b in zip(tt, tt[1:])], "total": time.perf_counter() - t0,
+            parts = {}
+            if dec is not None:
+                pt, pe, e0, e1 = times.prefill
+                e1.synchronize()
+                parts = {"to_prefill_ms": 1e3 * (pt - t0), "prefill_call_ms": 1e3 * (pe - pt),
+                         "prefill_gpu_ms": e0.elapsed_time(e1), "after_prefill_ms": 1e3 * (tt[0] - pe)}
+            out.append({"parts": parts, "ttft": tt[0] - t0, "gaps": [b - x for x, b in zip(tt, tt[1:])], "total": time.perf_counter() - t0,
                         "n": c.completion_tokens, "training_in_step_at_arrival": busy,
                         "first_of_block": first, "gpu_clock_mhz_before": clock, "start": t0, "tokens_at": list(tt)})
 
@@ -202,7 +221,13 @@ def main():
                         # requests with a pause of over 50 ms between two of their tokens, and the longest
                         "requests_with_token_gap_over_50ms": sum(1 for r in rs if r["gaps"] and max(r["gaps"]) > 0.05),
                         "longest_token_gap_ms": 1e3 * max((max(r["gaps"]) for r in rs if r["gaps"]), default=0.0),
-                        "sm_clock_mhz_before_p50": C.med([r["gpu_clock_mhz_before"] for r in rs if r["gpu_clock_mhz_before"]])}
+                        "sm_clock_mhz_before_p50": C.med([r["gpu_clock_mhz_before"] for r in rs if r["gpu_clock_mhz_before"]]),
+                        # TTFT in parts (ms): before the prefill call, the call, the prefill on the
+                        # GPU (events on the serving stream), from the call's return to the token
+                        "ttft_parts_first_of_block": [{k: round(v, 2) for k, v in r["parts"].items()}
+                                                      for r in rs if r["first_of_block"] and r["parts"]],
+                        "ttft_parts_others_p50": {k: round(C.med([r["parts"][k] for r in rs if not r["first_of_block"]]), 2)
+                                                  for k in (rs[0]["parts"] if rs and rs[0]["parts"] else {})}}
             off, bl = summary(data["off"]), summary(data["backlog"])
             res[f"clients_{nc}"] = {"off": off, "backlog": bl,
                                     "added_ttft_p99_ms": bl["ttft_p99_ms"] - off["ttft_p99_ms"],
@@ -246,6 +271,12 @@ def main():
               f"requests with a token gap > 50 ms {r['off']['requests_with_token_gap_over_50ms']}/"
               f"{r['backlog']['requests_with_token_gap_over_50ms']}, longest gap "
               f"{r['off']['longest_token_gap_ms']:.0f}/{r['backlog']['longest_token_gap_ms']:.0f} ms")
+    for nc in a.clients.split(","):
+        for cond in ("off", "backlog"):
+            r = res[f"clients_{nc}"][cond]
+            print(f"{nc} client(s), {cond}: TTFT parts, others p50 {r['ttft_parts_others_p50']}; first of block:")
+            for parts in r["ttft_parts_first_of_block"][:8]:
+                print("   ", parts)
     print("garbage collections while measuring:", res["gc_pauses"])
     for st in res.get("stalls", []):  # each with the trainer rounds (start, end s, steps, preempted) and collections
         print("stall:", st)
