@@ -242,6 +242,12 @@ def main():
         stop.set()
         th.join(30)
         gc.callbacks.remove(on_gc)
+        # rounds of over 2 s (compiling, recording graphs, or stuck): when each of their steps ended
+        wall_of = time.time() - time.perf_counter()  # metrics carry wall-clock times
+        steps_at = [m["time"] - wall_of for m in eng.metrics_history(100000)]
+        res["long_rounds"] = [{"start_s": round(b - t_run, 3), "s": round(e - b, 2), "steps": n, "preempted": p,
+                               "steps_end_s": [round(t - t_run, 3) for t in steps_at if b <= t <= e + 0.01]}
+                              for b, e, n, p in rounds if b >= t_run and e - b > 2]
         res["gc_pauses"] = {f"gen{g}": {"count": sum(1 for x in pauses if x[0] == g),
                                         "max_ms": 1e3 * max([x[1] for x in pauses if x[0] == g], default=0.0),
                                         "over_20ms": sum(1 for x in pauses if x[0] == g and x[1] > 0.02)}
@@ -278,6 +284,8 @@ def main():
             for parts in r["ttft_parts_first_of_block"][:8]:
                 print("   ", parts)
     print("garbage collections while measuring:", res["gc_pauses"])
+    for lr in res["long_rounds"]:
+        print("long trainer round:", lr)
     for st in res.get("stalls", []):  # each with the trainer rounds (start, end s, steps, preempted) and collections
         print("stall:", st)
     C.write(res, "gpu_inference_impact.json")

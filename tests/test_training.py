@@ -109,6 +109,27 @@ def test_steps_run_every_module_in_training_mode(svc):
     assert seen[:2] == [True, True] and seen[-2:] == [True, True], seen
 
 
+def test_training_passes_build_no_kv_cache(svc, monkeypatch):
+    """Training and evaluation passes ask for no KV cache (nothing reads it; on a GPU its guards
+    made the compiled layers recompile for each layer and each new batch shape). Asked
+    explicitly: transformers versions differ on whether a config's ``use_cache`` applies."""
+    from transformers.cache_utils import Cache
+
+    decoder = svc.model.get_base_model().get_decoder()
+    asked, caches = [], []
+    real = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, **kw: asked.append(kw.get("use_cache")) or real(*a, **kw))
+    for layer in adapters.decoder_layers(svc.model):
+        layer.register_forward_pre_hook(lambda m, a, kw: caches.extend(v for v in kw.values() if isinstance(v, Cache)),
+                                        with_kwargs=True)
+    svc.model.config.use_cache = True
+    svc.engine.config.max_steps = 1
+    svc.engine.train_round([fact()])
+    svc.engine.evaluate([fact()], TRAIN)
+    assert asked and all(x is False for x in asked), asked
+    assert not caches
+
+
 def test_a_request_preempts_a_step_at_a_layer_boundary(svc):
     calls = {"n": 0}
 

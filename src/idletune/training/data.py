@@ -93,10 +93,13 @@ def target_token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     them (logit soft-capping or scaling). Takes a batch from :func:`collate`."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = lm.config
+    # use_cache=False: a model's config asks for a KV cache by default, and each layer would
+    # copy its keys and values into one, which no training pass reads (on a GPU its guards
+    # also made the compiled layers recompile per layer, and again for every new batch shape)
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) or not hasattr(lm, "get_decoder"):
-        logits = model(input_ids=batch["input_ids"]).logits
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits
         return per_example_loss(logits, batch["labels"])
-    hidden = lm.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
     selected = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["target_pos"])  # (N, C)
     labels = batch["target_labels"]  # (N,)
     head = lm.get_output_embeddings()
