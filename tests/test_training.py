@@ -355,6 +355,36 @@ def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir
         torch.testing.assert_close(trained[0][k], trained[1][k], rtol=1e-4, atol=moved * 1e-2)
 
 
+def test_heap_settles_after_rounds_that_compiled(svc, monkeypatch):
+    """Graph mode: one full collection and a freeze after the first graphed steps, then again
+    only after a round during which something was compiled; and while torch compiles, no full
+    collection runs (young ones do)."""
+    from torch._dynamo.callback import CallbackTrigger, callback_handler
+
+    from idletune.gpu.training import _hold_full_collections, compilations
+
+    _hold_full_collections()
+    before, threshold = compilations(), gc.get_threshold()
+    with callback_handler.install_callbacks(CallbackTrigger.DYNAMO, "test"):
+        assert gc.get_threshold()[:2] == threshold[:2] and gc.get_threshold()[2] >= 1 << 30
+    assert gc.get_threshold() == threshold and compilations() == before + 1
+
+    collected, count = [], [0]
+    monkeypatch.setattr(gc, "collect", lambda *a: collected.append(1) or 0)
+    monkeypatch.setattr(gc, "freeze", lambda: None)  # the test session's heap stays as it is
+    eng = svc.engine
+    eng.graphs, eng.compilations = True, (lambda: count[0])
+    eng._settle_heap(2)
+    assert not collected  # compiling and recording take the first steps
+    eng._settle_heap(1)
+    assert len(collected) == 1 and eng._heap_frozen
+    eng._settle_heap(5)
+    assert len(collected) == 1  # nothing compiled since
+    count[0] += 1  # a new batch shape compiled during the round
+    eng._settle_heap(1)
+    assert len(collected) == 2
+
+
 def test_service_marks_the_engine_for_graphed_layers(tmp_path, tiny_model_dir, monkeypatch):
     """Where training.compile asks for graphs, the layers are compiled with graphs *and* the
     engine runs in graph mode (padding, iteration marks, its own gradient accumulation): graphs

@@ -24,11 +24,50 @@ each new padded shape is captured once, in about a second).
 """
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
 
 log = logging.getLogger("idletune.gpu")
+
+_compilations = 0  # compilations (and, where torch reports them, graph recordings) ended so far
+_gc_threshold: tuple | None = None
+
+
+def compilations() -> int:
+    """How many compilations have ended in this process (see :func:`_hold_full_collections`)."""
+    return _compilations
+
+
+def _hold_full_collections() -> None:
+    """While torch compiles (or records CUDA graphs), no full garbage collection: a compilation
+    makes so many objects that Python ran full collections in its middle, each a 64–110 ms
+    pause of every thread, chat included (docs/BENCHMARKS.md, runs AK–AL). Young collections go
+    on as usual (most of a compilation's garbage is short-lived); the engine runs the full
+    collection once, after the round, and freezes what survives (``TrainingEngine``)."""
+    try:
+        from torch._dynamo.callback import callback_handler
+    except ImportError:  # an older torch: collections stay as they are
+        return
+    if getattr(callback_handler, "_idletune_gc", False):
+        return
+
+    def start(*_args) -> None:
+        global _gc_threshold
+        _gc_threshold = gc.get_threshold()
+        gc.set_threshold(_gc_threshold[0], _gc_threshold[1], 1 << 30)
+
+    def end(*_args) -> None:
+        global _compilations, _gc_threshold
+        _compilations += 1
+        if _gc_threshold is not None:
+            gc.set_threshold(*_gc_threshold)
+            _gc_threshold = None
+
+    callback_handler.register_start_callback(start)
+    callback_handler.register_end_callback(end)
+    callback_handler._idletune_gc = True
 
 
 def compile_layers(model, graphs: bool = False, **kwargs) -> int:
@@ -37,6 +76,7 @@ def compile_layers(model, graphs: bool = False, **kwargs) -> int:
     from ..training.adapters import decoder_layers
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    _hold_full_collections()
     if graphs:
         kwargs.setdefault("mode", "reduce-overhead")
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None  # shapes are bucketed

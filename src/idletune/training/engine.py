@@ -141,6 +141,10 @@ class TrainingEngine:
         # buffers stay allocated between steps.
         self.graphs = False
         self._graphed_steps, self._heap_frozen = 0, False
+        # Set with graphs: how many compilations have ended in this process (gpu/training.py);
+        # a round during which the count moved settles the heap again.
+        self.compilations: Callable[[], int] = lambda: 0
+        self._compilations_settled = 0
         self._install_preemption_hooks()
         if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -229,22 +233,25 @@ class TrainingEngine:
         result.final_losses = {k: v for k, v in loss_of.items()}
         result.learned_ids = [k for k, v in loss_of.items() if v <= goal[k]]
         result.seconds = time.monotonic() - t0
-        self._freeze_heap_once(result.steps)
+        self._settle_heap(result.steps)
         return result
 
-    def _freeze_heap_once(self, steps: int) -> None:
-        """After the first graphed steps (compiling, recording the graphs), move every object
-        alive to the collector's permanent generation: the compiled code and the graph trees'
+    def _settle_heap(self, steps: int) -> None:
+        """After the first graphed steps (compiling, recording the graphs), and again after any
+        round in which something was compiled (a new batch shape), move every object alive to
+        the collector's permanent generation: the compiled code and the graph trees'
         bookkeeping are a heap that each full garbage collection would otherwise walk, holding
         the GIL — a 0.55 s pause of every thread, chat included (docs/BENCHMARKS.md, run X).
-        One full collection first (that pause, once), so no garbage is frozen with them."""
-        if not self.graphs or self._heap_frozen:
+        One full collection first (that pause, once per compilation), so no garbage is frozen
+        with them; during compilations full collections are held off (gpu/training.py)."""
+        if not self.graphs:
             return
         self._graphed_steps += steps
-        if self._graphed_steps >= 3:
+        seen = self.compilations()
+        if self._graphed_steps >= 3 and (not self._heap_frozen or seen != self._compilations_settled):
             gc.collect()
             gc.freeze()
-            self._heap_frozen = True
+            self._heap_frozen, self._compilations_settled = True, seen
 
     # ---- pieces of a step -------------------------------------------------------------------
     def _forward_backward(self, batch: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
