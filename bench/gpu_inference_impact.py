@@ -252,6 +252,7 @@ def main():
                                         "max_ms": 1e3 * max([x[1] for x in pauses if x[0] == g], default=0.0),
                                         "over_20ms": sum(1 for x in pauses if x[0] == g and x[1] > 0.02)}
                             for g in (0, 1, 2)}
+        res["gc_full_over_20ms"] = [(round(b - t_run, 3), round(1e3 * d, 1)) for g, d, _, b in pauses if g == 2 and d > 0.02]
         res["training"] = dict(stats)
         svc.close()
     rows = []
@@ -283,7 +284,8 @@ def main():
             print(f"{nc} client(s), {cond}: TTFT parts, others p50 {r['ttft_parts_others_p50']}; first of block:")
             for parts in r["ttft_parts_first_of_block"][:8]:
                 print("   ", parts)
-    print("garbage collections while measuring:", res["gc_pauses"])
+    print("garbage collections while measuring:", res["gc_pauses"], "; full ones over 20 ms (at s, ms):",
+          res["gc_full_over_20ms"])
     for lr in res["long_rounds"]:
         print("long trainer round:", lr)
     for st in res.get("stalls", []):  # each with the trainer rounds (start, end s, steps, preempted) and collections

@@ -381,6 +381,10 @@ def test_heap_settles_after_rounds_that_compiled(svc, monkeypatch):
     eng._settle_heap(5)
     assert len(collected) == 1  # nothing compiled since
     count[0] += 1  # a new batch shape compiled during the round
+    eng.should_yield = lambda: True  # ... and the round ended for a request: not now
+    eng._settle_heap(1)
+    assert len(collected) == 1
+    eng.should_yield = lambda: False
     eng._settle_heap(1)
     assert len(collected) == 2
 

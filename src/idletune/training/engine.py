@@ -242,12 +242,15 @@ class TrainingEngine:
         the collector's permanent generation: the compiled code and the graph trees'
         bookkeeping are a heap that each full garbage collection would otherwise walk, holding
         the GIL — a 0.55 s pause of every thread, chat included (docs/BENCHMARKS.md, run X).
-        One full collection first (that pause, once per compilation), so no garbage is frozen
-        with them; during compilations full collections are held off (gpu/training.py)."""
+        One full collection first (that pause, once per compilation: 0.1 s after a new batch
+        shape), so no garbage is frozen with them; it waits for a round that ends with no
+        request in flight. During compilations full collections are held off (gpu/training.py)."""
         if not self.graphs:
             return
         self._graphed_steps += steps
         seen = self.compilations()
+        if self.should_yield():
+            return  # a request is waiting: not now
         if self._graphed_steps >= 3 and (not self._heap_frozen or seen != self._compilations_settled):
             gc.collect()
             gc.freeze()
