@@ -254,6 +254,8 @@ def main():
                             for g in (0, 1, 2)}
         res["gc_full_over_20ms"] = [(round(b - t_run, 3), round(1e3 * d, 1)) for g, d, _, b in pauses if g == 2 and d > 0.02]
         res["training"] = dict(stats)
+        from idletune.gpu.training import compilations
+        res["compilations_ended"] = compilations()  # seen by the collector hold (0: torch reports none)
         svc.close()
     rows = []
     for nc in a.clients.split(","):
@@ -266,7 +268,7 @@ def main():
                      f"×{r['decode_throughput_ratio']:.3f}", ""])
     print(f"chat with training off vs full backlog, {a.shape}, 256 prompt + {a.new} new ({res['device']}); "
           f"training graphed: {res['training_graphs']}; "
-          f"training: {res['training']}")
+          f"training: {res['training']}; compilations ended: {res['compilations_ended']}")
     C.table(rows, ["clients", "condition", "n", "TTFT p50", "TTFT p99", "token p50", "token p99", "decode tok/s", "arrived mid-step"])
     for nc in a.clients.split(","):
         r = res[f"clients_{nc}"]
