@@ -11,12 +11,14 @@ training and replayed as CUDA graphs); ``compiled`` (compiled layers without gra
 ``eager`` (``training.compile = "off"``); ``no_autocast`` and ``no_hooks`` (eager, without the
 autocast context / without the per-layer preemption hooks).
 
-``--varlen``: the shipped default on batches whose length changes every round (512, 256, 384,
-448, 320, 512 tokens): seconds of each round (the first compiles; the second recompiles with
-dynamic sizes) and the steady step time.
+``--varlen``: rounds whose batch size and length change (VARLEN: 8×512, 8×256, 8×384, 6×512,
+8×448, 7×320, 8×512), for each of ``--varlen-variants`` (default: as shipped; ``graphs_dynamic``:
+graphs compiled with dynamic sizes from the first step): seconds of each round (the first
+compiles; a new shape recompiles or records graphs) and the steady step time.
 
 Usage: python bench/gpu_step_profile.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b]
-       [--variants default,compiled,eager,no_autocast,no_hooks] [--steps 8] [--varlen]
+       [--variants default,compiled,eager,no_autocast,no_hooks,graphs_dynamic] [--steps 8] [--varlen]
+       [--varlen-variants default,graphs_dynamic]
 """
 import argparse
 import contextlib
@@ -120,7 +122,7 @@ def engine(name, variant, steps, tok):
 
     m = C.build(name, tok)
     pm = C.attach(m)
-    how = T.shipped_compile(pm, variant if variant in ("default", "compiled", "graphs") else "eager")
+    how = T.shipped_compile(pm, variant if variant in ("default", "compiled", "graphs", "graphs_dynamic") else "eager")
     eng = T.make_engine(pm, tok, steps=steps)
     eng.graphs = how == "graphs"
     if variant == "no_autocast":
@@ -144,23 +146,27 @@ def engine(name, variant, steps, tok):
     return r
 
 
-def varlen(name, tok, lengths=(512, 256, 384, 448, 320, 512), steps=4):
-    """Round seconds on batches of changing length, with the shipped compile setting."""
+VARLEN = ((8, 512), (8, 256), (8, 384), (6, 512), (8, 448), (7, 320), (8, 512))
+
+
+def varlen(name, tok, shapes=VARLEN, steps=4, variant="default"):
+    """Round seconds on batches whose size and length change from round to round (as in the
+    service, where examples are learned and leave the batch), with a given compile variant."""
     import idletune.training.engine as E
     from idletune.examples import TrainingExample
     from idletune.training.data import IGNORE, Encoded
 
     m = C.build(name, tok)
     pm = C.attach(m)
-    how = T.shipped_compile(pm, "default")
+    how = T.shipped_compile(pm, variant)
     eng = T.make_engine(pm, tok, steps=steps)
     eng.graphs = how == "graphs"
     g = torch.Generator().manual_seed(0)
     out = []
     lo = torch.cuda.Stream(priority=0)
-    for L in lengths:
+    for bs, L in shapes:
         items, examples = {}, []
-        for i in range(T.BS):
+        for i in range(bs):
             ids = torch.randint(100, len(tok) - 1, (L,), generator=g).tolist()
             ex = TrainingExample.from_text(f"varlen {L} {i}")
             ex.id = 1000 * L + i
@@ -170,10 +176,11 @@ def varlen(name, tok, lengths=(512, 256, 384, 448, 320, 512), steps=4):
         with torch.cuda.stream(lo):
             torch.cuda.synchronize()
             t = time.perf_counter()
-            r = eng.train_round(examples)
+            r = eng.train_round(examples, batch_size=bs)
             torch.cuda.synchronize()
-        out.append({"len": L, "seconds": time.perf_counter() - t, "steps": r.steps,
-                    "ms_per_token_step": 1e3 * (time.perf_counter() - t) / r.steps / (T.BS * L)})
+        sec = time.perf_counter() - t
+        out.append({"batch": bs, "len": L, "seconds": sec, "steps": r.steps,
+                    "ms_per_token_step": 1e3 * sec / r.steps / (bs * L)})
     del eng, pm, m
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -187,6 +194,7 @@ def main():
     ap.add_argument("--variants", default="default,compiled,eager,no_autocast,no_hooks")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--varlen", action="store_true")
+    ap.add_argument("--varlen-variants", default="default", help="engine variants for --varlen (e.g. default,graphs_dynamic)")
     a = ap.parse_args()
     tok = C.load_tokenizer()
     res = C.header()
@@ -215,9 +223,10 @@ def main():
             for row in r.get("host_top", []):
                 print("   ", row)
         if a.varlen:
-            res[name]["varlen"] = vl = varlen(name, tok)
-            print(name, "varlen rounds (len: s for", vl[0]["steps"], "steps):",
-                  ", ".join(f"{x['len']}: {x['seconds']:.1f}" for x in vl))
+            for v in a.varlen_variants.split(","):
+                res[name][f"varlen_{v}"] = vl = varlen(name, tok, variant=v)
+                print(name, v, "varlen rounds (batch×len: s for", vl[0]["steps"], "steps):",
+                      ", ".join(f"{x['batch']}×{x['len']}: {x['seconds']:.1f}" for x in vl))
     print(f"step anatomy, {T.BS}×{T.SEQ} tokens, rank 8, bf16 ({res['device']})")
     C.table(rows, ["shape", "loop", "wall ms/step", "kernel ms/step", "kernels/step", "GPU busy", "× plain"])
     C.write(res, "gpu_step_profile.json")

@@ -64,10 +64,15 @@ def plain_peft(name, steps):
 
 def shipped_compile(pm, variant: str) -> str | None:
     """Compile the layers for ``variant``: "eager" not at all, "compiled" without CUDA graphs,
-    "graphs" replayed as CUDA graphs, else as the service does (``training.compile = "auto"``:
-    graphs on a GPU). Returns "graphs", "compile" or None; the caller sets ``engine.graphs``."""
+    "graphs" replayed as CUDA graphs, "graphs_dynamic" the same compiled with dynamic sizes from
+    the first step (an experiment: segmentation faults on torch 2.11, docs/BENCHMARKS.md run
+    AP), else as the service does (``training.compile = "auto"``: graphs on a GPU). Returns
+    "graphs", "compile" or None; the caller sets ``engine.graphs``."""
     from idletune.gpu.training import compile_layers, wanted
 
+    if variant == "graphs_dynamic":
+        compile_layers(pm, graphs=True, dynamic=True)
+        return "graphs"
     how = {"eager": None, "compiled": "compile", "graphs": "graphs"}.get(variant, "auto")
     if how == "auto":
         how = wanted("auto", pm)
