@@ -201,7 +201,7 @@ def test_a_padded_prompt_gives_the_exact_logits_and_cache():
         torch.testing.assert_close(padded.logits_buf[0], ref[pos], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("chunk", [3, 64])
+@pytest.mark.parametrize("chunk", [3, 64, None])
 def test_linear_cross_entropy_matches_full_logits(chunk):
     from idletune.gpu.loss import linear_cross_entropy
 
@@ -219,3 +219,15 @@ def test_linear_cross_entropy_matches_full_logits(chunk):
     torch.testing.assert_close(grad, h.grad, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         linear_cross_entropy(h, w.requires_grad_(), labels)
+
+
+def test_loss_chunks_are_balanced_and_a_failed_kernel_falls_back():
+    from idletune.gpu import loss
+
+    assert [loss._balanced(n, 883) for n in (0, 1, 883, 884, 4096)] == [1, 1, 883, 442, 820]
+    try:
+        loss._give_up_fused(RuntimeError("no compiler"))  # what a failed launch calls
+        assert loss._fused_rows() is None  # plain torch from then on
+    finally:
+        loss._fused_failed = False
+        loss._fused_rows.cache_clear()

@@ -363,11 +363,23 @@ def test_heap_settles_after_rounds_that_compiled(svc, monkeypatch):
 
     from idletune.gpu.training import _hold_full_collections, compilations
 
+    from idletune.gpu.training import _gc_hold_end, _gc_hold_start
+
     _hold_full_collections()
+    callback_handler.remove_start_callback(_gc_hold_start)  # as torch._dynamo.reset() drops them
+    callback_handler.remove_end_callback(_gc_hold_end)
+    _hold_full_collections()  # registered again
+    _hold_full_collections()  # and once only
+    assert callback_handler.start_callbacks.count(_gc_hold_start) == 1
+    assert callback_handler.end_callbacks.count(_gc_hold_end) == 1
     before, threshold = compilations(), gc.get_threshold()
     with callback_handler.install_callbacks(CallbackTrigger.DYNAMO, "test"):
         assert gc.get_threshold()[:2] == threshold[:2] and gc.get_threshold()[2] >= 1 << 30
     assert gc.get_threshold() == threshold and compilations() == before + 1
+    with pytest.raises(RuntimeError):  # a compilation that fails restores the threshold too
+        with callback_handler.install_callbacks(CallbackTrigger.DYNAMO, "test"):
+            raise RuntimeError("inductor failed")
+    assert gc.get_threshold() == threshold and compilations() == before + 2
 
     collected, count = [], [0]
     monkeypatch.setattr(gc, "collect", lambda *a: collected.append(1) or 0)

@@ -84,7 +84,7 @@ class FastDecoder:
         model: the PeftModel (or plain model) whose ``adapter`` is served.
         adapter: the PEFT adapter merged into the serving weights ("live").
         max_len: KV cache positions (prompt + generated).
-        use_graphs: capture the decode step in CUDA graphs (default: on CUDA).
+        use_graphs: capture the decode step and the prompt in CUDA graphs (default: on CUDA).
         stream: the stream all serving work runs on (default: the current one).
         compile: compile the decode step's pieces with torch.compile (default: with graphs,
             unless IDLETUNE_COMPILE_DECODE=0); a failure falls back to eager and is kept in
@@ -103,7 +103,9 @@ class FastDecoder:
     """
 
     MIN_BUCKET = 256
-    PREFILL_DOUBLING_UNTIL = 1024  # prompt buckets: 64, 128, … 1024, then multiples of 512
+    # prompt buckets: PREFILL_MIN_BUCKET doubling up to PREFILL_DOUBLING_UNTIL (64, 128, … 1024),
+    # then multiples of PREFILL_STEP: at most a third of a long prompt's work is padding
+    PREFILL_MIN_BUCKET, PREFILL_DOUBLING_UNTIL, PREFILL_STEP = 64, 1024, 512
 
     def __init__(self, model, adapter: str = "live", max_len: int = 4096, use_graphs: bool | None = None,
                  stream: torch.cuda.Stream | None = None, compile: bool | None = None,
@@ -276,7 +278,8 @@ class FastDecoder:
 
     # ---- the model --------------------------------------------------------------------------
     def _layer(self, x: torch.Tensor, li: int, e: dict, pos: torch.Tensor, attend: Callable) -> torch.Tensor:
-        """One decoder layer on x (T, C) at positions ``pos`` (T,) (the prompt: eager)."""
+        """One decoder layer on the prompt's x (T, C) at positions ``pos`` (T,): library
+        operations (in a CUDA graph on a GPU, see :meth:`prefill`)."""
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (T, 1, D)
         q, k, v = _pre_attention(x, e["ln1"], e["qkv"], e["qkv_bias"], cos, sin, self.eps, self.n_heads, self.n_kv,
                                  self.head_dim)
@@ -302,22 +305,22 @@ class FastDecoder:
         """The padded length a prompt of ``T`` tokens runs at (``T`` itself without padding)."""
         if not self.pad_prompts:
             return T
-        b = 64
+        b = self.PREFILL_MIN_BUCKET
         while b < T and b < self.PREFILL_DOUBLING_UNTIL:
             b *= 2
         if b < T:
-            b = -(-T // 512) * 512
+            b = -(-T // self.PREFILL_STEP) * self.PREFILL_STEP
         return min(b, self.max_len)
 
     @torch.no_grad()
     def prefill(self, prompt: list[int]) -> torch.Tensor:
-        """Run the prompt (positions 0..T-1), fill the cache; returns the last position's logits (V,)."""
+        """Run the prompt (positions 0..T-1), fill the cache; returns the last position's logits (V,).
+        Padded (:meth:`prefill_bucket`), the cache is also written past T, up to the bucket:
+        those positions are masked until decoding overwrites them."""
         T = len(prompt)
         if not 0 < T <= self.max_len:
             raise ValueError(f"a prompt of {T} tokens (the cache holds {self.max_len})")
-        host = torch.tensor(list(prompt) + [T - 1], dtype=torch.long)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
+        host = torch.tensor(list(prompt) + [T - 1], dtype=torch.long, pin_memory=self.device.type == "cuda")
         self.prompt_buf[:T].copy_(host[:T], non_blocking=True)
         self.last_buf.copy_(host[T:], non_blocking=True)
         key = ("prefill", self.prefill_bucket(T))
@@ -391,7 +394,7 @@ class FastDecoder:
                 try:
                     run(n)
                 except Exception as e:  # a compile failure: fall back to the eager pieces
-                    if self._pieces == self._eager:
+                    if kind != "step" or self._pieces == self._eager:  # the prompt uses none
                         raise
                     self.compile_error = f"{type(e).__name__}: {e}"[:300]
                     self._pieces = dict(self._eager)
@@ -417,11 +420,13 @@ class FastDecoder:
         t = time.perf_counter()
         for _ in self.tokens([0] * 8, 3):  # cache contents past a request's length are masked
             pass
-        if self.pad_prompts:  # the prompt lengths of most chat turns
-            b = 128
-            while b <= min(self.PREFILL_DOUBLING_UNTIL, self.max_len - 1):
-                self.prefill([0] * b)
+        if self.pad_prompts:  # the buckets of most chat turns' prompts (longer ones: at first use)
+            b, buckets = self.PREFILL_MIN_BUCKET, set()
+            while b <= self.PREFILL_DOUBLING_UNTIL:
+                buckets.add(self.prefill_bucket(min(b, self.max_len)))
                 b *= 2
+            for b in sorted(buckets):
+                self.prefill([0] * b)
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         return time.perf_counter() - t

@@ -7,12 +7,12 @@ gradient needed is the one for the hidden states, and it can be computed during 
 pass, chunk by chunk: ``dL/dh = (softmax(h Wᵀ) − onehot) W``. Peak extra memory is one chunk
 of logits; the FLOPs are the same as the unfused forward + backward.
 
-Used on every device (it is plain torch): on the CPU, a LoRA step on 4 × 512 text tokens of
+Used on every device (plain torch, with one Triton kernel on a GPU): on the CPU, a LoRA step on 4 × 512 text tokens of
 the default model took 7.9 s instead of 10.3 s and 5.9 GB of peak memory instead of 6.6 GB
 (the logits and their gradient are memory-bound work there too).
 
 On a GPU with Triton, each chunk's softmax, loss and gradient are one kernel
-(:func:`_rows_kernel`) that reads the bf16 logits twice and writes the gradient over them, in
+(``_rows_kernel`` in :func:`_fused_rows`) that reads the bf16 logits twice and writes the gradient over them, in
 place: the plain-torch chunk (float copy, logsumexp, subtract, exp, one-hot, cast back) moved
 about 24 GB per 4096-position step at Qwen's 151936-id vocabulary, 9.5 of a 1.5B step's 74 ms of
 kernel time (docs/BENCHMARKS.md, run AE).
@@ -25,6 +25,7 @@ import torch
 
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk (256 MB in float32)
 FUSED_CHUNK_BYTES = 1 << 28  # with the fused kernel: bytes of logits per chunk, in their own dtype
+_fused_failed = False  # set when the kernel failed to compile or launch
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -35,7 +36,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         losses = torch.empty(n, dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if h.requires_grad else None
         fused = _fused_rows() if h.is_cuda else None
-        if chunk is None:
+        labels = labels.contiguous()
+        if not chunk:
             chunk = (_balanced(n, max(1, FUSED_CHUNK_BYTES // (vocab * weight.element_size()))) if fused
                      else max(1, CHUNK_ELEMENTS // vocab))
         with torch.autocast(h.device.type, enabled=False):
@@ -43,10 +45,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for i in range(0, n, chunk):
                 part = slice(i, i + chunk)
                 logits = hw[part] @ weight.t()  # (c, V), in the weight's dtype
+                probs = None
                 if fused is not None:  # one kernel: the loss, and softmax − one-hot over the logits
-                    fused(logits, labels[part], losses[part], grad_h is not None)
-                    probs = logits
-                else:
+                    try:
+                        fused(logits, labels[part], losses[part], grad_h is not None)
+                        probs = logits
+                    except Exception as e:  # Triton there but not working: plain torch from now on
+                        fused = _give_up_fused(e)
+                if probs is None:
                     probs = _torch_rows(logits, labels[part], losses[part], grad_h is not None)
                 if grad_h is not None:
                     grad_h[part] = (probs @ weight).to(h.dtype)
@@ -75,8 +81,10 @@ def _torch_rows(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          chunk: int | None = None) -> torch.Tensor:
     """Per-position cross-entropy of ``h @ weight.T`` against ``labels``: (N,) float32.
-    ``weight`` must not require grad (its gradient is not computed). ``chunk``: positions per
-    chunk (default: 256 MB of float32 logits; with the fused kernel, 256 MB in the weight's dtype)."""
+    ``weight`` must not require grad (its gradient is not computed). Every label must be a
+    vocabulary id (0 ≤ label < V: no ignore index; callers pass target positions only).
+    ``chunk``: positions per chunk (default: 256 MB of float32 logits; with the fused kernel,
+    256 MB in the weight's dtype)."""
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy computes no gradient for the output layer; it must be frozen")
     return _LinearCrossEntropy.apply(h, weight, labels, chunk)
@@ -96,9 +104,23 @@ def _balanced(n: int, most: int) -> int:
     return max(1, -(-n // chunks))
 
 
+def _give_up_fused(error: Exception) -> None:
+    """The fused kernel failed to compile or launch: log it once, use plain torch from now on."""
+    import logging
+
+    global _fused_failed
+    logging.getLogger("idletune.gpu").warning("the fused loss kernel failed (%s: %s); using plain torch",
+                                              type(error).__name__, str(error)[:300])
+    _fused_failed = True
+    _fused_rows.cache_clear()
+    return None
+
+
 @functools.cache
 def _fused_rows():
-    """The fused per-row kernel's launcher, or None without Triton."""
+    """The fused per-row kernel's launcher, or None without Triton (or after it failed)."""
+    if _fused_failed:
+        return None
     try:
         import triton
         import triton.language as tl

@@ -43,31 +43,32 @@ def compilations() -> int:
 def _hold_full_collections() -> None:
     """While torch compiles (or records CUDA graphs), no full garbage collection: a compilation
     makes so many objects that Python ran full collections in its middle, each a 64–110 ms
-    pause of every thread, chat included (docs/BENCHMARKS.md, runs AK–AL). Young collections go
-    on as usual (most of a compilation's garbage is short-lived); the engine runs the full
-    collection once, after the round, and freezes what survives (``TrainingEngine``)."""
+    pause of every thread, chat included (docs/BENCHMARKS.md, runs AK–AN). Young collections go
+    on as usual (most of a compilation's garbage is short-lived); with graphs the engine runs
+    the full collection once, after the round, and freezes what survives (``TrainingEngine``).
+    Registered again if ``torch._dynamo.reset()`` dropped the callbacks."""
     try:
         from torch._dynamo.callback import callback_handler
     except ImportError:  # an older torch: collections stay as they are
         return
-    if getattr(callback_handler, "_idletune_gc", False):
-        return
+    if _gc_hold_start not in callback_handler.start_callbacks:
+        callback_handler.register_start_callback(_gc_hold_start)
+        callback_handler.register_end_callback(_gc_hold_end)
 
-    def start(*_args) -> None:
-        global _gc_threshold
-        _gc_threshold = gc.get_threshold()
-        gc.set_threshold(_gc_threshold[0], _gc_threshold[1], 1 << 30)
 
-    def end(*_args) -> None:
-        global _compilations, _gc_threshold
-        _compilations += 1
-        if _gc_threshold is not None:
-            gc.set_threshold(*_gc_threshold)
-            _gc_threshold = None
+def _gc_hold_start(*_args) -> None:
+    # torch calls start and end for the outermost compilation only, and end in a finally
+    global _gc_threshold
+    _gc_threshold = gc.get_threshold()
+    gc.set_threshold(_gc_threshold[0], _gc_threshold[1], 1 << 30)
 
-    callback_handler.register_start_callback(start)
-    callback_handler.register_end_callback(end)
-    callback_handler._idletune_gc = True
+
+def _gc_hold_end(*_args) -> None:
+    global _compilations, _gc_threshold
+    _compilations += 1
+    if _gc_threshold is not None:
+        gc.set_threshold(*_gc_threshold)
+        _gc_threshold = None
 
 
 def compile_layers(model, graphs: bool = False, **kwargs) -> int:

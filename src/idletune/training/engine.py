@@ -374,6 +374,7 @@ class TrainingEngine:
         """Train another weight set (a hybrid mode switch or a rollback across modes)."""
         self.ws = ws
         self.mode = ws.kind
+        self._modules = None  # listed again at the next step
         self.reset_optimizer()
         self._ema, self._ema_history = None, deque(maxlen=self.config.plateau_window + 1)
 
