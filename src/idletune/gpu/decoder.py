@@ -10,12 +10,12 @@ its memory bandwidth allows. Here:
   frozen base after each publish (from ``W0``, never by adding deltas in place, so bf16 rounding
   never accumulates over versions).
 - **Static KV cache** of ``max_len`` positions, and **one CUDA graph per attention-length bucket**
-  (256, 512, … positions) for the decode step: a token costs one graph launch. The prompt
-  (prefill) is a CUDA graph too, one per padded prompt length (64, 128, … 1024, then multiples
-  of 512): eager, a 256-token prompt launched ~500 kernels from Python, 10 ms of host time
-  that a training thread's share of the interpreter lock stretched further (docs/BENCHMARKS.md). The graph also
+  (256, 512, … positions) for the decode step: a token costs one graph launch. The graph also
   takes the argmax and writes it back as the next input, so greedy decoding runs one step ahead
-  of the host (no host sync on the critical path).
+  of the host (no host sync on the critical path). The prompt (prefill) is a CUDA graph too,
+  one per padded prompt length (64, 128, … 1024, then multiples of 512): run eagerly, a
+  256-token prompt launched ~500 kernels from Python, 10 ms of host time that a training
+  thread's share of the interpreter lock stretched further (docs/BENCHMARKS.md, section 1).
 - **Few, short kernels per layer.** At batch 1 a small model's step is set by how many
   kernels it launches and how long each small one takes, not by bandwidth. A layer is three
   compiled pieces: (norm, fused q/k/v, rotary, cache write), attention, and (output product
