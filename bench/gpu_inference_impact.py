@@ -229,6 +229,9 @@ def main():
                         "ttft_parts_others_p50": {k: round(C.med([r["parts"][k] for r in rs if not r["first_of_block"]]), 2)
                                                   for k in (rs[0]["parts"] if rs and rs[0]["parts"] else {})}}
             off, bl = summary(data["off"]), summary(data["backlog"])
+            # each request's TTFT (ms, in order), so a p99 can be traced to the requests behind it
+            res[f"ttft_ms_clients_{nc}"] = {c: [(round(1e3 * r["ttft"], 2), r["first_of_block"]) for r in rs]
+                                            for c, rs in data.items()}
             res[f"clients_{nc}"] = {"off": off, "backlog": bl,
                                     "added_ttft_p99_ms": bl["ttft_p99_ms"] - off["ttft_p99_ms"],
                                     "added_ttft_p50_ms": bl["ttft_p50_ms"] - off["ttft_p50_ms"],
