@@ -90,9 +90,9 @@ def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def copy_adapter(model, src: str, dst: str) -> None:
-    cache = getattr(model, "_idletune_cache", None)  # activate()'s lists, in matching order
-    if cache is not None and {src, dst} == {TRAIN, LIVE}:
-        lists = {TRAIN: cache[1], LIVE: cache[2]}
+    if {src, dst} == {TRAIN, LIVE}:
+        _, train, live = _cache(model)  # the two adapters' lists, in matching order
+        lists = {TRAIN: train, LIVE: live}
         torch._foreach_copy_(lists[dst], lists[src])  # one launch, no name scan (publish latency)
         return
     a, b = adapter_tensors(model, src), adapter_tensors(model, dst)

@@ -249,9 +249,8 @@ class TrainingEngine:
             return
         self._graphed_steps += steps
         seen = self.compilations()
-        if self.should_yield():
-            return  # a request is waiting: not now
-        if self._graphed_steps >= 3 and (not self._heap_frozen or seen != self._compilations_settled):
+        due = self._graphed_steps >= 3 and (not self._heap_frozen or seen != self._compilations_settled)
+        if due and not self.should_yield():  # a request waiting: at a later round's end
             gc.collect()
             gc.freeze()
             self._heap_frozen, self._compilations_settled = True, seen
