@@ -12,9 +12,11 @@ training and replayed as CUDA graphs); ``compiled`` (compiled layers without gra
 autocast context / without the per-layer preemption hooks).
 
 ``--varlen``: rounds whose batch size and length change (VARLEN: 8×512, 8×256, 8×384, 6×512,
-8×448, 7×320, 8×512), for each of ``--varlen-variants`` (default: as shipped; ``graphs_dynamic``:
-graphs compiled with dynamic sizes from the first step): seconds of each round (the first
-compiles; a new shape recompiles or records graphs) and the steady step time.
+8×448, 7×320, 4×512, 3×256, 2×384, 1×512, 8×512), for each of ``--varlen-variants`` (default:
+as shipped; ``graphs_static``: without dynamic batch and length dimensions; ``graphs_dynamic``:
+compiled with ``dynamic=True``): seconds of each round (the first compiles; a new shape
+recompiles or records graphs), the compilations that ended during it, and the memory the
+caching allocator holds after it (the graph pool's growth).
 
 Usage: python bench/gpu_step_profile.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b]
        [--variants default,compiled,eager,no_autocast,no_hooks,graphs_dynamic] [--steps 8] [--varlen]
@@ -146,7 +148,8 @@ def engine(name, variant, steps, tok):
     return r
 
 
-VARLEN = ((8, 512), (8, 256), (8, 384), (6, 512), (8, 448), (7, 320), (8, 512))
+VARLEN = ((8, 512), (8, 256), (8, 384), (6, 512), (8, 448), (7, 320), (4, 512), (3, 256), (2, 384), (1, 512),
+          (8, 512))
 
 
 def varlen(name, tok, shapes=VARLEN, steps=4, variant="default"):
@@ -154,6 +157,7 @@ def varlen(name, tok, shapes=VARLEN, steps=4, variant="default"):
     service, where examples are learned and leave the batch), with a given compile variant."""
     import idletune.training.engine as E
     from idletune.examples import TrainingExample
+    from idletune.gpu.training import compilations
     from idletune.training.data import IGNORE, Encoded
 
     m = C.build(name, tok)
@@ -175,11 +179,14 @@ def varlen(name, tok, shapes=VARLEN, steps=4, variant="default"):
         E.encode = lambda e, tokenizer, max_len, _items=items: _items.get(e.id)
         with torch.cuda.stream(lo):
             torch.cuda.synchronize()
+            seen = compilations()
             t = time.perf_counter()
             r = eng.train_round(examples, batch_size=bs)
             torch.cuda.synchronize()
         sec = time.perf_counter() - t
-        out.append({"batch": bs, "len": L, "seconds": sec, "steps": r.steps,
+        out.append({"batch": bs, "len": L, "padded": list(eng._shape([items[e.id] for e in examples])),
+                    "seconds": sec, "steps": r.steps, "compilations": compilations() - seen,
+                    "reserved_MB": torch.cuda.memory_reserved() / 2**20,
                     "ms_per_token_step": 1e3 * sec / r.steps / (bs * L)})
     del eng, pm, m
     torch._dynamo.reset()
@@ -199,14 +206,15 @@ def main():
     tok = C.load_tokenizer()
     res = C.header()
     rows = []
+    variants = [v for v in a.variants.split(",") if v]  # none (--variants ''): the --varlen rounds alone
     for name in a.shapes.split(","):
-        res[name] = {"plain": plain(name, a.steps)}
-        for v in a.variants.split(","):
+        res[name] = {"plain": plain(name, a.steps)} if variants else {}
+        for v in variants:
             try:
                 res[name][v] = engine(name, v, a.steps, tok)
             except Exception as e:  # report and go on
                 res[name][v] = {"error": f"{type(e).__name__}: {e}"[:400]}
-        base = res[name]["plain"]["wall_ms"]
+        base = res[name]["plain"]["wall_ms"] if variants else None
         for v, r in res[name].items():
             if "error" in r:
                 rows.append([name, v, "error", r["error"][:50], "", "", ""])
@@ -225,8 +233,10 @@ def main():
         if a.varlen:
             for v in a.varlen_variants.split(","):
                 res[name][f"varlen_{v}"] = vl = varlen(name, tok, variant=v)
-                print(name, v, "varlen rounds (batch×len: s for", vl[0]["steps"], "steps):",
-                      ", ".join(f"{x['batch']}×{x['len']}: {x['seconds']:.1f}" for x in vl))
+                print(name, v, "varlen rounds (batch×len → padded: s for", vl[0]["steps"], "steps, compilations, "
+                      "reserved GB):", ", ".join(f"{x['batch']}×{x['len']} → {x['padded'][0]}×{x['padded'][1]}: "
+                                                f"{x['seconds']:.1f} s, {x['compilations']}, {x['reserved_MB'] / 1024:.1f}"
+                                                for x in vl))
     print(f"step anatomy, {T.BS}×{T.SEQ} tokens, rank 8, bf16 ({res['device']})")
     C.table(rows, ["shape", "loop", "wall ms/step", "kernel ms/step", "kernels/step", "GPU busy", "× plain"])
     C.write(res, "gpu_step_profile.json")

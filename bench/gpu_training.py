@@ -64,14 +64,19 @@ def plain_peft(name, steps):
 
 def shipped_compile(pm, variant: str) -> str | None:
     """Compile the layers for ``variant``: "eager" not at all, "compiled" without CUDA graphs,
-    "graphs" replayed as CUDA graphs, "graphs_dynamic" the same compiled with dynamic sizes from
-    the first step (an experiment: segmentation faults on torch 2.11, docs/BENCHMARKS.md run
-    AP), else as the service does (``training.compile = "auto"``: graphs on a GPU). Returns
-    "graphs", "compile" or None; the caller sets ``engine.graphs``."""
+    "graphs" replayed as CUDA graphs, "graphs_dynamic" the same compiled with ``dynamic=True``
+    (every size dynamic: an experiment, segmentation faults on torch 2.11, docs/BENCHMARKS.md
+    run AP), "graphs_static" graphs without the batch and length dimensions marked dynamic (as
+    before run AQ: dynamo recompiles at a new length and at a new batch size), else as the
+    service does (``training.compile = "auto"``: graphs on a GPU). Returns "graphs", "compile"
+    or None; the caller sets ``engine.graphs``."""
     from idletune.gpu.training import compile_layers, wanted
 
     if variant == "graphs_dynamic":
         compile_layers(pm, graphs=True, dynamic=True)
+        return "graphs"
+    if variant == "graphs_static":
+        compile_layers(pm, graphs=True, dynamic_dims=False)
         return "graphs"
     how = {"eager": None, "compiled": "compile", "graphs": "graphs"}.get(variant, "auto")
     if how == "auto":

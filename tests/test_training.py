@@ -182,19 +182,21 @@ def test_unknown_target_modules_are_named(tiny_model_dir):
         adapters.attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(target_modules=["c_attn"]))
 
 
-@pytest.mark.parametrize("pad_to", [1, 64])
-def test_right_padded_batches_need_no_mask_and_match_each_example_alone(svc, pad_to):
+@pytest.mark.parametrize("length,rows", [(0, 0), (64, 4)], ids=["as-is", "graph-shape"])
+def test_right_padded_batches_need_no_mask_and_match_each_example_alone(svc, length, rows):
     """Losses of a right-padded batch (no attention mask: attention is causal and pads come last;
-    lengths bucketed as CUDA-graphed training does) equal each example's loss alone, and the
-    target-only loss equals the full-logits loss with an explicit padding mask."""
+    padded to a bucketed shape with empty rows, as CUDA-graphed training does) equal each
+    example's loss alone, empty rows add nothing, and the target-only loss equals the
+    full-logits loss with an explicit padding mask."""
     from idletune.training.data import collate, encode, per_example_loss, target_token_losses
 
     exs = [fact(0), TrainingExample.from_text("Plain text chunk about owls and their nests.")]
     exs[1].id = 9
     enc = [encode(e, svc.tokenizer, 128) for e in exs]
     assert len(enc[0].input_ids) != len(enc[1].input_ids)
-    b = collate(enc, svc.tokenizer.pad_token_id, "cpu", pad_to=pad_to)
-    assert b["input_ids"].shape[1] % pad_to == 0
+    b = collate(enc, svc.tokenizer.pad_token_id, "cpu", length=length, rows=rows)
+    longest = max(len(e.input_ids) for e in enc)
+    assert tuple(b["input_ids"].shape) == (rows or 2, max(length, longest))
     mask = torch.zeros_like(b["input_ids"])
     for i, e in enumerate(enc):
         mask[i, :len(e.input_ids)] = 1
@@ -202,9 +204,23 @@ def test_right_padded_batches_need_no_mask_and_match_each_example_alone(svc, pad
         full = per_example_loss(svc.model(input_ids=b["input_ids"], attention_mask=mask).logits, b["labels"])
         fast = target_token_losses(svc.model, b)
         alone = [target_token_losses(svc.model, collate([e], svc.tokenizer.pad_token_id, "cpu")) for e in enc]
-    torch.testing.assert_close(fast[0], full[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fast[0][:2], full[0][:2], rtol=1e-5, atol=1e-4)
     assert torch.equal(fast[1], full[1])
-    torch.testing.assert_close(fast[0], torch.cat([a[0] for a in alone]), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fast[0][:2], torch.cat([a[0] for a in alone]), rtol=1e-5, atol=1e-4)
+    assert not fast[0][2:].any() and not fast[1][2:].any()  # empty rows: no loss, no targets
+
+
+def test_graph_shapes_are_few_and_pad_little():
+    """With CUDA-graphed layers every micro-batch takes one of a few (rows, length) shapes."""
+    from idletune.training.engine import graph_shape
+
+    assert [graph_shape(r, 100)[0] for r in (1, 2, 3, 4, 5, 8, 9, 32)] == [2, 2, 4, 4, 8, 8, 16, 32]
+    lengths = {n: graph_shape(4, n)[1] for n in (1, 64, 65, 200, 512, 513, 640, 641, 1024, 1025, 3000, 8192)}
+    assert lengths == {1: 64, 64: 64, 65: 128, 200: 256, 512: 512, 513: 640, 640: 640, 641: 768,
+                       1024: 1024, 1025: 1280, 3000: 3072, 8192: 8192}
+    shapes = {graph_shape(4, n)[1] for n in range(1, 32769)}
+    assert len(shapes) == 8 + 4 * 6  # multiples of 64 to 512, then four per doubling to 32768
+    assert all(graph_shape(1, n)[1] - n < max(64, n / 4) for n in range(1, 32769))  # under 64 tokens or 25 %
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain-adamw", "fused-adamw"])
@@ -303,9 +319,9 @@ def test_should_rollback_applies_the_gate_rule_to_figures(svc):
 
 
 def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir, monkeypatch):
-    """What the engine does for CUDA-graphed layers (lengths padded to multiples of 64, a new
-    graph iteration per micro-batch, gradient buffers kept between steps) must not change what
-    is learned: two rounds give the same adapter as the plain path. The graphs themselves need a
+    """What the engine does for CUDA-graphed layers (micro-batches padded to bucketed shapes,
+    empty rows included, a new graph iteration per micro-batch, gradient buffers kept between
+    steps) must not change what is learned: two rounds give the same adapter as the plain path. The graphs themselves need a
     GPU (bench/gpu_graphs_check.py)."""
     cfg = Config.load(None, {"training.max_steps": 3, "training.target_loss": 0.0, "training.lora.dropout": 0.0,
                              "training.warmup_steps": 0, "training.replay_examples": 0})
@@ -314,9 +330,9 @@ def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir
     widths, marks = [], []
     real_collate = E.collate
 
-    def recording_collate(items, pad_id, device, pad_to=1):
-        b = real_collate(items, pad_id, device, pad_to=pad_to)
-        widths.append((pad_to, b["input_ids"].shape[1]))
+    def recording_collate(items, pad_id, device, length=0, rows=0):
+        b = real_collate(items, pad_id, device, length=length, rows=rows)
+        widths.append((len(items), *b["input_ids"].shape))
         return b
 
     trained, start = [], None
@@ -328,7 +344,7 @@ def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir
         try:
             start = start or adapters.clone_adapter(s.model, TRAIN)
             s.engine.graphs = graphs
-            s.engine.micro_batch_tokens = 64  # several micro-batches per step
+            s.engine.micro_batch_tokens = 160  # several micro-batches per step, some of two examples
             monkeypatch.setattr(E, "collate", recording_collate)
             monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
             r = s.engine.train_round([fact(i) for i in range(3)], batch_size=3)
@@ -340,11 +356,12 @@ def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir
                 gc.unfreeze()  # before asserting: a failure must not leave the test session frozen
                 assert s.engine._heap_frozen and frozen > 0
                 assert all(p.grad is not None and not p.grad.any() for p in s.engine._trainable())
-                # every micro-batch padded to a multiple of 64 and marked as a new graph iteration
-                assert len(widths) > 3 and all(p == 64 and w % 64 == 0 for p, w in widths)
-                assert len(marks) == len(widths)
+                # every micro-batch padded to a graph shape (rows: a power of two, at least 2;
+                # the length: a multiple of 64) and marked as a new graph iteration
+                assert len(widths) > 3 and all(r in (2, 4) and r >= n and w % 64 == 0 for n, r, w in widths)
+                assert any(r > n for n, r, _ in widths) and len(marks) == len(widths)
             else:
-                assert all(p == 1 for p, _ in widths) and not marks and not s.engine._heap_frozen
+                assert all(r == n and w % 64 for n, r, w in widths) and not marks and not s.engine._heap_frozen
             trained.append(adapters.clone_adapter(s.model, TRAIN))
         finally:
             s.close()
@@ -399,6 +416,43 @@ def test_heap_settles_after_rounds_that_compiled(svc, monkeypatch):
     eng.should_yield = lambda: False
     eng._settle_heap(1)
     assert len(collected) == 2
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own, compiling
+@pytest.mark.parametrize("dynamic_dims", [True, False], ids=["marked", "unmarked"])
+def test_compiled_layers_compile_once_for_every_batch_size_and_length(tmp_path, tiny_model_dir, dynamic_dims):
+    """The compiled training layers mark their inputs' batch and length dimensions dynamic: one
+    compilation serves rounds of other batch sizes and lengths. Left to dynamo (unmarked), a new
+    length and a new batch size each compiled again — tens of seconds at 1.5B on a GPU, with
+    the interpreter lock held (docs/BENCHMARKS.md, run AP). Dynamo's own backend here, so the
+    CPU does not build kernels; what gets compiled, and when, is dynamo's decision either way."""
+    from torch._dynamo.utils import counters
+
+    from idletune.gpu.training import compile_layers
+    from idletune.training.data import encode
+
+    cfg = Config.load(None, {"training.max_steps": 1, "training.target_loss": 0.0, "training.replay_examples": 0})
+    s = build_service(tmp_path / "data", model=tiny_model_dir, config=cfg, start_scheduler=False)
+    torch._dynamo.reset()
+    try:
+        compile_layers(s.model, dynamic_dims=dynamic_dims, backend="aot_eager")
+        s.engine.graphs = True  # bucketed shapes, as with CUDA graphs
+        before = counters["stats"]["unique_graphs"]
+        long_text = TrainingExample.from_text("Owls nest in hollow trees and old barns. " * 12)
+        long_text.id = 50
+        shapes, compiled = [], []
+        for examples in ([fact(0), fact(1)], [fact(i) for i in range(3)], [fact(0), long_text]):
+            shapes.append(s.engine._shape([encode(e, s.tokenizer, 512) for e in examples]))
+            assert s.engine.train_round(examples, batch_size=len(examples)).steps == 1
+            compiled.append(counters["stats"]["unique_graphs"] - before)
+        assert shapes == [(2, 64), (4, 64), (2, 128)]
+        # the first round compiles two entries (the first layer's input carries no gradient,
+        # the others' do); with marks nothing more, without them as much again per new shape
+        assert compiled[0] == 2
+        assert compiled == ([2, 2, 2] if dynamic_dims else [2, 4, 6])
+    finally:
+        s.close()
+        torch._dynamo.reset()
 
 
 def test_service_marks_the_engine_for_graphed_layers(tmp_path, tiny_model_dir, monkeypatch):

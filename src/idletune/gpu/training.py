@@ -11,16 +11,19 @@ each layer stay in eager Python and can still stop a step.
 each compiled layer's forward and backward are also captured as CUDA graphs
 (``mode="reduce-overhead"``, torch's CUDA graph trees), so a layer costs one launch instead of
 dozens and the host no longer limits the step. A graph holds one shape, so the engine pads
-batches to multiples of 64 tokens (``engine.GRAPH_LENGTH_MULTIPLE``), marks each micro-batch as
-a new iteration (a step preempted between layers leaves no half-used graph behind) and keeps the
+micro-batches to bucketed shapes (``engine.graph_shape``: rows to a power of two, lengths to a
+multiple of 64 or a quarter of an octave), marks each micro-batch as a new iteration (a step preempted between layers leaves no half-used graph behind) and keeps the
 gradient buffers allocated (a graph's output is overwritten by its next replay, so it must never
 become a ``.grad`` itself).
 
 The compiled forward runs only for training passes (module in train mode, gradients on).
 Evaluation and any inference through the Hugging Face forward stay eager, so a request never
-waits for a compilation. Shapes: the first batch compiles for its shape; the first batch of
-another length recompiles once with dynamic sizes, which then serve every length (with graphs,
-each new padded shape is captured once, in about a second).
+waits for a compilation. Shapes: the batch and length dimensions of a layer's inputs are marked
+dynamic before its first call (:func:`_mark_dynamic`), so one compilation serves every batch
+size and length: left to itself, dynamo compiled for the first shape, then again (tens of
+seconds at 1.5B, holding the interpreter lock much of it) at the first other length and at the
+first other batch size (docs/BENCHMARKS.md, run AP). With graphs each new padded shape is still
+recorded once (seconds); the engine's buckets bound how many there are.
 """
 from __future__ import annotations
 
@@ -71,9 +74,27 @@ def _gc_hold_end(*_args) -> None:
         _gc_threshold = None
 
 
-def compile_layers(model, graphs: bool = False, **kwargs) -> int:
+def _mark_dynamic(args: tuple, kwargs: dict) -> None:
+    """Mark the batch and sequence dimensions of a decoder layer's inputs as dynamic (hidden
+    states (B, T, C); rotary cos/sin and position ids (B or 1, T, ...); cache positions (T,)).
+    ``maybe_mark_dynamic``: a dimension of size 1 may still be specialised (a batch of one compiles
+    once more), and nothing fails where torch cannot keep a dimension dynamic. Other tensor
+    arguments keep dynamo's own handling (a recompilation where their sizes change)."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    tensors = [hidden] + list(kwargs.get("position_embeddings") or ()) + [kwargs.get("position_ids")]
+    for t in tensors:
+        if torch.is_tensor(t) and t.dim() >= 2:
+            mark(t, 0)
+            mark(t, 1)
+    if torch.is_tensor(kwargs.get("cache_position")):
+        mark(kwargs["cache_position"], 0)
+
+
+def compile_layers(model, graphs: bool = False, dynamic_dims: bool = True, **kwargs) -> int:
     """Compile every decoder layer's forward for training passes (with ``graphs``, replayed as
-    CUDA graphs). Returns how many layers."""
+    CUDA graphs; with ``dynamic_dims``, one compilation for every batch size and length). Returns
+    how many layers."""
     from ..training.adapters import decoder_layers
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -90,6 +111,8 @@ def compile_layers(model, graphs: bool = False, **kwargs) -> int:
 
         def forward(*args, _eager=eager, _compiled=compiled, _layer=layer, **kw):
             if _layer.training and torch.is_grad_enabled():
+                if dynamic_dims:
+                    _mark_dynamic(args, kw)
                 return _compiled(*args, **kw)
             return _eager(*args, **kw)
 

@@ -40,9 +40,10 @@ def encode(example: TrainingExample, tokenizer, max_len: int) -> Encoded:
     return Encoded(example.id, ids, [IGNORE] * len(bos) + ids[len(bos):], kind="text")
 
 
-def collate(items: list[Encoded], pad_id: int, device, pad_to: int = 1) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest item (rounded up to a multiple of ``pad_to``: CUDA-graphed
-    training replays one graph per shape, so lengths are bucketed); padding carries no loss.
+def collate(items: list[Encoded], pad_id: int, device, length: int = 0, rows: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest item, or to ``length`` if longer, and add empty rows up to
+    ``rows`` (CUDA-graphed training replays one graph per shape, so shapes are bucketed); padding
+    carries no loss, and an empty row has no targets (its loss sum and count are 0).
 
     No attention mask is needed: padding is only ever on the right and attention is causal, so
     no real token attends to a pad, and positions count from 0 in every row (true of causal
@@ -56,11 +57,13 @@ def collate(items: list[Encoded], pad_id: int, device, pad_to: int = 1) -> dict[
     indexing on the device, which would make the host wait for the GPU. On a GPU the tensors
     are copied from pinned memory without blocking.
     """
-    n = max(len(e.input_ids) for e in items)
-    n = -(-n // pad_to) * pad_to
+    n = max(length, *(len(e.input_ids) for e in items))
+    empty = [pad_id] * n, [IGNORE] * n
     # one tensor from one nested list: a tensor per row costs more than the rest of a step's host work
-    ids = torch.tensor([list(e.input_ids) + [pad_id] * (n - len(e.input_ids)) for e in items], dtype=torch.long)
-    labels = torch.tensor([list(e.labels) + [IGNORE] * (n - len(e.labels)) for e in items], dtype=torch.long)
+    ids = torch.tensor([list(e.input_ids) + [pad_id] * (n - len(e.input_ids)) for e in items]
+                       + [empty[0]] * (rows - len(items)), dtype=torch.long)
+    labels = torch.tensor([list(e.labels) + [IGNORE] * (n - len(e.labels)) for e in items]
+                          + [empty[1]] * (rows - len(items)), dtype=torch.long)
     shifted = labels[:, 1:]  # position t-1 predicts token t
     hit = shifted != IGNORE
     pos = hit.reshape(-1).nonzero()[:, 0]  # on the host: a batch of 4096 tokens in microseconds

@@ -26,7 +26,16 @@ from . import adapters
 from .adapters import LIVE, TRAIN
 from .data import Encoded, collate, encode, target_token_losses
 
-GRAPH_LENGTH_MULTIPLE = 64  # with CUDA-graphed layers: padded lengths are multiples of this
+def graph_shape(rows: int, length: int) -> tuple[int, int]:
+    """The padded (rows, length) a micro-batch takes with CUDA-graphed layers, which record one
+    graph per shape (seconds each, and memory in the graph pool): rows up to a power of two, at
+    least 2 (a batch of one would compile once more: a dimension of size 1 is specialised);
+    lengths up to a multiple of 64 to 512 tokens, then of a quarter of the power of two below
+    (640, 768, 896, 1024, 1280, …): under 64 tokens or 25 % of padding, and 8 lengths to 512,
+    then 4 per doubling."""
+    r = max(2, 1 << (rows - 1).bit_length())
+    step = max(64, (1 << (max(length, 2) - 1).bit_length() - 1) // 4)
+    return r, -(-length // step) * step
 
 
 QUEUED_LAYERS = 3  # on a GPU: most layers of training work queued ahead of a request
@@ -261,14 +270,15 @@ class TrainingEngine:
         total_tokens = max(1, sum(it.num_target_tokens for it in batch))
         sums, counts = [], []
         for part in self._micro_batches(batch):
-            micro = collate(part, self.tokenizer.pad_token_id, self.device, pad_to=self._pad_to)
+            rows, length = self._shape(part)
+            micro = collate(part, self.tokenizer.pad_token_id, self.device, length=length, rows=rows)
             if self.graphs:  # a new iteration: what a preempted pass left in the graphs is dropped
                 torch.compiler.cudagraph_mark_step_begin()
             with self._autocast():
-                s, c = target_token_losses(self.model, micro)  # (b,), (b,)
+                s, c = target_token_losses(self.model, micro)  # (rows,), (rows,): empty rows add 0
             self._backward(s.sum() / total_tokens)
-            sums.append(s.detach().float())
-            counts.append(c.detach())
+            sums.append(s.detach().float()[:len(part)])
+            counts.append(c.detach()[:len(part)])
         return torch.cat(sums), torch.cat(counts)
 
     def _micro_batches(self, batch: list[Encoded]) -> list[list[Encoded]]:
@@ -278,23 +288,19 @@ class TrainingEngine:
         n_micro = max(1, min(self.config.gradient_accumulation_steps, len(batch)))
         size = math.ceil(len(batch) / n_micro)
         limit = self.micro_batch_tokens
-        pad = self._pad_to
-
-        def padded(x: Encoded) -> int:
-            return -(-len(x.input_ids) // pad) * pad
-
         parts: list[list[Encoded]] = [[]]
         for it in batch:
             cur = parts[-1]
-            if cur and (len(cur) >= size or max(padded(it), *(padded(x) for x in cur)) * (len(cur) + 1) > limit):
+            if cur and (len(cur) >= size or math.prod(self._shape(cur + [it])) > limit):
                 parts.append(cur := [])
             cur.append(it)
         return parts
 
-    @property
-    def _pad_to(self) -> int:
-        """Padded lengths are multiples of this: one graph per shape, so few shapes with graphs."""
-        return GRAPH_LENGTH_MULTIPLE if self.graphs else 1
+    def _shape(self, part: list[Encoded]) -> tuple[int, int]:
+        """(rows, length) of a micro-batch once padded: as it is, or bucketed with graphs (one
+        graph per shape, so few shapes: :func:`graph_shape`)."""
+        longest = max(len(x.input_ids) for x in part)
+        return graph_shape(len(part), longest) if self.graphs else (len(part), longest)
 
     def _backward(self, loss: torch.Tensor) -> None:
         """Add the gradients of ``loss`` into ``.grad``. With CUDA-graphed layers they are taken
