@@ -5,7 +5,8 @@ batch, steps and precision (bf16), rank 8 on q/v/gate/up.
 Variants of the engine: as configured by default (on a GPU: decoder layers compiled for
 training and replayed as CUDA graphs, ``training.compile = "auto"``); ``compiled`` (compiled
 layers without graphs, ``training.compile = "on"``); ``eager`` (``training.compile = "off"``);
-with gradient checkpointing (the memory setting). Also a chat-shaped batch (loss on the last 128 tokens of
+with gradient checkpointing (the memory setting); ``mb<N>`` (as shipped, micro-batches of at
+most N tokens: the same batch in less memory). Also a chat-shaped batch (loss on the last 128 tokens of
 each 512), where only target positions reach the output layer.
 
 Usage: python bench/gpu_training.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b]
@@ -66,7 +67,8 @@ def shipped_compile(pm, variant: str) -> str | None:
     """Compile the layers for ``variant``: "eager" not at all, "compiled" without CUDA graphs,
     "graphs" replayed as CUDA graphs, "graphs_dynamic" the same compiled with ``dynamic=True``
     (every size dynamic: an experiment, segmentation faults on torch 2.11, docs/BENCHMARKS.md
-    run AP), "graphs_static" graphs without the batch and length dimensions marked dynamic (as
+    run AP), "mb<N>" as shipped with micro-batches of at most N tokens (gradients accumulated
+    over them: the same batch in less memory), "graphs_static" graphs without the batch and length dimensions marked dynamic (as
     before run AQ: dynamo recompiles at a new length and at a new batch size), else as the
     service does (``training.compile = "auto"``: graphs on a GPU). Returns "graphs", "compile"
     or None; the caller sets ``engine.graphs``."""
@@ -152,6 +154,8 @@ def main():
                 t0 = time.perf_counter()
                 how = shipped_compile(pm, v)
                 eng = make_engine(pm, tok, checkpointing=(v == "checkpointed"), steps=a.steps)
+                if v.startswith("mb"):  # "mb2048": as shipped, micro-batches of at most 2048 tokens
+                    eng.micro_batch_tokens = int(v[2:])
                 eng.graphs = how == "graphs"
                 compiled = how is not None
                 examples = fixed_batch(tok, chat=(v == "chat"))

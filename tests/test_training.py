@@ -321,8 +321,8 @@ def test_should_rollback_applies_the_gate_rule_to_figures(svc):
 def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir, monkeypatch):
     """What the engine does for CUDA-graphed layers (micro-batches padded to bucketed shapes,
     empty rows included, a new graph iteration per micro-batch, gradient buffers kept between
-    steps) must not change what is learned: two rounds give the same adapter as the plain path. The graphs themselves need a
-    GPU (bench/gpu_graphs_check.py)."""
+    steps) must not change what is learned: two rounds give the same adapter as the plain path.
+    The graphs themselves need a GPU (bench/gpu_graphs_check.py)."""
     cfg = Config.load(None, {"training.max_steps": 3, "training.target_loss": 0.0, "training.lora.dropout": 0.0,
                              "training.warmup_steps": 0, "training.replay_examples": 0})
     import idletune.training.engine as E
@@ -360,6 +360,7 @@ def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir
                 # the length: a multiple of 64) and marked as a new graph iteration
                 assert len(widths) > 3 and all(r in (2, 4) and r >= n and w % 64 == 0 for n, r, w in widths)
                 assert any(r > n for n, r, _ in widths) and len(marks) == len(widths)
+                assert s.engine._recorded == {(r, w) for _, r, w in widths}
             else:
                 assert all(r == n and w % 64 for n, r, w in widths) and not marks and not s.engine._heap_frozen
             trained.append(adapters.clone_adapter(s.model, TRAIN))
@@ -416,6 +417,87 @@ def test_heap_settles_after_rounds_that_compiled(svc, monkeypatch):
     eng.should_yield = lambda: False
     eng._settle_heap(1)
     assert len(collected) == 2
+
+
+def test_new_graph_shapes_wait_for_the_user_to_be_away(svc, monkeypatch):
+    """With CUDA-graphed layers a shape not recorded yet is recorded only after
+    RECORD_WHEN_IDLE_S with no request; until then the smallest recorded shape that holds the
+    micro-batch serves it (within PADDED_AREA_LIMIT times its area and the token limit)."""
+    from idletune.training.data import IGNORE, Encoded
+    from idletune.training.engine import RECORD_WHEN_IDLE_S
+
+    def part(rows, length):
+        return [Encoded(i, [5] * length, [IGNORE] + [5] * (length - 1), "text") for i in range(rows)]
+
+    eng = svc.engine
+    idle = [1.0]
+    monkeypatch.setattr(eng, "graphs", True)
+    monkeypatch.setattr(eng, "idle_for", lambda: idle[0])
+    monkeypatch.setattr(eng, "micro_batch_tokens", 16384)
+    monkeypatch.setattr(eng, "_recorded", {(8, 512), (16, 512), (4, 384)})
+    assert eng._shape(part(8, 500)) == (8, 512)  # recorded
+    assert eng._shape(part(4, 300)) == (4, 384)  # (4, 320) is not: the smallest that holds it
+    assert eng._shape(part(3, 400)) == (8, 512)  # (4, 448) is not: 2.3 × its area
+    assert eng._shape(part(2, 100)) == (2, 128)  # the nearest recorded is 16 × its area: recorded now
+    eng.micro_batch_tokens = 2048
+    assert eng._shape(part(3, 400)) == (4, 448)  # (8, 512) is over the token limit
+    idle[0] = RECORD_WHEN_IDLE_S
+    eng.micro_batch_tokens = 16384
+    assert eng._shape(part(4, 300)) == (4, 320)  # the user is away: its own shape, recorded now
+    monkeypatch.setattr(eng, "graphs", False)
+    assert eng._shape(part(3, 300)) == (3, 300)
+
+
+def test_gpu_micro_batches_are_sized_to_the_free_memory():
+    """training.micro_batch_tokens = 0 on a GPU: as many tokens as half the free memory holds
+    (a power of two within 512–16384), so a 32-example batch after long idle cannot run the card
+    out of memory; the estimate per token matches what runs AQ–AT measured (8 × 512 tokens)."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, Qwen2Config
+
+    from idletune.training.engine import gpu_micro_batch_tokens
+
+    def shape(h, i, n, cls=Qwen2Config):
+        return SimpleNamespace(config=cls(hidden_size=h, intermediate_size=i, num_hidden_layers=n,
+                                          num_attention_heads=8, num_key_value_heads=2))
+
+    q15 = shape(1536, 8960, 28)
+    assert gpu_micro_batch_tokens(q15, 80e9) == 16384  # an H100 with the model loaded: unchanged
+    assert gpu_micro_batch_tokens(q15, 18e9) == 4096  # a 24 GB card: a 32 × 512 batch in 4 parts
+    assert gpu_micro_batch_tokens(q15, 1e9) == 512  # never below
+    assert gpu_micro_batch_tokens(q15, 18e9, checkpointing=True) == 16384  # layer inputs only
+    # measured peak from start of a graphed 8 × 512 step (MB) vs the estimate for 4096 tokens
+    measured = {(896, 4864, 24): 4045, (1536, 8960, 28): 7864, (4096, 14336, 32): 18600}
+    for (h, i, n), mb in measured.items():
+        per_token = 2 * n * (6 * h + 3 * i)
+        assert abs(4096 * per_token / 2**20 - mb) / mb < 0.1
+        m = shape(h, i, n, LlamaConfig)
+        assert gpu_micro_batch_tokens(m, 2 * 4096 * per_token) == 4096  # the step fits in half the free memory
+        assert gpu_micro_batch_tokens(m, 2 * 4096 * per_token - 1) == 2048  # it does not: rounded down
+
+
+def test_the_automatic_micro_batch_is_set_once_at_the_first_step(svc, monkeypatch):
+    """On a GPU the automatic size is taken at the first step (the decoder's KV cache and serving
+    copies are allocated by then), from the free memory plus what torch's allocator holds unused,
+    less the gradients and optimizer state to come. (The CUDA memory queries are stand-ins here.)"""
+    from idletune.training.engine import gpu_micro_batch_tokens
+    from idletune.training.data import encode
+
+    eng = svc.engine
+    cfg = eng.model.get_base_model().config
+    per_token = 2 * cfg.num_hidden_layers * (6 * cfg.hidden_size + 3 * cfg.intermediate_size)
+    free = 2 * 4096 * per_token  # 4096 tokens fit exactly, before the state to come is counted
+    calls = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: calls.append(1) or (free - 1000, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2000)
+    monkeypatch.setattr(eng, "micro_batch_tokens", 0)
+    batch = [encode(fact(i), eng.tokenizer, 128) for i in range(3)]
+    eng._micro_batches(batch)
+    eng._micro_batches(batch)
+    assert gpu_micro_batch_tokens(eng.model, free) == 4096
+    assert eng.micro_batch_tokens == 2048 and len(calls) == 1
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own, compiling

@@ -87,7 +87,8 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     weights = WeightUpdater(peft_model, data_dir, lock=lock, gate=config.gate, base_model_path=str(model_dir),
                             mode=config.training.mode)
     engine = TrainingEngine(peft_model, tokenizer, config.training, lock=lock, should_yield=activity.should_yield,
-                            metrics_path=data_dir / "metrics.jsonl", batch_manager=batches, weights=weights.ws)
+                            idle_for=activity.idle_for, metrics_path=data_dir / "metrics.jsonl", batch_manager=batches,
+                            weights=weights.ws)
     weights.on_mode_change.append(engine.set_weights)
     restored = weights.restore_at_start()
     for problem in weights.problems:

@@ -12,9 +12,10 @@ each compiled layer's forward and backward are also captured as CUDA graphs
 (``mode="reduce-overhead"``, torch's CUDA graph trees), so a layer costs one launch instead of
 dozens and the host no longer limits the step. A graph holds one shape, so the engine pads
 micro-batches to bucketed shapes (``engine.graph_shape``: rows to a power of two, lengths to a
-multiple of 64 or a quarter of an octave), marks each micro-batch as a new iteration (a step preempted between layers leaves no half-used graph behind) and keeps the
-gradient buffers allocated (a graph's output is overwritten by its next replay, so it must never
-become a ``.grad`` itself).
+multiple of 64 or a quarter of an octave; a new shape is recorded when the user is away, until
+then a recorded larger one serves), marks each micro-batch as a new iteration (a step preempted
+between layers leaves no half-used graph behind) and keeps the gradient buffers allocated (a
+graph's output is overwritten by its next replay, so it must never become a ``.grad`` itself).
 
 The compiled forward runs only for training passes (module in train mode, gradients on).
 Evaluation and any inference through the Hugging Face forward stay eager, so a request never

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import os
 import threading
@@ -26,6 +27,28 @@ from . import adapters
 from .adapters import LIVE, TRAIN
 from .data import Encoded, collate, encode, target_token_losses
 
+log = logging.getLogger("idletune.training")
+
+
+def gpu_micro_batch_tokens(model, free_bytes: float, *, checkpointing: bool = False, most: int = 16384,
+                           least: int = 512) -> int:
+    """The most tokens in one forward/backward on a GPU when ``training.micro_batch_tokens`` is 0:
+    as many as fit in half of ``free_bytes`` (the other half stays for chat and anything else on
+    the card), rounded down to a power of two, within ``least``–``most``. A token's activations
+    are estimated at 2 bytes × layers × (6 × hidden + 3 × intermediate size) (bf16, compiled
+    layers): within 10 % of what was measured at the Qwen2.5-0.5B, 1.5B and Llama-3-8B shapes
+    (docs/BENCHMARKS.md, section 5); with gradient checkpointing, each layer's input plus one
+    layer's activations. A larger batch is split and its gradients accumulated: the same step,
+    in bounded memory."""
+    cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
+    layer = 6 * hidden + 3 * (getattr(cfg, "intermediate_size", None) or 4 * hidden)
+    per_token = 2 * (layers * hidden + layer if checkpointing else layers * layer)
+    fits = int(max(free_bytes, 0) // 2 // per_token)
+    return max(least, min(most, 1 << max(fits.bit_length() - 1, 0)))
+
+
 def graph_shape(rows: int, length: int) -> tuple[int, int]:
     """The padded (rows, length) a micro-batch takes with CUDA-graphed layers, which record one
     graph per shape (seconds each, and memory in the graph pool): rows up to a power of two, at
@@ -39,6 +62,11 @@ def graph_shape(rows: int, length: int) -> tuple[int, int]:
 
 
 QUEUED_LAYERS = 3  # on a GPU: most layers of training work queued ahead of a request
+# With CUDA-graphed layers: graphs for a new shape are recorded only after this long with no
+# request (or when no recorded shape can hold the micro-batch); until then a recorded larger one
+# is used, at most PADDED_AREA_LIMIT times the area.
+RECORD_WHEN_IDLE_S = 10.0
+PADDED_AREA_LIMIT = 4
 
 
 class Preempted(Exception):
@@ -111,18 +139,21 @@ class TrainingEngine:
         config: a validated TrainingConfig.
         lock: the model lock shared with inference; held one step at a time.
         should_yield: polled at every layer boundary; True preempts the step.
+        idle_for: seconds since the last request (with CUDA-graphed layers: new shapes are
+            recorded when the user is away, see :meth:`_shape`); None: always away.
         metrics_path: JSONL file each step's metrics are appended to.
     """
 
     def __init__(self, model, tokenizer, config: TrainingConfig, *, lock: threading.Lock | None = None,
-                 should_yield: Callable[[], bool] | None = None, metrics_path: str | Path | None = None,
-                 batch_manager=None, weights=None):
+                 should_yield: Callable[[], bool] | None = None, idle_for: Callable[[], float] | None = None,
+                 metrics_path: str | Path | None = None, batch_manager=None, weights=None):
         from .batching import BatchManager
         from .weightsets import LoraWeights
 
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.lock = lock or threading.Lock()
         self.should_yield = should_yield or (lambda: False)
+        self.idle_for = idle_for or (lambda: math.inf)
         self.metrics_path = Path(metrics_path) if metrics_path else None
         self.batches = batch_manager or BatchManager(config)
         self.device = next(model.parameters()).device
@@ -139,8 +170,9 @@ class TrainingEngine:
         self._step_stream = None  # the CUDA stream of the step in progress
         self._queued: deque = deque()  # CUDA events, one per layer boundary of the current step
         # Tokens in one forward/backward: bounds a step's activation memory (about 2.6 MB per
-        # token for the default model in float32 on a CPU; a GPU in bf16 holds far more).
-        self.micro_batch_tokens = config.micro_batch_tokens or (16384 if self.device.type == "cuda" else 512)
+        # token for the default model in float32 on a CPU). 0 on a GPU: sized to the memory
+        # free at the first step (:func:`gpu_micro_batch_tokens`).
+        self.micro_batch_tokens = config.micro_batch_tokens or (0 if self.device.type == "cuda" else 512)
         self.max_wait_s: float | None = None  # evaluation waits at most this long for a gap (None: forever)
         self.queued_layers = int(os.environ.get("IDLETUNE_TRAIN_QUEUE_LAYERS", QUEUED_LAYERS))
         self._optimizer = None
@@ -150,6 +182,7 @@ class TrainingEngine:
         # buffers stay allocated between steps.
         self.graphs = False
         self._graphed_steps, self._heap_frozen = 0, False
+        self._recorded: set[tuple[int, int]] = set()  # shapes whose graphs a micro-batch completed
         # Set with graphs: how many compilations have ended in this process (gpu/training.py);
         # a round during which the count moved settles the heap again.
         self.compilations: Callable[[], int] = lambda: 0
@@ -277,6 +310,8 @@ class TrainingEngine:
             with self._autocast():
                 s, c = target_token_losses(self.model, micro)  # (rows,), (rows,): empty rows add 0
             self._backward(s.sum() / total_tokens)
+            if self.graphs:
+                self._recorded.add((rows, length))
             sums.append(s.detach().float()[:len(part)])
             counts.append(c.detach()[:len(part)])
         return torch.cat(sums), torch.cat(counts)
@@ -287,6 +322,8 @@ class TrainingEngine:
         whatever the batch size, at the same gradients."""
         n_micro = max(1, min(self.config.gradient_accumulation_steps, len(batch)))
         size = math.ceil(len(batch) / n_micro)
+        if not self.micro_batch_tokens:  # a GPU, set to automatic: once, when the serving side is set up
+            self.micro_batch_tokens = self._free_memory_micro_batch()
         limit = self.micro_batch_tokens
         parts: list[list[Encoded]] = [[]]
         for it in batch:
@@ -296,11 +333,37 @@ class TrainingEngine:
             cur.append(it)
         return parts
 
+    def _free_memory_micro_batch(self) -> int:
+        """The automatic micro-batch size on a GPU: from the memory free now (the decoder's KV
+        cache and serving copies already taken, what torch's allocator holds unused counted as
+        free), less the gradients and optimizer state the first step will add."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        free -= 3 * sum(p.numel() * p.element_size() for p in self._trainable())  # gradient, AdamW's two
+        tokens = gpu_micro_batch_tokens(self.model, free, checkpointing=self.config.gradient_checkpointing)
+        log.info("training: micro-batches of at most %d tokens (%.1f GB free on the GPU)", tokens, free / 1e9)
+        return tokens
+
     def _shape(self, part: list[Encoded]) -> tuple[int, int]:
         """(rows, length) of a micro-batch once padded: as it is, or bucketed with graphs (one
-        graph per shape, so few shapes: :func:`graph_shape`)."""
+        graph per shape, so few shapes: :func:`graph_shape`).
+
+        With graphs, a shape not recorded yet is recorded only when no request came for
+        ``RECORD_WHEN_IDLE_S``: a recording takes seconds (at 1.5B, 56 layer graphs in 3–4 s)
+        with the interpreter lock mostly held, and a request arriving then waited 23–27 ms for
+        its first token instead of 4 (docs/BENCHMARKS.md, runs AR, AS). Until then the smallest
+        recorded shape that holds the micro-batch is used (empty rows and padding: more compute,
+        the same gradients), if one is within ``PADDED_AREA_LIMIT`` times the area and the
+        micro-batch token limit; else the new shape is recorded now."""
         longest = max(len(x.input_ids) for x in part)
-        return graph_shape(len(part), longest) if self.graphs else (len(part), longest)
+        if not self.graphs:
+            return len(part), longest
+        rows, length = graph_shape(len(part), longest)
+        if (rows, length) in self._recorded or self.idle_for() >= RECORD_WHEN_IDLE_S:
+            return rows, length
+        most = min(PADDED_AREA_LIMIT * rows * length, max(self.micro_batch_tokens, rows * length))
+        held = [(r, n) for r, n in self._recorded if r >= rows and n >= length and r * n <= most]
+        return min(held, key=lambda s: (s[0] * s[1], s), default=(rows, length))
 
     def _backward(self, loss: torch.Tensor) -> None:
         """Add the gradients of ``loss`` into ``.grad``. With CUDA-graphed layers they are taken
