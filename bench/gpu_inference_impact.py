@@ -10,8 +10,12 @@ and backlog/off ratios. Every pause of over 50 ms inside a request (with one cli
 its first token) is listed as a stall, with the trainer rounds and garbage collections that
 overlapped it.
 
+``--sample-threads``: every thread's Python stack is sampled each millisecond while measuring;
+gaps of over 8 ms between samples (the interpreter lock held by a thread in C code) are listed
+with the stacks just before and after (the sampler's own contention slows decoding a little).
+
 Usage: python bench/gpu_inference_impact.py [OUT.json] [--shape qwen2.5-0.5b] [--rounds 8]
-       [--clients 1,8] [--per-client 4,2]
+       [--clients 1,8] [--per-client 4,2] [--sample-threads]
 """
 import argparse
 import gc
@@ -49,6 +53,9 @@ def main():
     ap.add_argument("--no-workspace-fix", action="store_true", help="capture the decoder's graphs with cuBLAS's "
                     "cached workspace, as before run W: reproduces the crash of run N under graphed training")
     ap.add_argument("--per-client", default="4,2", help="requests per client per block, for each --clients entry")
+    ap.add_argument("--sample-threads", action="store_true", help="sample every thread's Python stack each "
+                    "millisecond while measuring; list the gaps of over 8 ms between samples (the interpreter "
+                    "lock held elsewhere) with the stacks just before and after")
     a = ap.parse_args()
     from idletune.inference import GenerationParams
 
@@ -119,7 +126,7 @@ def main():
                 stats["steps"] += r.steps
                 stats["rounds"] += 1
                 stats["preempted"] += int(r.preempted)
-        th = threading.Thread(target=trainer, daemon=True)
+        th = threading.Thread(target=trainer, daemon=True, name="trainer")
         th.start()
 
         def stall_record(r, cond, nc, over=0.05):
@@ -188,6 +195,28 @@ def main():
         print("TTFT after a 0.7 s pause (training off), ms:", res["pause_probe_ttft_ms"])
         stats.update(steps=0, rounds=0, preempted=0, round_s_max=0.0, rounds_over_2s=0)
         t_run = time.perf_counter()
+        gaps_seen = []
+        if a.sample_threads:
+            import sys
+            import traceback
+
+            def stacks():
+                me = threading.get_ident()
+                names = {t.ident: t.name for t in threading.enumerate()}
+                return {names.get(i, str(i)): [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}"
+                                               for f in traceback.extract_stack(fr, limit=40)[-8:]]
+                        for i, fr in sys._current_frames().items() if i != me}
+
+            def sampler():
+                prev_t, prev = time.perf_counter(), stacks()
+                while not stop.is_set() and len(gaps_seen) < 20:
+                    time.sleep(0.001)
+                    t, now = time.perf_counter(), stacks()
+                    if t - prev_t > 0.008:
+                        gaps_seen.append({"at_s": round(prev_t - t_run, 3), "ms": round(1e3 * (t - prev_t), 1),
+                                          "training": training.is_set(), "before": prev, "after": now})
+                    prev_t, prev = t, now
+            threading.Thread(target=sampler, daemon=True, name="sampler").start()
         pauses.clear()
         random.seed(0)
         for nc, per_client in zip([int(x) for x in a.clients.split(",")], [int(x) for x in a.per_client.split(",")]):
@@ -257,6 +286,7 @@ def main():
                             for g in (0, 1, 2)}
         res["gc_full_over_20ms"] = [(round(b - t_run, 3), round(1e3 * d, 1)) for g, d, _, b in pauses if g == 2 and d > 0.02]
         res["training"] = dict(stats)
+        res["sampler_gaps"] = gaps_seen
         from idletune.gpu.training import compilations
         res["compilations_ended"] = compilations()  # seen by the collector hold (0: torch reports none)
         svc.close()
@@ -295,6 +325,13 @@ def main():
         print("long trainer round:", lr)
     for st in res.get("stalls", []):  # each with the trainer rounds (start, end s, steps, preempted) and collections
         print("stall:", st)
+    for g in res.get("sampler_gaps", []):
+        print(f"no sample for {g['ms']} ms at {g['at_s']} s (training {'on' if g['training'] else 'off'}); stacks before:")
+        for name, st in g["before"].items():
+            print("   ", name, " <- ".join(reversed(st)))
+        print("  after:")
+        for name, st in g["after"].items():
+            print("   ", name, " <- ".join(reversed(st)))
     C.write(res, "gpu_inference_impact.json")
 
 
