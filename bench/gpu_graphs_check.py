@@ -2,11 +2,11 @@
 
 The same rounds on two copies of one random-weight model — eager layers vs compiled layers
 replayed as CUDA graphs — with what the service throws at a step: batches of changing lengths
-(padded to multiples of 64 under graphs), several micro-batches per step, a request preempting
-a step in the forward pass and another in the backward pass, evaluations between rounds. Both
-runs see the same preemptions and batches and must end with the same adapter (LoRA dropout off,
-so both compute the same function; they differ by bf16 rounding only), and every step's loss
-must agree. Also prints what the graphs cost: the first round's seconds (compiling, capturing)
+(padded to bucketed shapes under graphs, empty rows included), several micro-batches per step,
+a request preempting a step in the forward pass and another in the backward pass, evaluations
+between rounds. Both runs see the same preemptions and batches and must end with the same
+adapter (LoRA dropout off, so both compute the same function; they differ by bf16 rounding
+only), and every step's loss must agree. Also prints what the graphs cost: the first round's seconds (compiling, capturing)
 and the steady step time vs eager.
 
 Exits non-zero when a check fails. Usage: python bench/gpu_graphs_check.py [OUT.json] [--shape qwen2.5-0.5b]

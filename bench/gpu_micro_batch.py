@@ -17,24 +17,7 @@ import time
 import torch
 
 import gpu_common as C
-
-
-def examples_of(tok, n: int, length: int):
-    """``n`` examples whose encoding is ``length`` random tokens (the engine's encoder patched)."""
-    import idletune.training.engine as E
-    from idletune.examples import TrainingExample
-    from idletune.training.data import IGNORE, Encoded
-
-    g = torch.Generator().manual_seed(0)
-    items, examples = {}, []
-    for i in range(n):
-        ids = torch.randint(100, len(tok) - 1, (length,), generator=g).tolist()
-        ex = TrainingExample.from_text(f"micro-batch {i}")
-        ex.id = i + 1
-        items[ex.id] = Encoded(ex.id, ids, [IGNORE] + ids[1:], "text")
-        examples.append(ex)
-    E.encode = lambda e, tokenizer, max_len: items.get(e.id)
-    return examples
+from gpu_training import fixed_batch
 
 
 def main():
@@ -50,7 +33,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         svc = C.service(a.shape, tmp)
         eng = svc.engine
-        examples = examples_of(tok, 16, 512)
+        examples = fixed_batch(tok, chat=False, n=16, length=512)
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info()
         ballast = torch.empty(max(0, int(free - a.leave_gb * 2**30)), dtype=torch.uint8, device="cuda")

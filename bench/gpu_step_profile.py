@@ -124,9 +124,11 @@ def engine(name, variant, steps, tok):
 
     m = C.build(name, tok)
     pm = C.attach(m)
-    how = T.shipped_compile(pm, variant if variant in ("default", "compiled", "graphs", "graphs_dynamic") else "eager")
+    how = T.shipped_compile(pm, variant if variant in ("default", "compiled", "graphs", "graphs_dynamic", "graphs_static")
+                              else "eager")
     eng = T.make_engine(pm, tok, steps=steps)
     eng.graphs = how == "graphs"
+    eng.compiled_layers = how is not None
     if variant == "no_autocast":
         eng._autocast = contextlib.nullcontext
     if variant == "no_hooks":
@@ -165,6 +167,7 @@ def varlen(name, tok, shapes=VARLEN, steps=4, variant="default"):
     how = T.shipped_compile(pm, variant)
     eng = T.make_engine(pm, tok, steps=steps)
     eng.graphs = how == "graphs"
+    eng.compiled_layers = how is not None
     g = torch.Generator().manual_seed(0)
     out = []
     lo = torch.cuda.Stream(priority=0)

@@ -97,17 +97,18 @@ def make_engine(pm, tok, *, checkpointing=False, steps=20):
     return TrainingEngine(pm, tok, cfg, lock=threading.Lock())
 
 
-def fixed_batch(tok, chat: bool, seed=0):
-    """Examples and a patch of the engine's encoder that returns fixed 512-token items."""
+def fixed_batch(tok, chat: bool, seed=0, n: int = BS, length: int = SEQ):
+    """``n`` examples and a patch of the engine's encoder that returns fixed ``length``-token
+    items (random tokens; the loss on all of them, or with ``chat`` on the last 128)."""
     import idletune.training.engine as E
     from idletune.examples import TrainingExample
     from idletune.training.data import IGNORE, Encoded
 
     g = torch.Generator().manual_seed(seed)
     items, examples = {}, []
-    for i in range(BS):
-        ids = torch.randint(100, len(tok) - 1, (SEQ,), generator=g).tolist()
-        labels = ([IGNORE] * (SEQ - 128) + ids[SEQ - 128:]) if chat else [IGNORE] + ids[1:]
+    for i in range(n):
+        ids = torch.randint(100, len(tok) - 1, (length,), generator=g).tolist()
+        labels = ([IGNORE] * (length - 128) + ids[length - 128:]) if chat else [IGNORE] + ids[1:]
         ex = TrainingExample.from_text(f"bench {i}")
         ex.id = i + 1
         items[ex.id] = Encoded(ex.id, ids, labels, "chat" if chat else "text")
@@ -157,6 +158,7 @@ def main():
                 if v.startswith("mb"):  # "mb2048": as shipped, micro-batches of at most 2048 tokens
                     eng.micro_batch_tokens = int(v[2:])
                 eng.graphs = how == "graphs"
+                eng.compiled_layers = how is not None
                 compiled = how is not None
                 examples = fixed_batch(tok, chat=(v == "chat"))
                 torch.cuda.synchronize()

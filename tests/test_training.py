@@ -332,7 +332,7 @@ def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir
 
     def recording_collate(items, pad_id, device, length=0, rows=0):
         b = real_collate(items, pad_id, device, length=length, rows=rows)
-        widths.append((len(items), *b["input_ids"].shape))
+        widths.append((len(items), *b["input_ids"].shape, max(len(x.input_ids) for x in items)))
         return b
 
     trained, start = [], None
@@ -358,11 +358,12 @@ def test_graph_mode_bookkeeping_trains_the_same_weights(tmp_path, tiny_model_dir
                 assert all(p.grad is not None and not p.grad.any() for p in s.engine._trainable())
                 # every micro-batch padded to a graph shape (rows: a power of two, at least 2;
                 # the length: a multiple of 64) and marked as a new graph iteration
-                assert len(widths) > 3 and all(r in (2, 4) and r >= n and w % 64 == 0 for n, r, w in widths)
-                assert any(r > n for n, r, _ in widths) and len(marks) == len(widths)
-                assert s.engine._recorded == {(r, w) for _, r, w in widths}
-            else:
-                assert all(r == n and w % 64 for n, r, w in widths) and not marks and not s.engine._heap_frozen
+                assert len(widths) > 3 and all(r in (2, 4) and r >= n and w % 64 == 0 for n, r, w, _ in widths)
+                assert any(r > n for n, r, _, _ in widths) and len(marks) == len(widths)
+                assert s.engine._recorded == {(r, w) for _, r, w, _ in widths}
+            else:  # as they are: no empty rows, no padding past the longest
+                assert all(r == n and w == longest for n, r, w, longest in widths)
+                assert not marks and not s.engine._heap_frozen
             trained.append(adapters.clone_adapter(s.model, TRAIN))
         finally:
             s.close()
@@ -441,6 +442,9 @@ def test_new_graph_shapes_wait_for_the_user_to_be_away(svc, monkeypatch):
     assert eng._shape(part(2, 100)) == (2, 128)  # the nearest recorded is 16 × its area: recorded now
     eng.micro_batch_tokens = 2048
     assert eng._shape(part(3, 400)) == (4, 448)  # (8, 512) is over the token limit
+    eng.micro_batch_tokens = 1024
+    assert eng._shape(part(1, 600)) == (1, 640)  # alone over half the limit: no empty row
+    assert eng._shape(part(1, 400)) == (2, 448)  # under half: 2 rows (no batch-of-one compilation)
     idle[0] = RECORD_WHEN_IDLE_S
     eng.micro_batch_tokens = 16384
     assert eng._shape(part(4, 300)) == (4, 320)  # the user is away: its own shape, recorded now
@@ -467,6 +471,8 @@ def test_gpu_micro_batches_are_sized_to_the_free_memory():
     assert gpu_micro_batch_tokens(q15, 18e9) == 4096  # a 24 GB card: a 32 × 512 batch in 4 parts
     assert gpu_micro_batch_tokens(q15, 1e9) == 512  # never below
     assert gpu_micro_batch_tokens(q15, 18e9, checkpointing=True) == 16384  # layer inputs only
+    assert gpu_micro_batch_tokens(q15, 18e9, compiled=False) == 2048  # eager layers keep more
+    assert gpu_micro_batch_tokens(q15, 18e9, head_logits=True) == 2048  # a training output layer's logits
     # measured peak from start of a graphed 8 × 512 step (MB) vs the estimate for 4096 tokens
     measured = {(896, 4864, 24): 4045, (1536, 8960, 28): 7864, (4096, 14336, 32): 18600}
     for (h, i, n), mb in measured.items():
@@ -493,11 +499,17 @@ def test_the_automatic_micro_batch_is_set_once_at_the_first_step(svc, monkeypatc
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3000)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2000)
     monkeypatch.setattr(eng, "micro_batch_tokens", 0)
+    monkeypatch.setattr(eng, "compiled_layers", True)
     batch = [encode(fact(i), eng.tokenizer, 128) for i in range(3)]
     eng._micro_batches(batch)
     eng._micro_batches(batch)
     assert gpu_micro_batch_tokens(eng.model, free) == 4096
     assert eng.micro_batch_tokens == 2048 and len(calls) == 1
+    # a switch of weight set (hybrid mode) trains other tensors: sized and recorded again
+    monkeypatch.setattr(eng, "device", torch.device("cuda"))
+    monkeypatch.setattr(eng, "_recorded", {(2, 64)})
+    eng.set_weights(eng.ws)
+    assert eng.micro_batch_tokens == 0 and not eng._recorded
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own, compiling

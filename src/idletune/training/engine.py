@@ -30,21 +30,25 @@ from .data import Encoded, collate, encode, target_token_losses
 log = logging.getLogger("idletune.training")
 
 
-def gpu_micro_batch_tokens(model, free_bytes: float, *, checkpointing: bool = False, most: int = 16384,
-                           least: int = 512) -> int:
+def gpu_micro_batch_tokens(model, free_bytes: float, *, checkpointing: bool = False, compiled: bool = True,
+                           head_logits: bool = False, most: int = 16384, least: int = 512) -> int:
     """The most tokens in one forward/backward on a GPU when ``training.micro_batch_tokens`` is 0:
     as many as fit in half of ``free_bytes`` (the other half stays for chat and anything else on
     the card), rounded down to a power of two, within ``least``–``most``. A token's activations
     are estimated at 2 bytes × layers × (6 × hidden + 3 × intermediate size) (bf16, compiled
     layers): within 10 % of what was measured at the Qwen2.5-0.5B, 1.5B and Llama-3-8B shapes
-    (docs/BENCHMARKS.md, section 5); with gradient checkpointing, each layer's input plus one
-    layer's activations. A larger batch is split and its gradients accumulated: the same step,
-    in bounded memory."""
+    (docs/BENCHMARKS.md, section 5); 1.5 times that for eager layers (measured 1.43 at 0.5B);
+    with gradient checkpointing, each layer's input plus one layer's activations; and where the
+    output layer trains (full fine-tuning), its float32 logits and their gradient, 8 bytes × the
+    vocabulary. A larger batch is split and its gradients accumulated: the same step, in bounded
+    memory."""
     cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
     layer = 6 * hidden + 3 * (getattr(cfg, "intermediate_size", None) or 4 * hidden)
     per_token = 2 * (layers * hidden + layer if checkpointing else layers * layer)
+    per_token = per_token * (1 if compiled else 3) // (1 if compiled else 2)
+    per_token += 8 * cfg.vocab_size if head_logits else 0
     fits = int(max(free_bytes, 0) // 2 // per_token)
     return max(least, min(most, 1 << max(fits.bit_length() - 1, 0)))
 
@@ -183,6 +187,7 @@ class TrainingEngine:
         self.graphs = False
         self._graphed_steps, self._heap_frozen = 0, False
         self._recorded: set[tuple[int, int]] = set()  # shapes whose graphs a micro-batch completed
+        self.compiled_layers = False  # set with compile_layers: the automatic micro-batch's estimate
         # Set with graphs: how many compilations have ended in this process (gpu/training.py);
         # a round during which the count moved settles the heap again.
         self.compilations: Callable[[], int] = lambda: 0
@@ -336,11 +341,18 @@ class TrainingEngine:
     def _free_memory_micro_batch(self) -> int:
         """The automatic micro-batch size on a GPU: from the memory free now (the decoder's KV
         cache and serving copies already taken, what torch's allocator holds unused counted as
-        free), less the gradients and optimizer state the first step will add."""
+        free), less the gradients and optimizer state the first step will add. Taken at the first
+        step, and again after a switch of weight set (hybrid mode); a request in flight then
+        makes it smaller for the process's life."""
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        free -= 3 * sum(p.numel() * p.element_size() for p in self._trainable())  # gradient, AdamW's two
-        tokens = gpu_micro_batch_tokens(self.model, free, checkpointing=self.config.gradient_checkpointing)
+        trainable = self._trainable()
+        free -= 3 * sum(p.numel() * p.element_size() for p in trainable)  # gradient, AdamW's two
+        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+        head_trains = head is not None and any(p is head.weight for p in trainable)
+        tokens = gpu_micro_batch_tokens(self.model, free, checkpointing=self.config.gradient_checkpointing,
+                                        compiled=self.compiled_layers, head_logits=head_trains)
         log.info("training: micro-batches of at most %d tokens (%.1f GB free on the GPU)", tokens, free / 1e9)
         return tokens
 
@@ -354,11 +366,18 @@ class TrainingEngine:
         its first token instead of 4 (docs/BENCHMARKS.md, runs AR, AS). Until then the smallest
         recorded shape that holds the micro-batch is used (empty rows and padding: more compute,
         the same gradients), if one is within ``PADDED_AREA_LIMIT`` times the area and the
-        micro-batch token limit; else the new shape is recorded now."""
+        micro-batch token limit; else the new shape is recorded now. The cost: each layer's work
+        is up to that many times longer, so a request finds up to ``QUEUED_LAYERS`` longer
+        layers ahead of it (not measured apart: runs AU–AY bound it with the rest).
+
+        A lone example whose padded length is over half the token limit takes one row, not two
+        (a batch of one compiles once more, but stays within the limit)."""
         longest = max(len(x.input_ids) for x in part)
         if not self.graphs:
             return len(part), longest
         rows, length = graph_shape(len(part), longest)
+        if len(part) == 1 and 2 * length > max(self.micro_batch_tokens, length):
+            rows = 1  # an example over half the token limit: no empty row (one compilation more)
         if (rows, length) in self._recorded or self.idle_for() >= RECORD_WHEN_IDLE_S:
             return rows, length
         most = min(PADDED_AREA_LIMIT * rows * length, max(self.micro_batch_tokens, rows * length))
@@ -443,6 +462,9 @@ class TrainingEngine:
         self.ws = ws
         self.mode = ws.kind
         self._modules = None  # listed again at the next step
+        self._recorded.clear()  # other tensors train: graphs are recorded again
+        if not self.config.micro_batch_tokens and self.device.type == "cuda":
+            self.micro_batch_tokens = 0  # sized again at the next step, for this weight set's state
         self.reset_optimizer()
         self._ema, self._ema_history = None, deque(maxlen=self.config.plateau_window + 1)
 
