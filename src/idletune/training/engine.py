@@ -362,8 +362,8 @@ class TrainingEngine:
 
         With graphs, a shape not recorded yet is recorded only when no request came for
         ``RECORD_WHEN_IDLE_S``: a recording takes seconds (at 1.5B, 56 layer graphs in 3–4 s)
-        with the interpreter lock mostly held, and a request arriving then waited 23–27 ms for
-        its first token instead of 4 (docs/BENCHMARKS.md, runs AR, AS). Until then the smallest
+        with the interpreter lock mostly held, and requests are served slower meanwhile
+        (docs/BENCHMARKS.md, runs AO, AP, AR–AU). Until then the smallest
         recorded shape that holds the micro-batch is used (empty rows and padding: more compute,
         the same gradients), if one is within ``PADDED_AREA_LIMIT`` times the area and the
         micro-batch token limit; else the new shape is recorded now. The cost: each layer's work
