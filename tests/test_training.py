@@ -510,6 +510,13 @@ def test_the_automatic_micro_batch_is_set_once_at_the_first_step(svc, monkeypatc
     monkeypatch.setattr(eng, "_recorded", {(2, 64)})
     eng.set_weights(eng.ws)
     assert eng.micro_batch_tokens == 0 and not eng._recorded
+    # a driver that cannot say how much is free: a fixed size, and training goes on
+
+    def unknown(device=None):
+        raise RuntimeError("not supported")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", unknown)
+    eng._micro_batches(batch)
+    assert eng.micro_batch_tokens == 4096
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own, compiling

@@ -71,6 +71,7 @@ QUEUED_LAYERS = 3  # on a GPU: most layers of training work queued ahead of a re
 # is used, at most PADDED_AREA_LIMIT times the area.
 RECORD_WHEN_IDLE_S = 10.0
 PADDED_AREA_LIMIT = 4
+UNKNOWN_MEMORY_MICRO_BATCH = 4096  # tokens, where the GPU does not say how much memory is free
 
 
 class Preempted(Exception):
@@ -344,7 +345,12 @@ class TrainingEngine:
         free), less the gradients and optimizer state the first step will add. Taken at the first
         step, and again after a switch of weight set (hybrid mode); a request in flight then
         makes it smaller for the process's life."""
-        free, _ = torch.cuda.mem_get_info(self.device)
+        try:
+            free, _ = torch.cuda.mem_get_info(self.device)
+        except RuntimeError as e:  # a device or driver that does not report it
+            log.warning("training: free GPU memory unknown (%s); micro-batches of at most %d tokens",
+                        e, UNKNOWN_MEMORY_MICRO_BATCH)
+            return UNKNOWN_MEMORY_MICRO_BATCH
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         trainable = self._trainable()
         free -= 3 * sum(p.numel() * p.element_size() for p in trainable)  # gradient, AdamW's two
