@@ -15,7 +15,7 @@ gaps of over 8 ms between samples (the interpreter lock held by a thread in C co
 with the stacks just before and after (the sampler's own contention slows decoding a little).
 
 Usage: python bench/gpu_inference_impact.py [OUT.json] [--shape qwen2.5-0.5b] [--rounds 8]
-       [--clients 1,8] [--per-client 4,2] [--sample-threads]
+       [--clients 1,8] [--per-client 4,2] [--warmup-steps 3] [--sample-threads]
 """
 import argparse
 import gc
@@ -53,6 +53,8 @@ def main():
     ap.add_argument("--no-workspace-fix", action="store_true", help="capture the decoder's graphs with cuBLAS's "
                     "cached workspace, as before run W: reproduces the crash of run N under graphed training")
     ap.add_argument("--per-client", default="4,2", help="requests per client per block, for each --clients entry")
+    ap.add_argument("--warmup-steps", type=int, default=3, help="training steps before measuring (the first "
+                    "compiles and records the graphs)")
     ap.add_argument("--sample-threads", action="store_true", help="sample every thread's Python stack each "
                     "millisecond while measuring; list the gaps of over 8 ms between samples (the interpreter "
                     "lock held elsewhere) with the stacks just before and after")
@@ -167,7 +169,7 @@ def main():
         inf.generate([{"role": "user", "content": "x"}], GenerationParams(max_tokens=a.new))  # warm-up, graphs
         training.set()  # warm-up of training: optimizer state, and compiling (training.compile = "auto")
         t0 = time.perf_counter()
-        while stats["steps"] < 3 and time.perf_counter() - t0 < 300:
+        while stats["steps"] < a.warmup_steps and time.perf_counter() - t0 < 300:
             time.sleep(0.05)
         training.clear()
         while eng._step_thread is not None:
