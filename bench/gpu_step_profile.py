@@ -128,7 +128,6 @@ def engine(name, variant, steps, tok):
                               else "eager")
     eng = T.make_engine(pm, tok, steps=steps)
     eng.graphs = how == "graphs"
-    eng.compiled_layers = how is not None
     if variant == "no_autocast":
         eng._autocast = contextlib.nullcontext
     if variant == "no_hooks":
@@ -167,7 +166,6 @@ def varlen(name, tok, shapes=VARLEN, steps=4, variant="default"):
     how = T.shipped_compile(pm, variant)
     eng = T.make_engine(pm, tok, steps=steps)
     eng.graphs = how == "graphs"
-    eng.compiled_layers = how is not None
     g = torch.Generator().manual_seed(0)
     out = []
     lo = torch.cuda.Stream(priority=0)

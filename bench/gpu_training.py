@@ -158,7 +158,6 @@ def main():
                 if v.startswith("mb"):  # "mb2048": as shipped, micro-batches of at most 2048 tokens
                     eng.micro_batch_tokens = int(v[2:])
                 eng.graphs = how == "graphs"
-                eng.compiled_layers = how is not None
                 compiled = how is not None
                 examples = fixed_batch(tok, chat=(v == "chat"))
                 torch.cuda.synchronize()

@@ -499,7 +499,7 @@ def test_the_automatic_micro_batch_is_set_once_at_the_first_step(svc, monkeypatc
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3000)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2000)
     monkeypatch.setattr(eng, "micro_batch_tokens", 0)
-    monkeypatch.setattr(eng, "compiled_layers", True)
+    monkeypatch.setattr("idletune.gpu.training.layers_compiled", lambda model: True)  # as on a GPU
     batch = [encode(fact(i), eng.tokenizer, 128) for i in range(3)]
     eng._micro_batches(batch)
     eng._micro_batches(batch)

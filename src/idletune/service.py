@@ -117,7 +117,6 @@ def _compile_training(config: Config, engine, fast_path: bool) -> None:
     if how:
         n = compile_layers(engine.model, graphs=how == "graphs")
         engine.graphs = how == "graphs"
-        engine.compiled_layers = True
         engine.compilations = compilations
         log.info("training: %d decoder layers compiled for training steps%s (the first step compiles)", n,
                  ", replayed as CUDA graphs" if engine.graphs else "")

@@ -105,7 +105,7 @@ def compile_layers(model, graphs: bool = False, dynamic_dims: bool = True, **kwa
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None  # shapes are bucketed
     layers = decoder_layers(model)
     for layer in layers:
-        if getattr(layer.forward, "_idletune_compiled", False):
+        if _compiled(layer):
             continue
         eager = layer.forward
         compiled = torch.compile(eager, **kwargs)
@@ -120,6 +120,17 @@ def compile_layers(model, graphs: bool = False, dynamic_dims: bool = True, **kwa
         forward._idletune_compiled = True
         layer.forward = forward
     return len(layers)
+
+
+def _compiled(layer) -> bool:
+    return getattr(layer.forward, "_idletune_compiled", False)
+
+
+def layers_compiled(model) -> bool:
+    """Whether :func:`compile_layers` compiled this model's decoder layers."""
+    from ..training.adapters import decoder_layers
+
+    return any(_compiled(layer) for layer in decoder_layers(model))
 
 
 def wanted(setting: str, model, fast_path: bool = True) -> str | None:

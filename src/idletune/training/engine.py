@@ -188,7 +188,6 @@ class TrainingEngine:
         self.graphs = False
         self._graphed_steps, self._heap_frozen = 0, False
         self._recorded: set[tuple[int, int]] = set()  # shapes whose graphs a micro-batch completed
-        self.compiled_layers = False  # set with compile_layers: the automatic micro-batch's estimate
         # Set with graphs: how many compilations have ended in this process (gpu/training.py);
         # a round during which the count moved settles the heap again.
         self.compilations: Callable[[], int] = lambda: 0
@@ -334,7 +333,7 @@ class TrainingEngine:
         parts: list[list[Encoded]] = [[]]
         for it in batch:
             cur = parts[-1]
-            if cur and (len(cur) >= size or math.prod(self._shape(cur + [it])) > limit):
+            if cur and (len(cur) >= size or math.prod(self._bucket(cur + [it])) > limit):
                 parts.append(cur := [])
             cur.append(it)
         return parts
@@ -352,19 +351,34 @@ class TrainingEngine:
                         e, UNKNOWN_MEMORY_MICRO_BATCH)
             return UNKNOWN_MEMORY_MICRO_BATCH
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        trainable = self._trainable()
-        free -= 3 * sum(p.numel() * p.element_size() for p in trainable)  # gradient, AdamW's two
+        from ..gpu.loss import frozen_plain_head
+        from ..gpu.training import layers_compiled
+
+        free -= 3 * sum(p.numel() * p.element_size() for p in self._trainable())  # gradient, AdamW's two
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-        head_trains = head is not None and any(p is head.weight for p in trainable)
-        tokens = gpu_micro_batch_tokens(self.model, free, checkpointing=self.config.gradient_checkpointing,
-                                        compiled=self.compiled_layers, head_logits=head_trains)
+        # the loss builds (N, V) logits unless the output layer is a frozen plain one (data.py)
+        tokens = gpu_micro_batch_tokens(lm, free, checkpointing=self.config.gradient_checkpointing,
+                                        compiled=layers_compiled(self.model),
+                                        head_logits=head is None or frozen_plain_head(head) is None)
         log.info("training: micro-batches of at most %d tokens (%.1f GB free on the GPU)", tokens, free / 1e9)
         return tokens
 
-    def _shape(self, part: list[Encoded]) -> tuple[int, int]:
+    def _bucket(self, part: list[Encoded]) -> tuple[int, int]:
         """(rows, length) of a micro-batch once padded: as it is, or bucketed with graphs (one
-        graph per shape, so few shapes: :func:`graph_shape`).
+        graph per shape, so few shapes: :func:`graph_shape`). A lone example whose padded length
+        is over half the token limit takes one row, not two (a batch of one compiles once more,
+        but stays within the limit)."""
+        longest = max(len(x.input_ids) for x in part)
+        if not self.graphs:
+            return len(part), longest
+        rows, length = graph_shape(len(part), longest)
+        if len(part) == 1 and 2 * length > max(self.micro_batch_tokens, length):
+            rows = 1
+        return rows, length
+
+    def _shape(self, part: list[Encoded]) -> tuple[int, int]:
+        """The shape a micro-batch runs at: its :meth:`_bucket`, or a recorded larger one.
 
         With graphs, a shape not recorded yet is recorded only when no request came for
         ``RECORD_WHEN_IDLE_S``: a recording takes seconds (at 1.5B, 56 layer graphs in 3–4 s)
@@ -374,17 +388,10 @@ class TrainingEngine:
         the same gradients), if one is within ``PADDED_AREA_LIMIT`` times the area and the
         micro-batch token limit; else the new shape is recorded now. The cost: each layer's work
         is up to that many times longer, so a request finds up to ``QUEUED_LAYERS`` longer
-        layers ahead of it (not measured apart: runs AU–AY bound it with the rest).
-
-        A lone example whose padded length is over half the token limit takes one row, not two
-        (a batch of one compiles once more, but stays within the limit)."""
-        longest = max(len(x.input_ids) for x in part)
-        if not self.graphs:
-            return len(part), longest
-        rows, length = graph_shape(len(part), longest)
-        if len(part) == 1 and 2 * length > max(self.micro_batch_tokens, length):
-            rows = 1  # an example over half the token limit: no empty row (one compilation more)
-        if (rows, length) in self._recorded or self.idle_for() >= RECORD_WHEN_IDLE_S:
+        layers ahead of it (not measured apart: runs AU–AY bound it with the rest). The choice
+        never goes over the token limit the bucket was split by."""
+        rows, length = self._bucket(part)
+        if not self.graphs or (rows, length) in self._recorded or self.idle_for() >= RECORD_WHEN_IDLE_S:
             return rows, length
         most = min(PADDED_AREA_LIMIT * rows * length, max(self.micro_batch_tokens, rows * length))
         held = [(r, n) for r, n in self._recorded if r >= rows and n >= length and r * n <= most]
