@@ -221,6 +221,12 @@ def main():
             threading.Thread(target=sampler, daemon=True, name="sampler").start()
         pauses.clear()
         random.seed(0)
+        blocks = []  # per measured block: CUDA allocator calls and preemptions in it, and its slowest TTFT
+
+        def alloc_counts():
+            m = torch.cuda.memory_stats()
+            return {k: m.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries",
+                                              "num_sync_all_streams")}
         for nc, per_client in zip([int(x) for x in a.clients.split(",")], [int(x) for x in a.per_client.split(",")]):
             data = {"off": [], "backlog": []}
             for rnd in range(a.rounds):
@@ -233,14 +239,20 @@ def main():
                         for j in range(per_client):
                             one_request(out, first=j == 0)
                     ts = [threading.Thread(target=client) for _ in range(nc)]
+                    n0, a0, p0 = len(out), alloc_counts(), stats["preempted"]
                     [t.start() for t in ts]
                     [t.join() for t in ts]
+                    a1 = alloc_counts()
+                    blocks.append({"clients": nc, "round": rnd, "condition": cond,
+                                   "ttft_max_ms": round(1e3 * max(r["ttft"] for r in out[n0:]), 2),
+                                   "preempted": stats["preempted"] - p0, **{k: a1[k] - a0[k] for k in a1}})
             training.clear()
 
             def summary(rs):
                 gaps = [g for r in rs for g in r["gaps"]]
                 return {"requests": len(rs), "ttft_p50_ms": 1e3 * C.med([r["ttft"] for r in rs]),
                         "ttft_p99_ms": 1e3 * C.pct([r["ttft"] for r in rs], 99),
+                        "ttft_max_ms": 1e3 * max((r["ttft"] for r in rs), default=float("nan")),
                         "token_p50_ms": 1e3 * C.med(gaps), "token_p99_ms": 1e3 * C.pct(gaps, 99),
                         "total_p99_ms": 1e3 * C.pct([r["total"] for r in rs], 99),
                         "decode_tok_s": sum(len(r["gaps"]) for r in rs) / sum(sum(r["gaps"]) for r in rs),
@@ -288,6 +300,7 @@ def main():
                             for g in (0, 1, 2)}
         res["gc_full_over_20ms"] = [(round(b - t_run, 3), round(1e3 * d, 1)) for g, d, _, b in pauses if g == 2 and d > 0.02]
         res["training"] = dict(stats)
+        res["blocks"] = blocks
         res["sampler_gaps"] = gaps_seen
         from idletune.gpu.training import compilations
         res["compilations_ended"] = compilations()  # seen by the collector hold (0: torch reports none)
@@ -307,7 +320,8 @@ def main():
     C.table(rows, ["clients", "condition", "n", "TTFT p50", "TTFT p99", "token p50", "token p99", "decode tok/s", "arrived mid-step"])
     for nc in a.clients.split(","):
         r = res[f"clients_{nc}"]
-        print(f"{nc} client(s): TTFT p99 first-of-block off/backlog "
+        print(f"{nc} client(s): TTFT max off/backlog {r['off']['ttft_max_ms']:.1f}/{r['backlog']['ttft_max_ms']:.1f} ms; "
+              f"TTFT p99 first-of-block off/backlog "
               f"{r['off']['ttft_p99_ms_first_of_block']:.1f}/{r['backlog']['ttft_p99_ms_first_of_block']:.1f} ms, "
               f"others p50 {r['off']['ttft_p50_ms_others']:.1f}/{r['backlog']['ttft_p50_ms_others']:.1f}, "
               f"p99 {r['off']['ttft_p99_ms_others']:.1f}/{r['backlog']['ttft_p99_ms_others']:.1f} ms; "
@@ -323,6 +337,11 @@ def main():
                 print("   ", parts)
     print("garbage collections while measuring:", res["gc_pauses"], "; full ones over 20 ms (at s, ms):",
           res["gc_full_over_20ms"])
+    print("per block (clients, round, condition): slowest TTFT ms, preempted rounds, cudaMalloc / cudaFree calls, "
+          "allocation retries, all-stream syncs:")
+    for b in res["blocks"]:
+        print(f"   {b['clients']} {b['round']:2d} {b['condition']:8s} {b['ttft_max_ms']:7.2f} {b['preempted']:3d} "
+              f"{b['num_device_alloc']:4d} {b['num_device_free']:4d} {b['num_alloc_retries']:3d} {b['num_sync_all_streams']:3d}")
     for lr in res["long_rounds"]:
         print("long trainer round:", lr)
     for st in res.get("stalls", []):  # each with the trainer rounds (start, end s, steps, preempted) and collections

@@ -6,7 +6,8 @@ Variants of the engine: as configured by default (on a GPU: decoder layers compi
 training and replayed as CUDA graphs, ``training.compile = "auto"``); ``compiled`` (compiled
 layers without graphs, ``training.compile = "on"``); ``eager`` (``training.compile = "off"``);
 with gradient checkpointing (the memory setting); ``mb<N>`` (as shipped, micro-batches of at
-most N tokens: the same batch in less memory). Also a chat-shaped batch (loss on the last 128 tokens of
+most N tokens: the same batch in less memory); a ``+sg`` suffix measures without dynamo's guard
+checks (``skip_guard_eval_unsafe``, an experiment). Also a chat-shaped batch (loss on the last 128 tokens of
 each 512), where only target positions reach the output layer.
 
 Usage: python bench/gpu_training.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b]
@@ -117,7 +118,9 @@ def fixed_batch(tok, chat: bool, seed=0, n: int = BS, length: int = SEQ):
     return examples
 
 
-def engine_run(engine, examples, steps):
+def engine_run(engine, examples, steps, skip_guards=False):
+    import contextlib
+
     engine.config.max_steps = 3
     engine.train_round(examples)  # warm-up (optimizer state, compile)
     engine.config.max_steps = steps
@@ -125,7 +128,9 @@ def engine_run(engine, examples, steps):
     torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.memory_allocated()
     t = time.perf_counter()
-    res = engine.train_round(examples)
+    # "+sg": dynamo's guards not evaluated (an experiment: how much of the host's time per layer call they are)
+    with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip_guards else contextlib.nullcontext():
+        res = engine.train_round(examples)
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / res.steps
     return dt, (torch.cuda.max_memory_allocated() - base_mem) / 2**20, res.steps, base_mem
@@ -153,10 +158,11 @@ def main():
             pm = C.attach(m)
             try:
                 t0 = time.perf_counter()
-                how = shipped_compile(pm, v)
+                base_v, skip_guards = v.removesuffix("+sg"), v.endswith("+sg")
+                how = shipped_compile(pm, base_v)
                 eng = make_engine(pm, tok, checkpointing=(v == "checkpointed"), steps=a.steps)
-                if v.startswith("mb"):  # "mb2048": as shipped, micro-batches of at most 2048 tokens
-                    eng.micro_batch_tokens = int(v[2:])
+                if base_v.startswith("mb"):  # "mb2048": as shipped, micro-batches of at most 2048 tokens
+                    eng.micro_batch_tokens = int(base_v[2:])
                 eng.graphs = how == "graphs"
                 compiled = how is not None
                 examples = fixed_batch(tok, chat=(v == "chat"))
@@ -171,7 +177,7 @@ def main():
                         torch.cuda.synchronize()
                         r.setdefault("compile_s", {})[v] = time.perf_counter() - t0
                         first_peak = torch.cuda.max_memory_allocated() - start_mem
-                    dt, peak, steps, base_mem = engine_run(eng, examples, a.steps)
+                    dt, peak, steps, base_mem = engine_run(eng, examples, a.steps, skip_guards)
                 # everything training holds at its peak, kept state and graph pools included
                 total_peak = max(first_peak, base_mem - start_mem + peak * 2**20) / 2**20
                 tok_s = BS * SEQ / dt
