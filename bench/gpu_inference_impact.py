@@ -55,6 +55,9 @@ def main():
     ap.add_argument("--per-client", default="4,2", help="requests per client per block, for each --clients entry")
     ap.add_argument("--warmup-steps", type=int, default=3, help="training steps before measuring (the first "
                     "compiles and records the graphs)")
+    ap.add_argument("--rehearse-preemptions", type=int, default=0, help="after the warm-up, this many training "
+                    "passes preempted at a random layer boundary (forward or backward) with no request: does a "
+                    "first preemption cost the first request under training?")
     ap.add_argument("--sample-threads", action="store_true", help="sample every thread's Python stack each "
                     "millisecond while measuring; list the gaps of over 8 ms between samples (the interpreter "
                     "lock held elsewhere) with the stacks just before and after")
@@ -174,6 +177,19 @@ def main():
         training.clear()
         while eng._step_thread is not None:
             time.sleep(0.01)
+        if a.rehearse_preemptions:
+            real_yield, boundaries = eng.should_yield, [0]
+
+            def rehearsed_yield():  # True at one random boundary of each pass (58 a step at 0.5B)
+                boundaries[0] -= 1
+                return boundaries[0] == 0 or real_yield()
+            eng.should_yield = rehearsed_yield
+            for _ in range(a.rehearse_preemptions):
+                boundaries[0] = random.randint(1, 60)
+                r = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 0.5)
+                res.setdefault("rehearsed", []).append(r.preempted)
+            eng.should_yield = real_yield
+            print("rehearsed preemptions:", res["rehearsed"])
         res["training_warmup_s"] = round(time.perf_counter() - t0, 1)
 
         def pause_probe(n=4):
