@@ -221,6 +221,22 @@ def test_linear_cross_entropy_matches_full_logits(chunk):
         linear_cross_entropy(h, w.requires_grad_(), labels)
 
 
+def test_the_loss_calls_back_between_its_chunks_and_stops_if_that_raises():
+    from idletune.gpu.loss import linear_cross_entropy
+
+    h, w, labels = torch.randn(10, 16, requires_grad=True), torch.randn(50, 16), torch.randint(0, 50, (10,))
+    calls = []
+    full = linear_cross_entropy(h, w, labels, chunk=3, between_chunks=lambda: calls.append(1))
+    assert len(calls) == 3  # 4 chunks of 3, 3, 3 and 1 positions
+    torch.testing.assert_close(full, linear_cross_entropy(h, w, labels, chunk=3))
+
+    def stop():
+        raise KeyboardInterrupt  # any exception: the engine's is Preempted
+
+    with pytest.raises(KeyboardInterrupt):
+        linear_cross_entropy(h, w, labels, chunk=3, between_chunks=stop)
+
+
 def test_loss_chunks_are_balanced_and_a_failed_kernel_falls_back():
     from idletune.gpu import loss
 

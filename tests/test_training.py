@@ -144,6 +144,27 @@ def test_a_request_preempts_a_step_at_a_layer_boundary(svc):
     assert not svc.engine.lock.locked()
 
 
+def test_a_request_preempts_a_step_between_the_loss_chunks(svc, monkeypatch):
+    """The output layer's loss is a step's largest single piece of work: a request that comes
+    during it stops the step at the next chunk, not after the whole loss."""
+    from idletune.gpu import loss
+
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 2 * svc.model.get_base_model().config.vocab_size)  # 2 positions a chunk
+    chunks = {"n": 0}
+    real_rows = loss._torch_rows
+
+    def counted_rows(*args):
+        chunks["n"] += 1
+        return real_rows(*args)
+    monkeypatch.setattr(loss, "_torch_rows", counted_rows)
+    svc.engine.should_yield = lambda: chunks["n"] > 0  # the request comes during the first chunk
+    r = svc.engine.train_round([fact()])
+    assert r.preempted and r.steps == 0
+    assert chunks["n"] == 1, f"the loss ran {chunks['n']} chunks after the request came"
+    assert all(p.grad is None for p in svc.model.parameters() if p.requires_grad), "partial step not discarded"
+    assert not svc.engine.lock.locked()
+
+
 def test_restart_serves_the_last_accepted_version(tmp_path, tiny_model_dir):
     cfg = Config.load(None, {"training.max_steps": 10, "gate.num_retention_probes": 4})
     s = build_service(tmp_path / "d", model=tiny_model_dir, config=cfg, start_scheduler=False)
@@ -231,9 +252,9 @@ def test_a_step_with_a_non_finite_loss_changes_nothing(svc, monkeypatch, fused):
     real = E.target_token_losses
     calls = {"n": 0}
 
-    def sometimes_nan(model, batch):
+    def sometimes_nan(model, batch, *args):
         calls["n"] += 1
-        s, c = real(model, batch)
+        s, c = real(model, batch, *args)
         return (s * float("nan"), c) if calls["n"] == 2 else (s, c)
 
     monkeypatch.setattr(E, "target_token_losses", sometimes_nan)

@@ -20,17 +20,22 @@ kernel time (docs/BENCHMARKS.md, run AE).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk (256 MB in float32)
-FUSED_CHUNK_BYTES = 1 << 28  # with the fused kernel: bytes of logits per chunk, in their own dtype
+# With the fused kernel: bytes of logits per chunk, in their own dtype. 128 MB is about 0.5 ms of
+# GPU work a chunk at Qwen's vocabulary (two products and the row kernel): a request that comes
+# during the loss finds little of it queued ahead (``between_chunks``, docs/BENCHMARKS.md run BG).
+FUSED_CHUNK_BYTES = 1 << 27
 _fused_failed = False  # set when the kernel failed to compile or launch
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None):
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None,
+                between_chunks):
         # h (N, C), weight (V, C) frozen, labels (N,) -> per-position loss (N,) in float32
         n, vocab = h.shape[0], weight.shape[0]
         losses = torch.empty(n, dtype=torch.float32, device=h.device)
@@ -56,13 +61,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     probs = _torch_rows(logits, labels[part], losses[part], grad_h is not None)
                 if grad_h is not None:
                     grad_h[part] = (probs @ weight).to(h.dtype)
+                if between_chunks is not None and i + chunk < n:
+                    between_chunks()
         ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0))
         return losses
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_loss[:, None].to(grad_h.dtype), None, None, None
+        return grad_h * grad_loss[:, None].to(grad_h.dtype), None, None, None, None
 
 
 def _torch_rows(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor, grad: bool):
@@ -79,15 +86,17 @@ def _torch_rows(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk: int | None = None) -> torch.Tensor:
+                         chunk: int | None = None, between_chunks: Callable[[], None] | None = None) -> torch.Tensor:
     """Per-position cross-entropy of ``h @ weight.T`` against ``labels``: (N,) float32.
     ``weight`` must not require grad (its gradient is not computed). Every label must be a
     vocabulary id (0 ≤ label < V: no ignore index; callers pass target positions only).
     ``chunk``: positions per chunk (default: 256 MB of float32 logits; with the fused kernel,
-    256 MB in the weight's dtype)."""
+    128 MB in the weight's dtype). ``between_chunks``: called after each chunk's work is queued
+    but the last — the training engine's layer boundary (it may raise to stop the pass, or wait
+    until the device has caught up)."""
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy computes no gradient for the output layer; it must be frozen")
-    return _LinearCrossEntropy.apply(h, weight, labels, chunk)
+    return _LinearCrossEntropy.apply(h, weight, labels, chunk, between_chunks)
 
 
 def frozen_plain_head(head) -> torch.Tensor | None:

@@ -1,6 +1,7 @@
 """Turning examples into token ids and loss masks, and batches into padded tensors."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,11 +90,13 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     return tok.sum(dim=1), count
 
 
-def target_token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def target_token_losses(model, batch: dict[str, torch.Tensor],
+                        between_chunks: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`per_example_loss`, but the output layer runs only on positions that carry a
     loss: prompts and padding never reach the (large) vocabulary projection, which saves its
     compute and the (B, T, V) logits tensor. Falls back to full logits for models that post-process
-    them (logit soft-capping or scaling). Takes a batch from :func:`collate`."""
+    them (logit soft-capping or scaling). Takes a batch from :func:`collate`. ``between_chunks``:
+    called between the chunks of the output layer's loss (see :func:`gpu.loss.linear_cross_entropy`)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = lm.config
     # use_cache=False: a model's config asks for a KV cache by default, and each layer would
@@ -110,7 +113,7 @@ def target_token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     if frozen is not None:  # a frozen output layer: no (N, V) logits in memory (see gpu/loss.py)
         from ..gpu.loss import linear_cross_entropy
 
-        tok = linear_cross_entropy(selected, frozen, labels)  # (N,)
+        tok = linear_cross_entropy(selected, frozen, labels, between_chunks=between_chunks)  # (N,)
     else:
         logits = head(selected).float()  # (N, V)
         tok = torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # (N,)

@@ -313,7 +313,7 @@ class TrainingEngine:
             if self.graphs:  # a new iteration: what a preempted pass left in the graphs is dropped
                 torch.compiler.cudagraph_mark_step_begin()
             with self._autocast():
-                s, c = target_token_losses(self.model, micro)  # (rows,), (rows,): empty rows add 0
+                s, c = target_token_losses(self.model, micro, self._forward_boundary)  # (rows,), (rows,): empty rows add 0
             self._backward(s.sum() / total_tokens)
             if self.graphs:
                 self._recorded.add((rows, length))
@@ -498,32 +498,16 @@ class TrainingEngine:
     # ---- preemption at layer boundaries -------------------------------------------------------
     def _install_preemption_hooks(self) -> None:
         """At every decoder layer, in the forward and (through a gradient hook) in the backward
-        pass of a training step: stop if a request waits, and on a GPU keep at most
-        ``QUEUED_LAYERS`` layers of this step's work queued on the device, so that a request
-        finds little training work ahead of it (the host otherwise runs a whole step ahead)."""
-        def fwd_check() -> None:
-            # Only the training thread's own passes: a request's forward runs these hooks too.
-            if self._step_thread == threading.get_ident():
-                boundary()
-
-        def boundary() -> None:
-            if self.should_yield():
-                raise Preempted()
-            if self._step_stream is not None:
-                ev = torch.cuda.Event()
-                ev.record(self._step_stream)
-                self._queued.append(ev)
-                if len(self._queued) > self.queued_layers:
-                    self._queued.popleft().synchronize()  # waits in this thread only, without the GIL
-
+        pass of a training step: :meth:`_boundary` (the output layer's loss also calls it
+        between its chunks, through :meth:`_forward_boundary`)."""
         def grad_hook(grad):
             # Backward runs only in training steps, and on a GPU in autograd's device thread.
             if self._step_thread is not None:
-                boundary()
+                self._boundary()
             return grad
 
         def fwd_hook(module, args, output):
-            fwd_check()
+            self._forward_boundary()
             hidden = output[0] if isinstance(output, (tuple, list)) else output
             if torch.is_tensor(hidden) and hidden.requires_grad:
                 hidden.register_hook(grad_hook)  # fires during backward through this layer
@@ -531,6 +515,26 @@ class TrainingEngine:
 
         for layer in adapters.decoder_layers(self.model):
             layer.register_forward_hook(fwd_hook)
+
+    def _boundary(self) -> None:
+        """Stop the pass if a request waits (:class:`Preempted`), and on a GPU keep at most
+        ``queued_layers`` layers (or loss chunks) of this step's work queued on the device, so
+        that a request finds little training work ahead of it (the host otherwise runs a whole
+        step ahead)."""
+        if self.should_yield():
+            raise Preempted()
+        if self._step_stream is not None:
+            ev = torch.cuda.Event()
+            ev.record(self._step_stream)
+            self._queued.append(ev)
+            if len(self._queued) > self.queued_layers:
+                self._queued.popleft().synchronize()  # waits in this thread only, without the GIL
+
+    def _forward_boundary(self) -> None:
+        """:meth:`_boundary` in forward work (the layers, the loss's chunks): only in the
+        training thread's own passes (a request's forward runs the layer hooks too)."""
+        if self._step_thread == threading.get_ident():
+            self._boundary()
 
     # ---- evaluation ---------------------------------------------------------------------------
     def _sums(self, examples: list[TrainingExample], which: str, batch_size: int) -> list[tuple[float, int]]:
@@ -553,7 +557,7 @@ class TrainingEngine:
                             self.model.eval()
                             b = collate(items[i:i + batch_size], self.tokenizer.pad_token_id, self.device)
                             with self._autocast():
-                                s, c = target_token_losses(self.model, b)
+                                s, c = target_token_losses(self.model, b, self._forward_boundary)
                         finally:
                             self._step_thread = None
                     break
