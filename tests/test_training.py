@@ -165,6 +165,36 @@ def test_a_request_preempts_a_step_between_the_loss_chunks(svc, monkeypatch):
     assert not svc.engine.lock.locked()
 
 
+def test_the_loss_is_queued_a_chunk_at_a_time_only_while_the_user_is_active(svc, monkeypatch):
+    import threading
+
+    from idletune.training.engine import AWAY_AFTER_S
+
+    recorded = []
+
+    class Event:  # stands in for torch.cuda.Event: the queue's bookkeeping, without a GPU
+        def record(self, stream):
+            recorded.append(stream)
+
+        def synchronize(self):
+            pass
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    eng, idle = svc.engine, [0.0]
+    monkeypatch.setattr(eng, "idle_for", lambda: idle[0])
+    eng._step_thread, eng._step_stream = threading.get_ident(), "stream"
+    try:
+        eng._loss_boundary()  # a request a moment ago: this chunk is queued and counted
+        assert recorded == ["stream"]
+        idle[0] = AWAY_AFTER_S
+        eng._loss_boundary()  # away: the loss runs ahead, whole
+        assert recorded == ["stream"]
+        eng._forward_boundary()  # layers are counted either way
+        assert recorded == ["stream", "stream"]
+    finally:
+        eng._step_thread = eng._step_stream = None
+        eng._queued.clear()
+
+
 def test_restart_serves_the_last_accepted_version(tmp_path, tiny_model_dir):
     cfg = Config.load(None, {"training.max_steps": 10, "gate.num_retention_probes": 4})
     s = build_service(tmp_path / "d", model=tiny_model_dir, config=cfg, start_scheduler=False)
@@ -443,10 +473,10 @@ def test_heap_settles_after_rounds_that_compiled(svc, monkeypatch):
 
 def test_new_graph_shapes_wait_for_the_user_to_be_away(svc, monkeypatch):
     """With CUDA-graphed layers a shape not recorded yet is recorded only after
-    RECORD_WHEN_IDLE_S with no request; until then the smallest recorded shape that holds the
+    AWAY_AFTER_S with no request; until then the smallest recorded shape that holds the
     micro-batch serves it (within PADDED_AREA_LIMIT times its area and the token limit)."""
     from idletune.training.data import IGNORE, Encoded
-    from idletune.training.engine import RECORD_WHEN_IDLE_S
+    from idletune.training.engine import AWAY_AFTER_S
 
     def part(rows, length):
         return [Encoded(i, [5] * length, [IGNORE] + [5] * (length - 1), "text") for i in range(rows)]
@@ -466,7 +496,7 @@ def test_new_graph_shapes_wait_for_the_user_to_be_away(svc, monkeypatch):
     eng.micro_batch_tokens = 1024
     assert eng._shape(part(1, 600)) == (1, 640)  # alone over half the limit: no empty row
     assert eng._shape(part(1, 400)) == (2, 448)  # under half: 2 rows (no batch-of-one compilation)
-    idle[0] = RECORD_WHEN_IDLE_S
+    idle[0] = AWAY_AFTER_S
     eng.micro_batch_tokens = 16384
     assert eng._shape(part(4, 300)) == (4, 320)  # the user is away: its own shape, recorded now
     monkeypatch.setattr(eng, "graphs", False)

@@ -66,10 +66,10 @@ def graph_shape(rows: int, length: int) -> tuple[int, int]:
 
 
 QUEUED_LAYERS = 3  # on a GPU: most layers of training work queued ahead of a request
-# With CUDA-graphed layers: graphs for a new shape are recorded only after this long with no
-# request (or when no recorded shape can hold the micro-batch); until then a recorded larger one
-# is used, at most PADDED_AREA_LIMIT times the area.
-RECORD_WHEN_IDLE_S = 10.0
+# The user counts as away after this long with no request. Until then, with CUDA-graphed layers,
+# a new shape is not recorded (a recorded larger one serves, at most PADDED_AREA_LIMIT times the
+# area), and the output layer's loss is queued a chunk at a time like the layers.
+AWAY_AFTER_S = 10.0
 PADDED_AREA_LIMIT = 4
 UNKNOWN_MEMORY_MICRO_BATCH = 4096  # tokens, where the GPU does not say how much memory is free
 
@@ -144,8 +144,8 @@ class TrainingEngine:
         config: a validated TrainingConfig.
         lock: the model lock shared with inference; held one step at a time.
         should_yield: polled at every layer boundary; True preempts the step.
-        idle_for: seconds since the last request (with CUDA-graphed layers: new shapes are
-            recorded when the user is away, see :meth:`_shape`); None: always away.
+        idle_for: seconds since the last request (the user is away after ``AWAY_AFTER_S``:
+            see :meth:`_shape` and :meth:`_loss_boundary`); None: always away.
         metrics_path: JSONL file each step's metrics are appended to.
     """
 
@@ -313,7 +313,7 @@ class TrainingEngine:
             if self.graphs:  # a new iteration: what a preempted pass left in the graphs is dropped
                 torch.compiler.cudagraph_mark_step_begin()
             with self._autocast():
-                s, c = target_token_losses(self.model, micro, self._forward_boundary)  # (rows,), (rows,): empty rows add 0
+                s, c = target_token_losses(self.model, micro, self._loss_boundary)  # (rows,), (rows,): empty rows add 0
             self._backward(s.sum() / total_tokens)
             if self.graphs:
                 self._recorded.add((rows, length))
@@ -381,7 +381,7 @@ class TrainingEngine:
         """The shape a micro-batch runs at: its :meth:`_bucket`, or a recorded larger one.
 
         With graphs, a shape not recorded yet is recorded only when no request came for
-        ``RECORD_WHEN_IDLE_S``: a recording takes seconds (at 1.5B, 56 layer graphs in 3–4 s)
+        ``AWAY_AFTER_S``: a recording takes seconds (at 1.5B, 56 layer graphs in 3–4 s)
         with the interpreter lock mostly held, and requests are served slower meanwhile
         (docs/BENCHMARKS.md, runs AO, AP, AR–AU). Until then the smallest
         recorded shape that holds the micro-batch is used (empty rows and padding: more compute,
@@ -391,7 +391,7 @@ class TrainingEngine:
         layers ahead of it (not measured apart: runs AU–AY bound it with the rest). The choice
         never goes over the token limit the bucket was split by."""
         rows, length = self._bucket(part)
-        if not self.graphs or (rows, length) in self._recorded or self.idle_for() >= RECORD_WHEN_IDLE_S:
+        if not self.graphs or (rows, length) in self._recorded or self.idle_for() >= AWAY_AFTER_S:
             return rows, length
         most = min(PADDED_AREA_LIMIT * rows * length, max(self.micro_batch_tokens, rows * length))
         held = [(r, n) for r, n in self._recorded if r >= rows and n >= length and r * n <= most]
@@ -498,8 +498,8 @@ class TrainingEngine:
     # ---- preemption at layer boundaries -------------------------------------------------------
     def _install_preemption_hooks(self) -> None:
         """At every decoder layer, in the forward and (through a gradient hook) in the backward
-        pass of a training step: :meth:`_boundary` (the output layer's loss also calls it
-        between its chunks, through :meth:`_forward_boundary`)."""
+        pass of a training step: :meth:`_boundary` (the output layer's loss calls
+        :meth:`_loss_boundary` between its chunks)."""
         def grad_hook(grad):
             # Backward runs only in training steps, and on a GPU in autograd's device thread.
             if self._step_thread is not None:
@@ -516,14 +516,14 @@ class TrainingEngine:
         for layer in adapters.decoder_layers(self.model):
             layer.register_forward_hook(fwd_hook)
 
-    def _boundary(self) -> None:
-        """Stop the pass if a request waits (:class:`Preempted`), and on a GPU keep at most
-        ``queued_layers`` layers (or loss chunks) of this step's work queued on the device, so
-        that a request finds little training work ahead of it (the host otherwise runs a whole
-        step ahead)."""
+    def _boundary(self, queue: bool = True) -> None:
+        """Stop the pass if a request waits (:class:`Preempted`), and on a GPU (with ``queue``)
+        keep at most ``queued_layers`` layers (or loss chunks) of this step's work queued on the
+        device, so that a request finds little training work ahead of it (the host otherwise
+        runs a whole step ahead)."""
         if self.should_yield():
             raise Preempted()
-        if self._step_stream is not None:
+        if queue and self._step_stream is not None:
             ev = torch.cuda.Event()
             ev.record(self._step_stream)
             self._queued.append(ev)
@@ -531,10 +531,21 @@ class TrainingEngine:
                 self._queued.popleft().synchronize()  # waits in this thread only, without the GIL
 
     def _forward_boundary(self) -> None:
-        """:meth:`_boundary` in forward work (the layers, the loss's chunks): only in the
-        training thread's own passes (a request's forward runs the layer hooks too)."""
+        """:meth:`_boundary` after a layer's forward: only in the training thread's own passes
+        (a request's forward runs the layer hooks too)."""
         if self._step_thread == threading.get_ident():
             self._boundary()
+
+    def _loss_boundary(self) -> None:
+        """Between the chunks of the output layer's loss (about 0.5 ms of GPU work each at
+        Qwen's vocabulary; the whole loss is a step's largest piece of work between two layer
+        boundaries): stop if a request waits; and while the user is active (a request in the
+        last ``AWAY_AFTER_S``) queue the loss a chunk at a time like the layers, so a request
+        that comes during it finds at most ``queued_layers`` chunks ahead instead of the whole
+        loss (the TTFT p99 under a backlog, docs/BENCHMARKS.md run BG). While the user is
+        away the loss is queued whole, as the host can then run ahead into the backward pass."""
+        if self._step_thread == threading.get_ident():
+            self._boundary(queue=self.idle_for() < AWAY_AFTER_S)
 
     # ---- evaluation ---------------------------------------------------------------------------
     def _sums(self, examples: list[TrainingExample], which: str, batch_size: int) -> list[tuple[float, int]]:
@@ -557,7 +568,7 @@ class TrainingEngine:
                             self.model.eval()
                             b = collate(items[i:i + batch_size], self.tokenizer.pad_token_id, self.device)
                             with self._autocast():
-                                s, c = target_token_losses(self.model, b, self._forward_boundary)
+                                s, c = target_token_losses(self.model, b, self._loss_boundary)
                         finally:
                             self._step_thread = None
                     break
