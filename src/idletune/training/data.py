@@ -90,8 +90,8 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     return tok.sum(dim=1), count
 
 
-def target_token_losses(model, batch: dict[str, torch.Tensor],
-                        between_chunks: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def target_token_losses(model, batch: dict[str, torch.Tensor], between_chunks: Callable[[], None] | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`per_example_loss`, but the output layer runs only on positions that carry a
     loss: prompts and padding never reach the (large) vocabulary projection, which saves its
     compute and the (B, T, V) logits tensor. Falls back to full logits for models that post-process

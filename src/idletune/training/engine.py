@@ -1,9 +1,10 @@
 """TrainingEngine: one training round, read top to bottom in :meth:`TrainingEngine.train_round`.
 
 The engine trains the ``candidate`` adapter (LoRA) on the shared model. It holds the model lock one
-optimizer step at a time and yields to inference at every layer boundary: when a request
-arrives mid-step, the forward or backward pass raises :class:`Preempted`, the partial step is
-discarded and the round ends early (what was already stepped stays in the ``candidate`` adapter).
+optimizer step at a time and yields to inference at every layer boundary (and between the chunks
+of the output layer's loss): when a request arrives mid-step, the forward or backward pass
+raises :class:`Preempted`, the partial step is discarded and the round ends early (what was
+already stepped stays in the ``candidate`` adapter).
 """
 from __future__ import annotations
 
@@ -313,7 +314,8 @@ class TrainingEngine:
             if self.graphs:  # a new iteration: what a preempted pass left in the graphs is dropped
                 torch.compiler.cudagraph_mark_step_begin()
             with self._autocast():
-                s, c = target_token_losses(self.model, micro, self._loss_boundary)  # (rows,), (rows,): empty rows add 0
+                # (rows,), (rows,): empty rows add 0
+                s, c = target_token_losses(self.model, micro, self._loss_boundary)
             self._backward(s.sum() / total_tokens)
             if self.graphs:
                 self._recorded.add((rows, length))
