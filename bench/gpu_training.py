@@ -6,8 +6,9 @@ Variants of the engine: as configured by default (on a GPU: decoder layers compi
 training and replayed as CUDA graphs, ``training.compile = "auto"``); ``compiled`` (compiled
 layers without graphs, ``training.compile = "on"``); ``eager`` (``training.compile = "off"``);
 with gradient checkpointing (the memory setting); ``mb<N>`` (as shipped, micro-batches of at
-most N tokens: the same batch in less memory); a ``+sg`` suffix measures without dynamo's guard
-checks (``skip_guard_eval_unsafe``, an experiment). Also a chat-shaped batch (loss on the last 128 tokens of
+most N tokens: the same batch in less memory); suffixes: ``+sg`` measures without dynamo's guard
+checks (``skip_guard_eval_unsafe``, an experiment), ``+notrees`` with inductor's plain CUDA
+graphs instead of graph trees (an experiment, e.g. ``mb1024+notrees``). Also a chat-shaped batch (loss on the last 128 tokens of
 each 512), where only target positions reach the output layer.
 
 Usage: python bench/gpu_training.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b]
@@ -158,14 +159,18 @@ def main():
             pm = C.attach(m)
             try:
                 t0 = time.perf_counter()
-                base_v, skip_guards = v.removesuffix("+sg"), v.endswith("+sg")
+                base_v, *flags = v.split("+")
+                skip_guards = "sg" in flags
+                # "+notrees": inductor's plain CUDA graphs instead of graph trees (less bookkeeping
+                # per replay, a memory pool per graph) — an experiment, not run yet
+                torch._inductor.config.triton.cudagraph_trees = "notrees" not in flags
                 how = shipped_compile(pm, base_v)
-                eng = make_engine(pm, tok, checkpointing=(v == "checkpointed"), steps=a.steps)
+                eng = make_engine(pm, tok, checkpointing=(base_v == "checkpointed"), steps=a.steps)
                 if base_v.startswith("mb"):  # "mb2048": as shipped, micro-batches of at most 2048 tokens
                     eng.micro_batch_tokens = int(base_v[2:])
                 eng.graphs = how == "graphs"
                 compiled = how is not None
-                examples = fixed_batch(tok, chat=(v == "chat"))
+                examples = fixed_batch(tok, chat=(base_v == "chat"))
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 start_mem = torch.cuda.memory_allocated()  # before any step: what training adds from here
@@ -189,6 +194,7 @@ def main():
             except Exception as e:  # report and go on: one failing variant must not lose the rest
                 r[v] = {"error": f"{type(e).__name__}: {e}"[:500]}
                 rows.append([name, f"idletune {v}", "error", "", "", "", str(e)[:60]])
+            torch._inductor.config.triton.cudagraph_trees = True
             del pm, m
             torch._dynamo.reset()
             torch.cuda.empty_cache()
