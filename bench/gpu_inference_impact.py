@@ -56,8 +56,8 @@ def main():
     ap.add_argument("--warmup-steps", type=int, default=3, help="training steps before measuring (the first "
                     "compiles and records the graphs)")
     ap.add_argument("--rehearse-preemptions", type=int, default=0, help="after the warm-up, this many training "
-                    "passes preempted at a random layer boundary (forward or backward) with no request: does a "
-                    "first preemption cost the first request under training?")
+                    "rounds stopped at a random poll (a layer boundary or loss chunk, forward or backward) with no "
+                    "request: does a first preemption cost the first request under training?")
     ap.add_argument("--sample-threads", action="store_true", help="sample every thread's Python stack each "
                     "millisecond while measuring; list the gaps of over 8 ms between samples (the interpreter "
                     "lock held elsewhere) with the stacks just before and after")
@@ -115,15 +115,21 @@ def main():
         training = threading.Event()
         gc.callbacks.append(on_gc)
         stop = threading.Event()
+        in_round = threading.Event()  # set while the trainer thread is inside train_round
         stats = {"steps": 0, "rounds": 0, "preempted": 0, "round_s_max": 0.0, "rounds_over_2s": 0}
 
         def trainer():
             while not stop.is_set():
+                in_round.set()  # before the check: a round seen not to run has not started
                 if not training.is_set() or svc.activity.should_yield():
+                    in_round.clear()
                     time.sleep(0.0002)
                     continue
                 start = time.perf_counter()
-                r = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 0.5)  # short rounds: "off" starts clean
+                try:
+                    r = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 0.5)  # short rounds: "off" starts clean
+                finally:
+                    in_round.clear()
                 rounds.append((start, time.perf_counter(), r.steps, r.preempted))
                 t = time.perf_counter() - start  # a long round: compiling or recording graphs
                 stats["round_s_max"] = round(max(stats["round_s_max"], t), 2)
@@ -175,20 +181,25 @@ def main():
         while stats["steps"] < a.warmup_steps and time.perf_counter() - t0 < 300:
             time.sleep(0.05)
         training.clear()
-        while eng._step_thread is not None:
+        while in_round.is_set():  # the trainer's last round ends (up to its 0.5 s deadline)
             time.sleep(0.01)
         if a.rehearse_preemptions:
             real_yield, boundaries = eng.should_yield, [0]
 
-            def rehearsed_yield():  # True at one random boundary of each pass (58 a step at 0.5B)
+            def rehearsed_yield():
+                # True at one random poll of each round: a layer boundary or a loss chunk of the
+                # forward or backward pass mostly (about 70 a step at 0.5B), or a round's own
+                # polls between steps (then no pass is cut)
                 boundaries[0] -= 1
                 return boundaries[0] == 0 or real_yield()
             eng.should_yield = rehearsed_yield
-            for _ in range(a.rehearse_preemptions):
-                boundaries[0] = random.randint(1, 60)
-                r = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 0.5)
-                res.setdefault("rehearsed", []).append(r.preempted)
-            eng.should_yield = real_yield
+            try:
+                for _ in range(a.rehearse_preemptions):
+                    boundaries[0] = random.randint(1, 60)
+                    r = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 0.5)
+                    res.setdefault("rehearsed", []).append(r.preempted)
+            finally:
+                eng.should_yield = real_yield
             print("rehearsed preemptions:", res["rehearsed"])
         res["training_warmup_s"] = round(time.perf_counter() - t0, 1)
 
@@ -260,7 +271,7 @@ def main():
                     [t.join() for t in ts]
                     a1 = alloc_counts()
                     blocks.append({"clients": nc, "round": rnd, "condition": cond,
-                                   "ttft_max_ms": round(1e3 * max(r["ttft"] for r in out[n0:]), 2),
+                                   "ttft_max_ms": round(1e3 * max((r["ttft"] for r in out[n0:]), default=float("nan")), 2),
                                    "preempted": stats["preempted"] - p0, **{k: a1[k] - a0[k] for k in a1}})
             training.clear()
 

@@ -165,6 +165,32 @@ def test_a_request_preempts_a_step_between_the_loss_chunks(svc, monkeypatch):
     assert not svc.engine.lock.locked()
 
 
+def test_evaluation_preempted_during_the_loss_is_redone_with_the_same_losses(svc, monkeypatch):
+    from idletune.gpu import loss
+
+    examples = [fact(i) for i in range(3)]
+    expected = svc.engine.example_losses(examples, TRAIN)
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 2 * svc.model.get_base_model().config.vocab_size)
+    chunks, fired = {"n": 0}, []
+    real_rows = loss._torch_rows
+
+    def counted_rows(*args):
+        chunks["n"] += 1
+        return real_rows(*args)
+    monkeypatch.setattr(loss, "_torch_rows", counted_rows)
+
+    def should_yield():  # one request, during the first chunk of the first evaluation pass
+        if chunks["n"] == 1 and not fired:
+            fired.append(1)
+            return True
+        return False
+    svc.engine.should_yield = should_yield
+    got = svc.engine.example_losses(examples, TRAIN)
+    assert fired and chunks["n"] > 1
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert not svc.engine.lock.locked() and svc.engine._step_thread is None
+
+
 def test_the_loss_is_queued_a_chunk_at_a_time_only_while_the_user_is_active(svc, monkeypatch):
     import threading
 

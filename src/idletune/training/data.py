@@ -96,7 +96,8 @@ def target_token_losses(model, batch: dict[str, torch.Tensor], between_chunks: C
     loss: prompts and padding never reach the (large) vocabulary projection, which saves its
     compute and the (B, T, V) logits tensor. Falls back to full logits for models that post-process
     them (logit soft-capping or scaling). Takes a batch from :func:`collate`. ``between_chunks``:
-    called between the chunks of the output layer's loss (see :func:`gpu.loss.linear_cross_entropy`)."""
+    called between the chunks of the output layer's loss (see :func:`gpu.loss.linear_cross_entropy`;
+    not on the full-logits fallback, or where the output layer trains: one piece there)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = lm.config
     # use_cache=False: a model's config asks for a KV cache by default, and each layer would

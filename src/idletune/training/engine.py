@@ -66,7 +66,7 @@ def graph_shape(rows: int, length: int) -> tuple[int, int]:
     return r, -(-length // step) * step
 
 
-QUEUED_LAYERS = 3  # on a GPU: most layers of training work queued ahead of a request
+QUEUED_LAYERS = 3  # on a GPU: most layers (or loss chunks) of training work queued ahead of a request
 # The user counts as away after this long with no request. Until then, with CUDA-graphed layers,
 # a new shape is not recorded (a recorded larger one serves, at most PADDED_AREA_LIMIT times the
 # area), and the output layer's loss is queued a chunk at a time like the layers.
@@ -174,7 +174,7 @@ class TrainingEngine:
         self._booked_at = 0.0
         self._step_thread: int | None = None
         self._step_stream = None  # the CUDA stream of the step in progress
-        self._queued: deque = deque()  # CUDA events, one per layer boundary of the current step
+        self._queued: deque = deque()  # CUDA events, one per layer boundary (or loss chunk) of the current step
         # Tokens in one forward/backward: bounds a step's activation memory (about 2.6 MB per
         # token for the default model in float32 on a CPU). 0 on a GPU: sized to the memory
         # free at the first step (:func:`gpu_micro_batch_tokens`).
@@ -547,7 +547,7 @@ class TrainingEngine:
         loss (the TTFT p99 under a backlog, docs/BENCHMARKS.md run BG). While the user is
         away the loss is queued whole, as the host can then run ahead into the backward pass."""
         if self._step_thread == threading.get_ident():
-            self._boundary(queue=self.idle_for() < AWAY_AFTER_S)
+            self._boundary(queue=self._step_stream is not None and self.idle_for() < AWAY_AFTER_S)
 
     # ---- evaluation ---------------------------------------------------------------------------
     def _sums(self, examples: list[TrainingExample], which: str, batch_size: int) -> list[tuple[float, int]]:
