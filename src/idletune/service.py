@@ -111,13 +111,12 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
 
 
 def _compile_training(config: Config, engine, fast_path: bool) -> None:
-    from .gpu.training import compilations, compile_layers, wanted
+    from .gpu.training import compile_layers, wanted
 
     how = wanted(config.training.compile, engine.model, fast_path=fast_path)
     if how:
         n = compile_layers(engine.model, graphs=how == "graphs")
         engine.graphs = how == "graphs"
-        engine.compilations = compilations
         log.info("training: %d decoder layers compiled for training steps%s (the first step compiles)", n,
                  ", replayed as CUDA graphs" if engine.graphs else "")
 

@@ -48,7 +48,8 @@ def gpu_micro_batch_tokens(model, free_bytes: float, *, checkpointing: bool = Fa
     hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
     layer = 6 * hidden + 3 * (getattr(cfg, "intermediate_size", None) or 4 * hidden)
     per_token = 2 * (layers * hidden + layer if checkpointing else layers * layer)
-    per_token = per_token * (1 if compiled else 3) // (1 if compiled else 2)
+    if not compiled:
+        per_token = per_token * 3 // 2
     per_token += 8 * cfg.vocab_size if head_logits else 0
     fits = int(max(free_bytes, 0) // 2 // per_token)
     return max(least, min(most, 1 << max(fits.bit_length() - 1, 0)))
@@ -189,10 +190,7 @@ class TrainingEngine:
         self.graphs = False
         self._graphed_steps, self._heap_frozen = 0, False
         self._recorded: set[tuple[int, int]] = set()  # shapes whose graphs a micro-batch completed
-        # Set with graphs: how many compilations have ended in this process (gpu/training.py);
-        # a round during which the count moved settles the heap again.
-        self.compilations: Callable[[], int] = lambda: 0
-        self._compilations_settled = 0
+        self._compilations_settled = 0  # compilations ended in this process when the heap was last settled
         self._install_preemption_hooks()
         if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -295,8 +293,10 @@ class TrainingEngine:
         request in flight. During compilations full collections are held off (gpu/training.py)."""
         if not self.graphs:
             return
+        from ..gpu import training as gpu_training
+
         self._graphed_steps += steps
-        seen = self.compilations()
+        seen = gpu_training.compilations()
         due = self._graphed_steps >= 3 and (not self._heap_frozen or seen != self._compilations_settled)
         if due and not self.should_yield():  # a request waiting: at a later round's end
             gc.collect()
