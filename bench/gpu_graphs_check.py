@@ -9,7 +9,11 @@ adapter (LoRA dropout off, so both compute the same function; they differ by bf1
 only), and every step's loss must agree. Also prints what the graphs cost: the first round's seconds (compiling, capturing)
 and the steady step time vs eager.
 
+With ``--layers-per-unit K`` the graphed copy compiles its layers in units of K (as the service
+does for small micro-batches), preempted at the same points in units.
+
 Exits non-zero when a check fails. Usage: python bench/gpu_graphs_check.py [OUT.json] [--shape qwen2.5-0.5b]
+       [--layers-per-unit 1]
 """
 import argparse
 import sys
@@ -47,7 +51,7 @@ def examples_of(tok, n_rounds: int):
     return rounds
 
 
-def engine_for(pm, tok, graphs: bool, max_steps: int):
+def engine_for(pm, tok, graphs: bool, max_steps: int, per_unit: int = 1):
     """An engine on ``pm`` (CUDA-graphed layers if ``graphs``) with 2–3 micro-batches per step,
     and the switch that preempts it: set ``state["at"] = k`` to preempt at the k-th layer
     boundary from the moment ``state["n"]`` was reset to 0. Returns (engine, state)."""
@@ -56,7 +60,7 @@ def engine_for(pm, tok, graphs: bool, max_steps: int):
     from idletune.training.engine import TrainingEngine
 
     if graphs:
-        compile_layers(pm, graphs=True)
+        compile_layers(pm, graphs=True, layers_per_unit=per_unit)
     cfg = TrainingConfig(batch_size=6, max_steps=max_steps, max_seq_len=512, target_loss=0.0, target_loss_text=0.0,
                          warmup_steps=0, replay_examples=0)
     state = {"n": 0, "at": None}
@@ -73,7 +77,7 @@ def engine_for(pm, tok, graphs: bool, max_steps: int):
     return eng, state
 
 
-def run(shape, tok, graphs: bool, rounds, preempt_at: dict, probe_weights=None):
+def run(shape, tok, graphs: bool, rounds, preempt_at: dict, probe_weights=None, per_unit: int = 1):
     """Train every round (4 steps each) with ``preempt_at[round] = boundary index`` preempting
     that round's second step. Then the gradient probe: with the adapter set to ``probe_weights``
     (default: this run's result), the gradients of the last round's batch (three micro-batches),
@@ -87,7 +91,7 @@ def run(shape, tok, graphs: bool, rounds, preempt_at: dict, probe_weights=None):
     for mod in pm.modules():
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
-    eng, boundaries = engine_for(pm, tok, graphs, max_steps=4)
+    eng, boundaries = engine_for(pm, tok, graphs, max_steps=4, per_unit=per_unit)
     losses, evals, secs = [], [], []
     lo = torch.cuda.Stream(priority=0)
     with torch.cuda.stream(lo):
@@ -179,6 +183,7 @@ def main():
     ap.add_argument("out", nargs="?")
     ap.add_argument("--shape", default="qwen2.5-0.5b")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--layers-per-unit", type=int, default=1, help="the graphed copy's layers per compiled unit")
     ap.add_argument("--sweep", action="store_true", help="only: preempt a graphed step at every boundary in turn")
     a = ap.parse_args()
     if a.sweep:
@@ -189,9 +194,11 @@ def main():
     rounds = examples_of(tok, a.rounds)
     # round 1: preempted in the forward pass of its second step (layer 5 of the first
     # micro-batch); round 3: in the backward pass (boundaries past the forward of every micro-batch)
-    preempt_at = {1: 5, 3: 3 * n_layers + 4}
-    eager = run(a.shape, tok, False, rounds, preempt_at)
-    graphs = run(a.shape, tok, True, rounds, preempt_at, probe_weights=eager[1])
+    # (with units: the same places counted in units; a preempted step is dropped wherever it stopped)
+    n_units = -(-n_layers // a.layers_per_unit)
+    eager = run(a.shape, tok, False, rounds, {1: 5, 3: 3 * n_layers + 4})
+    graphs = run(a.shape, tok, True, rounds, {1: min(5, n_units), 3: 3 * n_units + 4}, probe_weights=eager[1],
+                 per_unit=a.layers_per_unit)
     problems = []
     rel = [abs(x - y) / max(abs(x), 1e-6) for x, y in zip(eager[0], graphs[0])]
     if len(eager[0]) != len(graphs[0]):
@@ -221,7 +228,7 @@ def main():
               f"{lost[way]} of {len(cs)} tensors below 0.99")
     if grad_cos["engine"][0] < 0.99:
         problems.append(f"gradients differ: min cosine similarity {grad_cos['engine'][0]:.4f}")
-    res.update(shape=a.shape, losses_eager=eager[0], losses_graphs=graphs[0], max_rel_loss_diff=max(rel),
+    res.update(shape=a.shape, layers_per_unit=a.layers_per_unit, losses_eager=eager[0], losses_graphs=graphs[0], max_rel_loss_diff=max(rel),
                min_update_cosine=min(cos), update_cosine=total_cos, grad_cosine_min_median=grad_cos,
                grad_tensors_off=lost, eval_eager=eager[2], eval_graphs=graphs[2],
                round_s_eager=eager[3], round_s_graphs=graphs[3], problems=problems)

@@ -6,7 +6,8 @@ Variants of the engine: as configured by default (on a GPU: decoder layers compi
 training and replayed as CUDA graphs, ``training.compile = "auto"``); ``compiled`` (compiled
 layers without graphs, ``training.compile = "on"``); ``eager`` (``training.compile = "off"``);
 with gradient checkpointing (the memory setting); ``mb<N>`` (as shipped, micro-batches of at
-most N tokens: the same batch in less memory); suffixes: ``+sg`` measures without dynamo's guard
+most N tokens: the same batch in less memory, the layers compiled in units of
+4096 // N as the service does); suffixes: ``+u<K>`` compiles K layers a unit instead, ``+sg`` measures without dynamo's guard
 checks (``skip_guard_eval_unsafe``, an experiment), ``+notrees`` with inductor's plain CUDA
 graphs instead of graph trees (an experiment, e.g. ``mb1024+notrees``). Also a chat-shaped batch (loss on the last 128 tokens of
 each 512), where only target positions reach the output layer.
@@ -21,6 +22,7 @@ import time
 import torch
 
 import gpu_common as C
+from idletune.gpu.training import layers_per_unit
 
 BS, SEQ = 8, 512
 
@@ -65,7 +67,7 @@ def plain_peft(name, steps):
     return r, n
 
 
-def shipped_compile(pm, variant: str) -> str | None:
+def shipped_compile(pm, variant: str, per_unit: int = 1) -> str | None:
     """Compile the layers for ``variant``: "eager" not at all, "compiled" without CUDA graphs,
     "graphs" replayed as CUDA graphs, "graphs_dynamic" the same compiled with ``dynamic=True``
     (every size dynamic: an experiment, segmentation faults on torch 2.11, docs/BENCHMARKS.md
@@ -86,7 +88,7 @@ def shipped_compile(pm, variant: str) -> str | None:
     if how == "auto":
         how = wanted("auto", pm)
     if how:
-        compile_layers(pm, graphs=how == "graphs")
+        compile_layers(pm, graphs=how == "graphs", layers_per_unit=per_unit)
     return how
 
 
@@ -164,10 +166,13 @@ def main():
                 # "+notrees": inductor's plain CUDA graphs instead of graph trees (less bookkeeping
                 # per replay, a memory pool per graph) — an experiment, not run yet
                 torch._inductor.config.triton.cudagraph_trees = "notrees" not in flags
-                how = shipped_compile(pm, base_v)
+                # "mb2048": as shipped with micro-batches of at most 2048 tokens (layers in units of 2)
+                tokens = int(base_v[2:]) if base_v.startswith("mb") else 0
+                units = [int(f[1:]) for f in flags if f.startswith("u")]
+                how = shipped_compile(pm, base_v, units[0] if units else layers_per_unit(tokens))
                 eng = make_engine(pm, tok, checkpointing=(base_v == "checkpointed"), steps=a.steps)
-                if base_v.startswith("mb"):  # "mb2048": as shipped, micro-batches of at most 2048 tokens
-                    eng.micro_batch_tokens = int(base_v[2:])
+                if tokens:
+                    eng.micro_batch_tokens = tokens
                 eng.graphs = how == "graphs"
                 compiled = how is not None
                 examples = fixed_batch(tok, chat=(base_v == "chat"))

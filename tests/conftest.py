@@ -49,15 +49,13 @@ def default_model_dir() -> Path:
     return convert(CACHE)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
-    """A 2-layer Llama with the default model's tokenizer and chat template, random weights."""
+def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 2) -> Path:
+    """A Llama of ``layers`` layers with ``tokenizer_dir``'s tokenizer and chat template, random weights."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(default_model_dir)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       tie_word_embeddings=True, initializer_range=0.2)  # varied tokens, not one repeated
@@ -65,6 +63,12 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
+    """A 2-layer Llama with the default model's tokenizer and chat template, random weights."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
 
 
 def free_port() -> int:

@@ -633,20 +633,78 @@ def test_compiled_layers_compile_once_for_every_batch_size_and_length(tmp_path, 
         torch._dynamo.reset()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own, compiling
+def test_layers_compiled_in_units_train_the_same_weights_with_a_boundary_per_unit(tmp_path, default_model_dir):
+    """With small micro-batches several consecutive layers are compiled as one unit: one call from
+    Python and one preemption boundary per unit, not per layer (the host's time per layer call
+    limited such steps on a GPU, docs/BENCHMARKS.md). What is learned stays the same, a request
+    still stops a step at a unit's end, and evaluation runs (and can stop at) every layer."""
+    from conftest import make_tiny_llama
+    from idletune.gpu.training import compile_layers, layers_per_unit
+
+    assert [layers_per_unit(n) for n in (0, 512, 1024, 2048, 3000, 4096, 16384)] == [1, 8, 4, 2, 1, 1, 1]
+    model_dir = make_tiny_llama(tmp_path / "tiny5", default_model_dir, layers=5)
+    cfg = Config.load(None, {"training.max_steps": 2, "training.target_loss": 0.0, "training.lora.dropout": 0.0,
+                             "training.warmup_steps": 0, "training.replay_examples": 0})
+    trained, counted, start = [], [], None
+    torch._dynamo.reset()
+    try:
+        for per_unit in (None, 2):  # eager, layer by layer; then units of 2, 2 and 1 layers
+            torch.manual_seed(0)
+            s = build_service(tmp_path / f"data{per_unit}", model=model_dir, config=cfg, start_scheduler=False)
+            try:
+                if per_unit:
+                    assert compile_layers(s.model, layers_per_unit=per_unit, backend="aot_eager") == 5
+                start = start or adapters.clone_adapter(s.model, TRAIN)
+                eng, n = s.engine, {"boundaries": 0}
+                real_boundary = eng._boundary
+
+                def boundary(queue=True):
+                    n["boundaries"] += 1
+                    real_boundary(queue)
+                eng._boundary = boundary
+                r = eng.train_round([fact(0), fact(1)], batch_size=2)
+                assert r.steps == 2 and not r.preempted
+                trained.append(adapters.clone_adapter(s.model, TRAIN))
+                per_step, n["boundaries"] = n["boundaries"] / 2, 0
+                eng.evaluate([fact(0)], LIVE)
+                counted.append((per_step, n["boundaries"]))
+                # a request during the step: stopped at the second boundary, nothing kept
+                eng.should_yield = lambda: n["boundaries"] >= 2
+                n["boundaries"] = 0
+                r = eng.train_round([fact(2)])
+                assert r.preempted and r.steps == 0 and n["boundaries"] == 2
+                assert all(p.grad is None for p in eng._trainable())
+            finally:
+                s.close()
+    finally:
+        torch._dynamo.reset()
+    # per step: forward and backward, at 5 layers, then at 3 units; evaluation: every layer
+    assert counted == [(10, 5), (6, 5)]
+    moved = max(float((trained[0][k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e-3
+    for k in trained[0]:
+        torch.testing.assert_close(trained[0][k], trained[1][k], rtol=1e-4, atol=moved * 1e-2)
+
+
 def test_service_marks_the_engine_for_graphed_layers(tmp_path, tiny_model_dir, monkeypatch):
     """Where training.compile asks for graphs, the layers are compiled with graphs *and* the
     engine runs in graph mode (padding, iteration marks, its own gradient accumulation): graphs
-    without graph mode lost gradient contributions on a GPU (docs/BENCHMARKS.md, runs K, L)."""
+    without graph mode lost gradient contributions on a GPU (docs/BENCHMARKS.md, runs K, L).
+    Small micro-batches compile the layers in units (one layer per unit with the automatic size)."""
     import idletune.gpu.training as G
 
     calls = []
     monkeypatch.setattr(G, "wanted", lambda setting, model, fast_path=True: "graphs")
-    monkeypatch.setattr(G, "compile_layers", lambda model, graphs=False: calls.append(graphs) or 2)
-    s = build_service(tmp_path / "data", model=tiny_model_dir, start_scheduler=False)
-    try:
-        assert calls == [True] and s.engine.graphs
-    finally:
-        s.close()
+    monkeypatch.setattr(G, "compile_layers",
+                        lambda model, graphs=False, layers_per_unit=1: calls.append((graphs, layers_per_unit)) or 2)
+    for tokens, per_unit in ((0, 1), (1024, 4)):
+        cfg = Config.load(None, {"training.micro_batch_tokens": tokens})
+        s = build_service(tmp_path / f"data{tokens}", model=tiny_model_dir, config=cfg, start_scheduler=False)
+        try:
+            assert calls.pop() == (True, per_unit) and s.engine.graphs
+        finally:
+            s.close()
 
 
 def test_training_compile_setting_on_the_cpu():

@@ -111,13 +111,15 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
 
 
 def _compile_training(config: Config, engine, fast_path: bool) -> None:
-    from .gpu.training import compile_layers, wanted
+    from .gpu.training import compile_layers, layers_per_unit, wanted
 
     how = wanted(config.training.compile, engine.model, fast_path=fast_path)
     if how:
-        n = compile_layers(engine.model, graphs=how == "graphs")
+        per_unit = layers_per_unit(config.training.micro_batch_tokens)
+        n = compile_layers(engine.model, graphs=how == "graphs", layers_per_unit=per_unit)
         engine.graphs = how == "graphs"
-        log.info("training: %d decoder layers compiled for training steps%s (the first step compiles)", n,
+        log.info("training: %d decoder layers compiled for training steps%s%s (the first step compiles)", n,
+                 f", {per_unit} layers a unit" if per_unit > 1 else "",
                  ", replayed as CUDA graphs" if engine.graphs else "")
 
 

@@ -5,7 +5,10 @@ adapters' dropout, casts and additions: measured 28 of 121 ms of kernels per ste
 shape) and in launching ~6000 small kernels from Python. ``torch.compile`` fuses each layer's
 element-wise work into a few Triton kernels: half the launches, a third less kernel time
 (docs/BENCHMARKS.md). Only the layers' ``forward`` is compiled, so the preemption hooks around
-each layer stay in eager Python and can still stop a step.
+each layer stay in eager Python and can still stop a step. With small micro-batches
+(``training.micro_batch_tokens`` under 4096) several consecutive layers are compiled as one
+unit (:func:`layers_per_unit`, :func:`_units`): fewer calls from Python per step, a preemption
+boundary per unit.
 
 ``graphs`` (the default on a GPU in LoRA mode with the GPU serving path, see :func:`wanted`):
 each compiled layer's forward and backward are also captured as CUDA graphs
@@ -92,10 +95,11 @@ def _mark_dynamic(args: tuple, kwargs: dict) -> None:
         mark(kwargs["cache_position"], 0)
 
 
-def compile_layers(model, graphs: bool = False, dynamic_dims: bool = True, **kwargs) -> int:
-    """Compile every decoder layer's forward for training passes (with ``graphs``, replayed as
-    CUDA graphs; with ``dynamic_dims``, one compilation for every batch size and length). Returns
-    how many layers."""
+def compile_layers(model, graphs: bool = False, dynamic_dims: bool = True, layers_per_unit: int = 1,
+                   **kwargs) -> int:
+    """Compile the decoder layers' forward for training passes (with ``graphs``, replayed as
+    CUDA graphs; with ``dynamic_dims``, one compilation for every batch size and length), in
+    units of ``layers_per_unit`` consecutive layers (see :func:`_units`). Returns how many layers."""
     from ..training.adapters import decoder_layers
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -104,22 +108,98 @@ def compile_layers(model, graphs: bool = False, dynamic_dims: bool = True, **kwa
         kwargs.setdefault("mode", "reduce-overhead")
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None  # shapes are bucketed
     layers = decoder_layers(model)
-    for layer in layers:
-        if _compiled(layer):
-            continue
-        eager = layer.forward
-        compiled = torch.compile(eager, **kwargs)
-
-        def forward(*args, _eager=eager, _compiled=compiled, _layer=layer, **kw):
-            if _layer.training and torch.is_grad_enabled():
-                if dynamic_dims:
-                    _mark_dynamic(args, kw)
-                return _compiled(*args, **kw)
-            return _eager(*args, **kw)
-
-        forward._idletune_compiled = True
-        layer.forward = forward
+    for unit in _units(layers, layers_per_unit):
+        if not any(_compiled(layer) for layer in unit):
+            _compile_unit(unit, dynamic_dims, kwargs)
     return len(layers)
+
+
+UNIT_TOKENS = 4096  # layers are compiled in units of about this many tokens × layers (see _units)
+MOST_LAYERS_PER_UNIT = 8
+
+
+def layers_per_unit(micro_batch_tokens: int) -> int:
+    """Decoder layers per compiled unit for micro-batches of at most ``micro_batch_tokens``
+    (``training.micro_batch_tokens``): ``UNIT_TOKENS`` // that, from 1 to
+    ``MOST_LAYERS_PER_UNIT`` — 4 for 1024-token parts, 2 for 2048, 1 from 4096 and for the
+    automatic size (0), which on a GPU takes as many tokens as half the free memory holds."""
+    if micro_batch_tokens <= 0:
+        return 1
+    return max(1, min(MOST_LAYERS_PER_UNIT, UNIT_TOKENS // micro_batch_tokens))
+
+
+def _units(layers: list, size: int) -> list[list]:
+    """Consecutive layers in units of at most ``size``, never across a change of attention type
+    (a unit's layers all get its first layer's arguments, its attention mask among them).
+
+    A compiled unit is one call from Python, one CUDA graph forward and one backward, and one
+    preemption boundary, however many layers it holds. Each layer call costs the host about
+    0.17 ms forward and as much again backward (dynamo's guards, AOTAutograd's wrappers, graph
+    trees' checks: docs/BENCHMARKS.md, run BE), which small micro-batches do not hide: at 1.5B
+    in 1024-token parts the step ran at 1.38× the plain loop against 2.10× unsplit. Units of
+    several layers cut those calls; a request then waits for up to ``queued_layers`` units ahead
+    of it instead of layers, the same GPU time where parts are as many times smaller."""
+    if size < 1:
+        raise ValueError(f"layers_per_unit must be ≥ 1, got {size!r}")
+    units: list[list] = []
+    for layer in layers:
+        kind = getattr(layer, "attention_type", None)
+        if units and len(units[-1]) < size and getattr(units[-1][0], "attention_type", None) == kind:
+            units[-1].append(layer)
+        else:
+            units.append([layer])
+    return units
+
+
+def _hidden(args: tuple, kw: dict):
+    return args[0] if args else kw["hidden_states"]
+
+
+def _with_hidden(hidden, args: tuple, kw: dict) -> tuple[tuple, dict]:
+    if args:
+        return (hidden,) + tuple(args[1:]), kw
+    return args, {**kw, "hidden_states": hidden}
+
+
+def _compile_unit(unit: list, dynamic_dims: bool, kwargs: dict) -> None:
+    """The unit's first layer runs the whole unit compiled in training passes; the others then
+    return their input as it is (the work is done). Elsewhere (evaluation, inference, or
+    gradients off) every layer runs its own eager forward."""
+    first = unit[0]
+    eagers = tuple(layer.forward for layer in unit)
+    returned_tuple = [False]  # what the unit returned, as the others pass it on (a tensor in transformers 5)
+
+    def run(*args, **kw):
+        for eager in eagers:
+            out = eager(*args, **kw)
+            args, kw = _with_hidden(out[0] if isinstance(out, tuple) else out, args, kw)
+        return out
+
+    compiled = torch.compile(run if len(unit) > 1 else eagers[0], **kwargs)
+
+    def training() -> bool:
+        return first.training and torch.is_grad_enabled()
+
+    def forward(*args, **kw):
+        if training():
+            if dynamic_dims:
+                _mark_dynamic(args, kw)
+            out = compiled(*args, **kw)
+            returned_tuple[0] = isinstance(out, tuple)
+            return out
+        return eagers[0](*args, **kw)
+
+    forward._idletune_compiled = True
+    first.forward = forward
+    for layer, eager in zip(unit[1:], eagers[1:]):
+        def passed_on(*args, _eager=eager, **kw):
+            if not training():
+                return _eager(*args, **kw)
+            hidden = _hidden(args, kw)
+            return (hidden,) if returned_tuple[0] else hidden
+
+        passed_on._idletune_compiled = True
+        layer.forward = passed_on
 
 
 def _compiled(layer) -> bool:

@@ -499,8 +499,9 @@ class TrainingEngine:
 
     # ---- preemption at layer boundaries -------------------------------------------------------
     def _install_preemption_hooks(self) -> None:
-        """At every decoder layer, in the forward and (through a gradient hook) in the backward
-        pass of a training step: :meth:`_boundary` (the output layer's loss calls
+        """At every decoder layer (with layers compiled in units, at every unit: its other
+        layers pass their input on), in the forward and (through a gradient hook) in the
+        backward pass of a training step: :meth:`_boundary` (the output layer's loss calls
         :meth:`_loss_boundary` between its chunks)."""
         def grad_hook(grad):
             # Backward runs only in training steps, and on a GPU in autograd's device thread.
@@ -508,15 +509,17 @@ class TrainingEngine:
                 self._boundary()
             return grad
 
-        def fwd_hook(module, args, output):
-            self._forward_boundary()
+        def fwd_hook(module, args, kwargs, output):
             hidden = output[0] if isinstance(output, (tuple, list)) else output
+            if hidden is (args[0] if args else kwargs.get("hidden_states")):
+                return None  # passed on as it came: a compiled unit's first layer did the work (gpu/training.py)
+            self._forward_boundary()
             if torch.is_tensor(hidden) and hidden.requires_grad:
                 hidden.register_hook(grad_hook)  # fires during backward through this layer
             return None
 
         for layer in adapters.decoder_layers(self.model):
-            layer.register_forward_hook(fwd_hook)
+            layer.register_forward_hook(fwd_hook, with_kwargs=True)
 
     def _boundary(self, queue: bool = True) -> None:
         """Stop the pass if a request waits (:class:`Preempted`), and on a GPU (with ``queue``)
