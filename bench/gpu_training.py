@@ -198,16 +198,17 @@ def main():
                              total_peak])
             except Exception as e:  # report and go on: one failing variant must not lose the rest
                 r[v] = {"error": f"{type(e).__name__}: {e}"[:500]}
-                rows.append([name, f"idletune {v}", "error", "", "", "", str(e)[:60]])
+                rows.append([name, f"idletune {v}", "error", "", "", "", "", str(e)[:60]])
+                print(f"{name} {v}: {r[v]['error']}", flush=True)
             torch._inductor.config.triton.cudagraph_trees = True
             del pm, m
             torch._dynamo.reset()
             torch.cuda.empty_cache()
         res[name] = r
+    C.write(res, "gpu_training.json")
     print(f"training, rank 8, {BS}×{SEQ} tokens, bf16 ({res['device']}); MFU counts 6N per token as gpu_baseline.py")
     C.table(rows, ["shape", "loop", "tok/s", "MFU %", "× plain", "step ms", "peak extra MB",
                    "peak from start MB (state, graph pool)"])
-    C.write(res, "gpu_training.json")
 
 
 if __name__ == "__main__":
