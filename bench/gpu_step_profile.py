@@ -9,7 +9,8 @@ busy is bound by the host, and no faster kernel will help it.
 Engine variants: ``default`` (as shipped: on a GPU the decoder layers are compiled for
 training and replayed as CUDA graphs); ``compiled`` (compiled layers without graphs);
 ``eager`` (``training.compile = "off"``); ``no_autocast`` and ``no_hooks`` (eager, without the
-autocast context / without the per-layer preemption hooks).
+autocast context / without the per-layer preemption hooks); ``mb<N>[+u<K>]`` as in
+gpu_training.py (micro-batches of at most N tokens, layers compiled in units).
 
 ``--varlen``: rounds whose batch size and length change (VARLEN: 8×512, 8×256, 8×384, 6×512,
 8×448, 7×320, 4×512, 3×256, 2×384, 1×512, 8×512), for each of ``--varlen-variants`` (default:
@@ -124,10 +125,13 @@ def engine(name, variant, steps, tok):
 
     m = C.build(name, tok)
     pm = C.attach(m)
-    how = T.shipped_compile(pm, variant if variant in ("default", "compiled", "graphs", "graphs_dynamic", "graphs_static")
-                              else "eager")
+    base, tokens, per_unit, _ = T.parse_variant(variant)  # "mb1024+u4": micro-batches, layers per unit
+    how = T.shipped_compile(pm, base if base in ("default", "compiled", "graphs", "graphs_dynamic", "graphs_static")
+                            or tokens else "eager", per_unit)
     eng = T.make_engine(pm, tok, steps=steps)
     eng.graphs = how == "graphs"
+    if tokens:
+        eng.micro_batch_tokens = tokens
     if variant == "no_autocast":
         eng._autocast = contextlib.nullcontext
     if variant == "no_hooks":

@@ -92,6 +92,15 @@ def shipped_compile(pm, variant: str, per_unit: int = 1) -> str | None:
     return how
 
 
+def parse_variant(v: str) -> tuple[str, int, int, list[str]]:
+    """"mb1024+u8+sg" → ("mb1024", 1024 tokens a micro-batch (0: unsplit), 8 layers a unit (as
+    the service compiles for that micro-batch unless ``+u<K>`` says), ["u8", "sg"])."""
+    base, *flags = v.split("+")
+    tokens = int(base[2:]) if base.startswith("mb") else 0
+    units = [int(f[1:]) for f in flags if f.startswith("u")]
+    return base, tokens, units[0] if units else layers_per_unit(tokens), flags
+
+
 def make_engine(pm, tok, *, checkpointing=False, steps=20):
     from idletune.config import TrainingConfig
     from idletune.training.engine import TrainingEngine
@@ -161,15 +170,13 @@ def main():
             pm = C.attach(m)
             try:
                 t0 = time.perf_counter()
-                base_v, *flags = v.split("+")
+                base_v, tokens, per_unit, flags = parse_variant(v)
                 skip_guards = "sg" in flags
                 # "+notrees": inductor's plain CUDA graphs instead of graph trees (less bookkeeping
                 # per replay, a memory pool per graph) — an experiment, not run yet
                 torch._inductor.config.triton.cudagraph_trees = "notrees" not in flags
                 # "mb2048": as shipped with micro-batches of at most 2048 tokens (layers in units of 2)
-                tokens = int(base_v[2:]) if base_v.startswith("mb") else 0
-                units = [int(f[1:]) for f in flags if f.startswith("u")]
-                how = shipped_compile(pm, base_v, units[0] if units else layers_per_unit(tokens))
+                how = shipped_compile(pm, base_v, per_unit)
                 eng = make_engine(pm, tok, checkpointing=(base_v == "checkpointed"), steps=a.steps)
                 if tokens:
                     eng.micro_batch_tokens = tokens
