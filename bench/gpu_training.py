@@ -7,10 +7,12 @@ training and replayed as CUDA graphs, ``training.compile = "auto"``); ``compiled
 layers without graphs, ``training.compile = "on"``); ``eager`` (``training.compile = "off"``);
 with gradient checkpointing (the memory setting); ``mb<N>`` (as shipped, micro-batches of at
 most N tokens: the same batch in less memory, the layers compiled in units of
-4096 // N as the service does); suffixes: ``+u<K>`` compiles K layers a unit instead, ``+sg`` measures without dynamo's guard
-checks (``skip_guard_eval_unsafe``, an experiment), ``+notrees`` with inductor's plain CUDA
-graphs instead of graph trees (an experiment, e.g. ``mb1024+notrees``). Also a chat-shaped batch (loss on the last 128 tokens of
-each 512), where only target positions reach the output layer.
+``layers_per_unit(N)`` as the service does: 8192 // N, at most 8). Suffixes: ``+u<K>``
+compiles K layers a unit instead; ``+sg`` measures without dynamo's guard checks
+(``skip_guard_eval_unsafe``, an experiment); ``+notrees`` with inductor's plain CUDA graphs
+instead of graph trees (an experiment: an AssertionError at ``mb1024`` in run BK). Also a
+chat-shaped batch (loss on the last 128 tokens of each 512), where only target positions reach
+the output layer.
 
 Usage: python bench/gpu_training.py [OUT.json] [--shapes qwen2.5-0.5b,qwen2.5-1.5b,llama-3-8b]
        [--variants default,compiled,eager,checkpointed,chat] [--steps 20]
@@ -175,7 +177,7 @@ def main():
                 # "+notrees": inductor's plain CUDA graphs instead of graph trees (less bookkeeping
                 # per replay, a memory pool per graph) — an experiment, not run yet
                 torch._inductor.config.triton.cudagraph_trees = "notrees" not in flags
-                # "mb2048": as shipped with micro-batches of at most 2048 tokens (layers in units of 2)
+                # "mb2048": as shipped with micro-batches of at most 2048 tokens (layers in units of 4)
                 how = shipped_compile(pm, base_v, per_unit)
                 eng = make_engine(pm, tok, checkpointing=(base_v == "checkpointed"), steps=a.steps)
                 if tokens:

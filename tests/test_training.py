@@ -642,7 +642,7 @@ def test_layers_compiled_in_units_train_the_same_weights_with_a_boundary_per_uni
     from conftest import make_tiny_llama
     from idletune.gpu.training import compile_layers, layers_per_unit
 
-    assert [layers_per_unit(n) for n in (0, 512, 1024, 2048, 3000, 4096, 16384)] == [1, 8, 4, 2, 1, 1, 1]
+    assert [layers_per_unit(n) for n in (0, 256, 1024, 2048, 3000, 4096, 8192, 16384)] == [1, 8, 8, 4, 2, 2, 1, 1]
     model_dir = make_tiny_llama(tmp_path / "tiny5", default_model_dir, layers=5)
     cfg = Config.load(None, {"training.max_steps": 2, "training.target_loss": 0.0, "training.lora.dropout": 0.0,
                              "training.warmup_steps": 0, "training.replay_examples": 0})
@@ -698,7 +698,7 @@ def test_service_marks_the_engine_for_graphed_layers(tmp_path, tiny_model_dir, m
     monkeypatch.setattr(G, "wanted", lambda setting, model, fast_path=True: "graphs")
     monkeypatch.setattr(G, "compile_layers",
                         lambda model, graphs=False, layers_per_unit=1: calls.append((graphs, layers_per_unit)) or 2)
-    for tokens, per_unit in ((0, 1), (1024, 4)):
+    for tokens, per_unit in ((0, 1), (2048, 4)):
         cfg = Config.load(None, {"training.micro_batch_tokens": tokens})
         s = build_service(tmp_path / f"data{tokens}", model=tiny_model_dir, config=cfg, start_scheduler=False)
         try:

@@ -6,7 +6,7 @@ shape) and in launching ~6000 small kernels from Python. ``torch.compile`` fuses
 element-wise work into a few Triton kernels: half the launches, a third less kernel time
 (docs/BENCHMARKS.md). Only the layers' ``forward`` is compiled, so the preemption hooks around
 each layer stay in eager Python and can still stop a step. With small micro-batches
-(``training.micro_batch_tokens`` under 4096) several consecutive layers are compiled as one
+(``training.micro_batch_tokens`` under 8192) several consecutive layers are compiled as one
 unit (:func:`layers_per_unit`, :func:`_units`): fewer calls from Python per step, a preemption
 boundary per unit.
 
@@ -114,15 +114,19 @@ def compile_layers(model, graphs: bool = False, dynamic_dims: bool = True, layer
     return len(layers)
 
 
-UNIT_TOKENS = 4096  # layers are compiled in units of about this many tokens × layers (see _units)
+# Layers are compiled in units of about UNIT_TOKENS tokens × layers: the work of one layer on the
+# largest batch the batch manager makes (16 × 512 tokens), so a unit holds a request back no
+# longer than one layer of such a batch does (see _units).
+UNIT_TOKENS = 8192
 MOST_LAYERS_PER_UNIT = 8
 
 
 def layers_per_unit(micro_batch_tokens: int) -> int:
     """Decoder layers per compiled unit for micro-batches of at most ``micro_batch_tokens``
     (``training.micro_batch_tokens``): ``UNIT_TOKENS`` // that, from 1 to
-    ``MOST_LAYERS_PER_UNIT`` — 4 for 1024-token parts, 2 for 2048, 1 from 4096 and for the
-    automatic size (0), which on a GPU takes as many tokens as half the free memory holds."""
+    ``MOST_LAYERS_PER_UNIT`` — 8 for 1024-token parts, 4 for 2048, 2 for 4096; 1 from 8192 and
+    for the automatic size (0), which on a GPU takes as many tokens as half the free memory
+    holds (16384 on an 80 GB card at the 0.5B and 1.5B shapes)."""
     if micro_batch_tokens <= 0:
         return 1
     return max(1, min(MOST_LAYERS_PER_UNIT, UNIT_TOKENS // micro_batch_tokens))
@@ -134,11 +138,12 @@ def _units(layers: list, size: int) -> list[list]:
 
     A compiled unit is one call from Python, one CUDA graph forward and one backward, and one
     preemption boundary, however many layers it holds. Each layer call costs the host about
-    0.17 ms forward and as much again backward (dynamo's guards, AOTAutograd's wrappers, graph
-    trees' checks: docs/BENCHMARKS.md, run BE), which small micro-batches do not hide: at 1.5B
-    in 1024-token parts the step ran at 1.38× the plain loop against 2.10× unsplit. Units of
-    several layers cut those calls; a request then waits for up to ``queued_layers`` units ahead
-    of it instead of layers, the same GPU time where parts are as many times smaller."""
+    0.17 ms forward and more backward (dynamo's guards, AOTAutograd's wrappers, graph trees'
+    checks: docs/BENCHMARKS.md, run BE), which small micro-batches do not hide. At 1.5B in
+    2048-token parts, units of 4 layers ran the step in 80–82 ms against 80–91 ms for units of
+    2 and the plain loop's 163 ms; in 1024-token parts, 96–109 ms (units of 4 or 8) against
+    113–121 ms layer by layer (runs BK, BL, BO). A request then waits for up to ``queued_layers`` units ahead of it
+    instead of layers: the same GPU time as layers of parts ``layers_per_unit`` times larger."""
     if size < 1:
         raise ValueError(f"layers_per_unit must be ≥ 1, got {size!r}")
     units: list[list] = []
