@@ -10,7 +10,9 @@ most N tokens: the same batch in less memory, the layers compiled in units of
 ``layers_per_unit(N)`` as the service does: 8192 // N, at most 8). Suffixes: ``+u<K>``
 compiles K layers a unit instead; ``+sg`` measures without dynamo's guard checks
 (``skip_guard_eval_unsafe``, an experiment); ``+notrees`` with inductor's plain CUDA graphs
-instead of graph trees (an experiment: an AssertionError at ``mb1024`` in run BK). Also a
+instead of graph trees (an experiment: an AssertionError at ``mb1024`` in run BK); ``+ab<P>``
+with ``torch._functorch.config.activation_memory_budget`` = P % (the partitioner recomputes
+cheap activations instead of saving them; an experiment). Also a
 chat-shaped batch (loss on the last 128 tokens of each 512), where only target positions reach
 the output layer.
 
@@ -177,6 +179,9 @@ def main():
                 # "+notrees": inductor's plain CUDA graphs instead of graph trees (less bookkeeping
                 # per replay, a memory pool per graph) — an experiment, not run yet
                 torch._inductor.config.triton.cudagraph_trees = "notrees" not in flags
+                # "+ab90": the partitioner recomputes cheap activations to save at most 90 % of them
+                budgets = [int(f[2:]) / 100 for f in flags if f.startswith("ab")]
+                torch._functorch.config.activation_memory_budget = budgets[0] if budgets else 1.0
                 # "mb2048": as shipped with micro-batches of at most 2048 tokens (layers in units of 4)
                 how = shipped_compile(pm, base_v, per_unit)
                 eng = make_engine(pm, tok, checkpointing=(base_v == "checkpointed"), steps=a.steps)
@@ -210,6 +215,9 @@ def main():
                 rows.append([name, f"idletune {v}", "error", "", "", "", "", str(e)[:60]])
                 print(f"{name} {v}: {r[v]['error']}", flush=True)
             torch._inductor.config.triton.cudagraph_trees = True
+            torch._functorch.config.activation_memory_budget = 1.0
+            res[name] = r
+            C.write(res, "gpu_training.json")  # after each variant: a call cut short keeps what ran
             del pm, m
             torch._dynamo.reset()
             torch.cuda.empty_cache()
