@@ -24,6 +24,7 @@ import threading
 import time
 
 import torch
+import torch._functorch.config  # noqa: F401  (the +ab flag)
 
 import gpu_common as C
 from idletune.gpu.training import layers_per_unit
