@@ -10,10 +10,12 @@ only), and every step's loss must agree. Also prints what the graphs cost: the f
 and the steady step time vs eager.
 
 With ``--layers-per-unit K`` the graphed copy compiles its layers in units of K (as the service
-does for small micro-batches), preempted at the same points in units.
+does for small micro-batches), preempted at the same points in units; with ``--recompute-cheap``
+it keeps fewer activations (``gpu/training.py``, ``RECOMPUTE_CHEAP``; not run yet: run BQ ran the
+check with the partitioner's ``activation_memory_budget`` at 0.8, which recomputes more).
 
 Exits non-zero when a check fails. Usage: python bench/gpu_graphs_check.py [OUT.json] [--shape qwen2.5-0.5b]
-       [--layers-per-unit 1]
+       [--layers-per-unit 1] [--recompute-cheap]
 """
 import argparse
 import sys
@@ -51,7 +53,7 @@ def examples_of(tok, n_rounds: int):
     return rounds
 
 
-def engine_for(pm, tok, graphs: bool, max_steps: int, per_unit: int = 1):
+def engine_for(pm, tok, graphs: bool, max_steps: int, per_unit: int = 1, recompute: bool = False):
     """An engine on ``pm`` (CUDA-graphed layers if ``graphs``) with 2–3 micro-batches per step,
     and the switch that preempts it: set ``state["at"] = k`` to preempt at the k-th layer
     boundary from the moment ``state["n"]`` was reset to 0. Returns (engine, state)."""
@@ -60,7 +62,7 @@ def engine_for(pm, tok, graphs: bool, max_steps: int, per_unit: int = 1):
     from idletune.training.engine import TrainingEngine
 
     if graphs:
-        compile_layers(pm, graphs=True, layers_per_unit=per_unit)
+        compile_layers(pm, graphs=True, layers_per_unit=per_unit, recompute_cheap=recompute)
     cfg = TrainingConfig(batch_size=6, max_steps=max_steps, max_seq_len=512, target_loss=0.0, target_loss_text=0.0,
                          warmup_steps=0, replay_examples=0)
     state = {"n": 0, "at": None}
@@ -77,7 +79,8 @@ def engine_for(pm, tok, graphs: bool, max_steps: int, per_unit: int = 1):
     return eng, state
 
 
-def run(shape, tok, graphs: bool, rounds, preempt_at: dict, probe_weights=None, per_unit: int = 1):
+def run(shape, tok, graphs: bool, rounds, preempt_at: dict, probe_weights=None, per_unit: int = 1,
+        recompute: bool = False):
     """Train every round (4 steps each) with ``preempt_at[round] = boundary index`` preempting
     that round's second step. Then the gradient probe: with the adapter set to ``probe_weights``
     (default: this run's result), the gradients of the last round's batch (three micro-batches),
@@ -91,7 +94,7 @@ def run(shape, tok, graphs: bool, rounds, preempt_at: dict, probe_weights=None, 
     for mod in pm.modules():
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
-    eng, boundaries = engine_for(pm, tok, graphs, max_steps=4, per_unit=per_unit)
+    eng, boundaries = engine_for(pm, tok, graphs, max_steps=4, per_unit=per_unit, recompute=recompute)
     losses, evals, secs = [], [], []
     lo = torch.cuda.Stream(priority=0)
     with torch.cuda.stream(lo):
@@ -184,6 +187,7 @@ def main():
     ap.add_argument("--shape", default="qwen2.5-0.5b")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--layers-per-unit", type=int, default=1, help="the graphed copy's layers per compiled unit")
+    ap.add_argument("--recompute-cheap", action="store_true", help="the graphed copy keeps fewer activations")
     ap.add_argument("--sweep", action="store_true", help="only: preempt a graphed step at every boundary in turn")
     a = ap.parse_args()
     if a.sweep:
@@ -198,7 +202,7 @@ def main():
     n_units = -(-n_layers // a.layers_per_unit)
     eager = run(a.shape, tok, False, rounds, {1: 5, 3: 3 * n_layers + 4})
     graphs = run(a.shape, tok, True, rounds, {1: min(5, n_units), 3: 3 * n_units + 4}, probe_weights=eager[1],
-                 per_unit=a.layers_per_unit)
+                 per_unit=a.layers_per_unit, recompute=a.recompute_cheap)
     problems = []
     rel = [abs(x - y) / max(abs(x), 1e-6) for x, y in zip(eager[0], graphs[0])]
     if len(eager[0]) != len(graphs[0]):
@@ -228,7 +232,7 @@ def main():
               f"{lost[way]} of {len(cs)} tensors below 0.99")
     if grad_cos["engine"][0] < 0.99:
         problems.append(f"gradients differ: min cosine similarity {grad_cos['engine'][0]:.4f}")
-    res.update(shape=a.shape, layers_per_unit=a.layers_per_unit, losses_eager=eager[0], losses_graphs=graphs[0], max_rel_loss_diff=max(rel),
+    res.update(shape=a.shape, layers_per_unit=a.layers_per_unit, recompute_cheap=a.recompute_cheap, losses_eager=eager[0], losses_graphs=graphs[0], max_rel_loss_diff=max(rel),
                min_update_cosine=min(cos), update_cosine=total_cos, grad_cosine_min_median=grad_cos,
                grad_tensors_off=lost, eval_eager=eager[2], eval_graphs=graphs[2],
                round_s_eager=eager[3], round_s_graphs=graphs[3], problems=problems)

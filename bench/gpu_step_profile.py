@@ -125,9 +125,9 @@ def engine(name, variant, steps, tok):
 
     m = C.build(name, tok)
     pm = C.attach(m)
-    base, tokens, per_unit, _ = T.parse_variant(variant)  # "mb1024+u4": micro-batches, layers per unit
+    base, tokens, per_unit, recompute, _ = T.parse_variant(variant)  # "mb1024+u4": micro-batches, layers per unit
     how = T.shipped_compile(pm, base if base in ("default", "compiled", "graphs", "graphs_dynamic", "graphs_static")
-                            or tokens else "eager", per_unit)
+                            or tokens else "eager", per_unit, recompute)
     eng = T.make_engine(pm, tok, steps=steps)
     eng.graphs = how == "graphs"
     if tokens:

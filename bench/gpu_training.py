@@ -7,8 +7,9 @@ training and replayed as CUDA graphs, ``training.compile = "auto"``); ``compiled
 layers without graphs, ``training.compile = "on"``); ``eager`` (``training.compile = "off"``);
 with gradient checkpointing (the memory setting); ``mb<N>`` (as shipped, micro-batches of at
 most N tokens: the same batch in less memory, the layers compiled in units of
-``layers_per_unit(N)`` as the service does: 8192 // N, at most 8). Suffixes: ``+u<K>``
-compiles K layers a unit instead; ``+sg`` measures without dynamo's guard checks
+``layers_per_unit(N)`` as the service does: 8192 // N, at most 8, and cheap activations
+recomputed in the backward pass, ``RECOMPUTE_CHEAP``). Suffixes: ``+u<K>`` compiles K layers a
+unit instead; ``+norc`` keeps the partitioner's default choice of activations; ``+sg`` measures without dynamo's guard checks
 (``skip_guard_eval_unsafe``, an experiment); ``+notrees`` with inductor's plain CUDA graphs
 instead of graph trees (an experiment: an AssertionError at ``mb1024`` in run BK); ``+ab<P>``
 with ``torch._functorch.config.activation_memory_budget`` = P % (the partitioner recomputes
@@ -72,7 +73,7 @@ def plain_peft(name, steps):
     return r, n
 
 
-def shipped_compile(pm, variant: str, per_unit: int = 1) -> str | None:
+def shipped_compile(pm, variant: str, per_unit: int = 1, recompute_cheap: bool = False) -> str | None:
     """Compile the layers for ``variant``: "eager" not at all, "compiled" without CUDA graphs,
     "graphs" replayed as CUDA graphs, "graphs_dynamic" the same compiled with ``dynamic=True``
     (every size dynamic: an experiment, segmentation faults on torch 2.11, docs/BENCHMARKS.md
@@ -93,17 +94,18 @@ def shipped_compile(pm, variant: str, per_unit: int = 1) -> str | None:
     if how == "auto":
         how = wanted("auto", pm)
     if how:
-        compile_layers(pm, graphs=how == "graphs", layers_per_unit=per_unit)
+        compile_layers(pm, graphs=how == "graphs", layers_per_unit=per_unit, recompute_cheap=recompute_cheap)
     return how
 
 
-def parse_variant(v: str) -> tuple[str, int, int, list[str]]:
+def parse_variant(v: str) -> tuple[str, int, int, bool, list[str]]:
     """"mb1024+u8+sg" → ("mb1024", 1024 tokens a micro-batch (0: unsplit), 8 layers a unit (as
-    the service compiles for that micro-batch unless ``+u<K>`` says), ["u8", "sg"])."""
+    the service compiles for that micro-batch unless ``+u<K>`` says), cheap activations
+    recomputed (as the service does where micro-batches are set, unless ``+norc``), ["u8", "sg"])."""
     base, *flags = v.split("+")
     tokens = int(base[2:]) if base.startswith("mb") else 0
     units = [int(f[1:]) for f in flags if f.startswith("u")]
-    return base, tokens, units[0] if units else layers_per_unit(tokens), flags
+    return base, tokens, units[0] if units else layers_per_unit(tokens), tokens > 0 and "norc" not in flags, flags
 
 
 def make_engine(pm, tok, *, checkpointing=False, steps=20):
@@ -175,7 +177,7 @@ def main():
             pm = C.attach(m)
             try:
                 t0 = time.perf_counter()
-                base_v, tokens, per_unit, flags = parse_variant(v)
+                base_v, tokens, per_unit, recompute, flags = parse_variant(v)
                 skip_guards = "sg" in flags
                 # "+notrees": inductor's plain CUDA graphs instead of graph trees (less bookkeeping
                 # per replay, a memory pool per graph) — an experiment, not run yet
@@ -184,7 +186,7 @@ def main():
                 budgets = [int(f[2:]) / 100 for f in flags if f.startswith("ab")]
                 torch._functorch.config.activation_memory_budget = budgets[0] if budgets else 1.0
                 # "mb2048": as shipped with micro-batches of at most 2048 tokens (layers in units of 4)
-                how = shipped_compile(pm, base_v, per_unit)
+                how = shipped_compile(pm, base_v, per_unit, recompute)
                 eng = make_engine(pm, tok, checkpointing=(base_v == "checkpointed"), steps=a.steps)
                 if tokens:
                     eng.micro_batch_tokens = tokens

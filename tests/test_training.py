@@ -687,22 +687,71 @@ def test_layers_compiled_in_units_train_the_same_weights_with_a_boundary_per_uni
         torch.testing.assert_close(trained[0][k], trained[1][k], rtol=1e-4, atol=moved * 1e-2)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own, compiling
+def test_bounded_memory_keeps_fewer_activations_and_the_dropout_masks(tmp_path, tiny_model_dir):
+    """With ``recompute_cheap`` (the service's choice when micro_batch_tokens is set) the
+    compiler's partitioner recomputes cheap activations in the backward pass instead of keeping
+    them: fewer bytes kept per step. Dropout's masks are still kept, never drawn afresh in the
+    backward pass (other masks than the forward's: wrong gradients); and the same weights are
+    learned. Here with the compiler's own partitioner and no kernels built (the CPU)."""
+    from idletune.gpu.training import compile_layers
+
+    kept, trained, start = [], [], None
+    torch._dynamo.reset()
+    try:
+        for dropout, cheap in ((0.05, False), (0.05, True), (0.0, None), (0.0, True)):
+            cfg = Config.load(None, {"training.max_steps": 2, "training.target_loss": 0.0, "training.warmup_steps": 0,
+                                     "training.replay_examples": 0, "training.lora.dropout": dropout})
+            torch.manual_seed(0)
+            s = build_service(tmp_path / f"data{dropout}{cheap}", model=tiny_model_dir, config=cfg,
+                              start_scheduler=False)
+            try:
+                if cheap is not None:  # None: eager
+                    compile_layers(s.model, recompute_cheap=cheap, backend="aot_eager_decomp_partition")
+                params = {p.data_ptr() for p in s.model.parameters()}
+                saved = {}
+
+                def pack(t):
+                    if t.data_ptr() not in params:
+                        saved[t.data_ptr()] = (t.dtype, t.numel() * t.element_size())
+                    return t
+                start = start or adapters.clone_adapter(s.model, TRAIN)
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    assert s.engine.train_round([fact(0), fact(1)], batch_size=2).steps == 2
+                kept.append((sum(n for _, n in saved.values()), sum(d == torch.bool for d, _ in saved.values())))
+                trained.append(adapters.clone_adapter(s.model, TRAIN))
+            finally:
+                s.close()
+                torch._dynamo.reset()
+    finally:
+        torch._dynamo.reset()
+    (plain, plain_masks), (cheap, cheap_masks) = kept[0], kept[1]
+    assert cheap < 0.9 * plain, kept
+    assert cheap_masks >= plain_masks > 0, kept  # boolean tensors kept: dropout's masks among them
+    # the same masks drawn in the forward pass, then used in the backward pass: the same weights
+    # as without the option (masks drawn afresh in the backward pass would train others)
+    for a, b in ((0, 1), (2, 3)):  # and without dropout, the same as eager
+        for k in trained[a]:
+            torch.testing.assert_close(trained[a][k], trained[b][k], rtol=1e-4, atol=1e-5)
+
+
 def test_service_marks_the_engine_for_graphed_layers(tmp_path, tiny_model_dir, monkeypatch):
     """Where training.compile asks for graphs, the layers are compiled with graphs *and* the
     engine runs in graph mode (padding, iteration marks, its own gradient accumulation): graphs
     without graph mode lost gradient contributions on a GPU (docs/BENCHMARKS.md, runs K, L).
-    Small micro-batches compile the layers in units (one layer per unit with the automatic size)."""
+    With micro_batch_tokens set (bounded memory) the layers are compiled in units and keep fewer
+    activations; with the automatic size, one layer a unit and the partitioner's default."""
     import idletune.gpu.training as G
 
     calls = []
     monkeypatch.setattr(G, "wanted", lambda setting, model, fast_path=True: "graphs")
-    monkeypatch.setattr(G, "compile_layers",
-                        lambda model, graphs=False, layers_per_unit=1: calls.append((graphs, layers_per_unit)) or 2)
-    for tokens, per_unit in ((0, 1), (2048, 4)):
+    monkeypatch.setattr(G, "compile_layers", lambda model, graphs=False, layers_per_unit=1, recompute_cheap=False:
+                        calls.append((graphs, layers_per_unit, recompute_cheap)) or 2)
+    for tokens, expected in ((0, (True, 1, False)), (2048, (True, 4, True))):
         cfg = Config.load(None, {"training.micro_batch_tokens": tokens})
         s = build_service(tmp_path / f"data{tokens}", model=tiny_model_dir, config=cfg, start_scheduler=False)
         try:
-            assert calls.pop() == (True, per_unit) and s.engine.graphs
+            assert calls.pop() == expected and s.engine.graphs
         finally:
             s.close()
 

@@ -115,11 +115,15 @@ def _compile_training(config: Config, engine, fast_path: bool) -> None:
 
     how = wanted(config.training.compile, engine.model, fast_path=fast_path)
     if how:
+        # micro_batch_tokens set: the user asks for bounded memory — small parts, kept fast in
+        # units of layers, and fewer activations kept (recomputed in the backward pass)
+        bounded = config.training.micro_batch_tokens > 0
         per_unit = layers_per_unit(config.training.micro_batch_tokens)
-        n = compile_layers(engine.model, graphs=how == "graphs", layers_per_unit=per_unit)
+        n = compile_layers(engine.model, graphs=how == "graphs", layers_per_unit=per_unit, recompute_cheap=bounded)
         engine.graphs = how == "graphs"
-        log.info("training: %d decoder layers compiled for training steps%s%s (the first step compiles)", n,
+        log.info("training: %d decoder layers compiled for training steps%s%s%s (the first step compiles)", n,
                  f", {per_unit} layers a unit" if per_unit > 1 else "",
+                 ", cheap activations recomputed" if bounded else "",
                  ", replayed as CUDA graphs" if engine.graphs else "")
 
 

@@ -35,6 +35,7 @@ import gc
 import logging
 
 import torch
+import torch._functorch.config
 
 log = logging.getLogger("idletune.gpu")
 
@@ -95,11 +96,26 @@ def _mark_dynamic(args: tuple, kwargs: dict) -> None:
         mark(kwargs["cache_position"], 0)
 
 
+# Where training is asked to use little memory: what the compiler's partitioner may recompute in
+# the backward pass instead of keeping from the forward. Its default already recomputes cheap
+# operations (element-wise ones, views: its allowlist) except where it judges that slower; these
+# lift those judgements, not the allowlist: random operations (dropout's masks) and products are
+# never recomputed. At 1.5B in 2048-token parts the step's peak fell from 4.05 to 3.34 GB at
+# about the same speed (docs/BENCHMARKS.md, run BP, through ``activation_memory_budget`` = 0.9,
+# which for this layer keeps the same activations as these options: 62 against 74 kB a token,
+# checked on the CPU). Lower budgets went further, but at 0.8 the partitioner drew dropout's
+# random numbers afresh in the backward pass: other masks than the forward's, wrong gradients.
+RECOMPUTE_CHEAP = {"ban_recompute_used_far_apart": False, "ban_recompute_long_fusible_chains": False,
+                   "ban_recompute_materialized_backward": False}
+
+
 def compile_layers(model, graphs: bool = False, dynamic_dims: bool = True, layers_per_unit: int = 1,
-                   **kwargs) -> int:
+                   recompute_cheap: bool = False, **kwargs) -> int:
     """Compile the decoder layers' forward for training passes (with ``graphs``, replayed as
     CUDA graphs; with ``dynamic_dims``, one compilation for every batch size and length), in
-    units of ``layers_per_unit`` consecutive layers (see :func:`_units`). Returns how many layers."""
+    units of ``layers_per_unit`` consecutive layers (see :func:`_units`); with
+    ``recompute_cheap``, keeping fewer activations (:data:`RECOMPUTE_CHEAP`). Returns how many
+    layers."""
     from ..training.adapters import decoder_layers
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -110,7 +126,7 @@ def compile_layers(model, graphs: bool = False, dynamic_dims: bool = True, layer
     layers = decoder_layers(model)
     for unit in _units(layers, layers_per_unit):
         if not any(_compiled(layer) for layer in unit):
-            _compile_unit(unit, dynamic_dims, kwargs)
+            _compile_unit(unit, dynamic_dims, recompute_cheap, kwargs)
     return len(layers)
 
 
@@ -166,7 +182,7 @@ def _with_hidden(hidden, args: tuple, kw: dict) -> tuple[tuple, dict]:
     return args, {**kw, "hidden_states": hidden}
 
 
-def _compile_unit(unit: list, dynamic_dims: bool, kwargs: dict) -> None:
+def _compile_unit(unit: list, dynamic_dims: bool, recompute_cheap: bool, kwargs: dict) -> None:
     """The unit's first layer runs the whole unit compiled in training passes; the others then
     return their input as it is (the work is done). Elsewhere (evaluation, inference, or
     gradients off) every layer runs its own eager forward."""
@@ -189,7 +205,10 @@ def _compile_unit(unit: list, dynamic_dims: bool, kwargs: dict) -> None:
         if training():
             if dynamic_dims:
                 _mark_dynamic(args, kw)
-            out = compiled(*args, **kw)
+            # the partitioner runs when a call compiles (the first, or a recompilation): the
+            # options are set around every call (~25 µs on a slow CPU), and only for these layers
+            with torch._functorch.config.patch(RECOMPUTE_CHEAP if recompute_cheap else {}):
+                out = compiled(*args, **kw)
             returned_tuple[0] = isinstance(out, tuple)
             return out
         return eagers[0](*args, **kw)
