@@ -13,7 +13,8 @@ unit instead; ``+norc`` keeps the partitioner's default choice of activations; `
 (``skip_guard_eval_unsafe``, an experiment); ``+notrees`` with inductor's plain CUDA graphs
 instead of graph trees (an experiment: an AssertionError at ``mb1024`` in run BK); ``+ab<P>``
 with ``torch._functorch.config.activation_memory_budget`` = P % (the partitioner recomputes
-cheap activations instead of saving them; an experiment). Also a
+cheap activations instead of saving them; an experiment; run BP measured it at 9b24483, before
+``mb`` variants recomputed by themselves: add ``+norc`` to measure the budget alone). Also a
 chat-shaped batch (loss on the last 128 tokens of each 512), where only target positions reach
 the output layer.
 

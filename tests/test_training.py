@@ -687,6 +687,25 @@ def test_layers_compiled_in_units_train_the_same_weights_with_a_boundary_per_uni
         torch.testing.assert_close(trained[0][k], trained[1][k], rtol=1e-4, atol=moved * 1e-2)
 
 
+def test_units_never_mix_attention_kinds_or_unknown_decoder_loops(svc, monkeypatch):
+    """A unit's layers all take its first layer's arguments: units break where the attention
+    kind changes (full vs sliding window: other masks, in Gemma 3 other rotary embeddings), and
+    a model type whose decoder loop is not known to pass every layer of a kind the same
+    arguments (e.g. Gemma 3n's inputs per layer) compiles layer by layer."""
+    import idletune.gpu.training as G
+
+    kinds = ["full_attention", "sliding_attention", "sliding_attention", "sliding_attention", "full_attention",
+             "full_attention"]
+    assert G._units(list(range(6)), 2, kinds) == [[0], [1, 2], [3], [4, 5]]
+    assert G._units(list(range(6)), 4) == [[0, 1, 2, 3], [4, 5]]
+    sizes = []
+    monkeypatch.setattr(G, "_compile_unit", lambda unit, *a: sizes.append(len(unit)))
+    assert G.compile_layers(svc.model, layers_per_unit=2) == 2 and sizes == [2]  # a Llama
+    sizes.clear()
+    monkeypatch.setattr(svc.model.get_base_model().config, "model_type", "gemma3n_text")
+    assert G.compile_layers(svc.model, layers_per_unit=2) == 2 and sizes == [1, 1]
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own, compiling
 def test_bounded_memory_keeps_fewer_activations_and_the_dropout_masks(tmp_path, tiny_model_dir):
     """With ``recompute_cheap`` (the service's choice when micro_batch_tokens is set) the

@@ -6,7 +6,7 @@ shape) and in launching ~6000 small kernels from Python. ``torch.compile`` fuses
 element-wise work into a few Triton kernels: half the launches, a third less kernel time
 (docs/BENCHMARKS.md). Only the layers' ``forward`` is compiled, so the preemption hooks around
 each layer stay in eager Python and can still stop a step. With small micro-batches
-(``training.micro_batch_tokens`` under 8192) several consecutive layers are compiled as one
+(``training.micro_batch_tokens`` of 4096 tokens or fewer) several consecutive layers are compiled as one
 unit (:func:`layers_per_unit`, :func:`_units`): fewer calls from Python per step, a preemption
 boundary per unit.
 
@@ -124,7 +124,11 @@ def compile_layers(model, graphs: bool = False, dynamic_dims: bool = True, layer
         kwargs.setdefault("mode", "reduce-overhead")
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None  # shapes are bucketed
     layers = decoder_layers(model)
-    for unit in _units(layers, layers_per_unit):
+    if layers_per_unit > 1 and not _same_arguments(model):
+        log.info("training: layers compiled one by one (%s passes its layers different arguments)",
+                 _config(model).model_type)
+        layers_per_unit = 1
+    for unit in _units(layers, layers_per_unit, getattr(_config(model), "layer_types", None)):
         if not any(_compiled(layer) for layer in unit):
             _compile_unit(unit, dynamic_dims, recompute_cheap, kwargs)
     return len(layers)
@@ -140,17 +144,38 @@ MOST_LAYERS_PER_UNIT = 8
 def layers_per_unit(micro_batch_tokens: int) -> int:
     """Decoder layers per compiled unit for micro-batches of at most ``micro_batch_tokens``
     (``training.micro_batch_tokens``): ``UNIT_TOKENS`` // that, from 1 to
-    ``MOST_LAYERS_PER_UNIT`` — 8 for 1024-token parts, 4 for 2048, 2 for 4096; 1 from 8192 and
-    for the automatic size (0), which on a GPU takes as many tokens as half the free memory
-    holds (16384 on an 80 GB card at the 0.5B and 1.5B shapes)."""
+    ``MOST_LAYERS_PER_UNIT`` — 8 for 1024-token parts, 4 for 2048, 2 for 4096, 1 above that
+    and for the automatic size (0), which on a GPU takes as many tokens as half the free memory
+    holds (16384 on an 80 GB card at the 0.5B and 1.5B shapes). The service passes the larger
+    of ``micro_batch_tokens`` and ``max_seq_len``: one example alone makes a part of up to
+    ``max_seq_len`` tokens."""
     if micro_batch_tokens <= 0:
         return 1
     return max(1, min(MOST_LAYERS_PER_UNIT, UNIT_TOKENS // micro_batch_tokens))
 
 
-def _units(layers: list, size: int) -> list[list]:
+# Models whose decoder loop passes every layer of one attention type (config.layer_types) the
+# same arguments: the layers of a unit can all take its first layer's. Others (e.g. Gemma 3n,
+# with inputs per layer) compile layer by layer.
+SAME_ARGUMENTS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite",
+                  "olmo2", "smollm3"}
+
+
+def _config(model):
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = lm.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _same_arguments(model) -> bool:
+    return getattr(_config(model), "model_type", None) in SAME_ARGUMENTS
+
+
+def _units(layers: list, size: int, kinds: list | None = None) -> list[list]:
     """Consecutive layers in units of at most ``size``, never across a change of attention type
-    (a unit's layers all get its first layer's arguments, its attention mask among them).
+    (``kinds``: the config's ``layer_types``, e.g. full and sliding-window attention, which get
+    other masks and, in Gemma 3, other rotary embeddings: a unit's layers all get its first
+    layer's arguments).
 
     A compiled unit is one call from Python, one CUDA graph forward and one backward, and one
     preemption boundary, however many layers it holds. Each layer call costs the host about
@@ -162,10 +187,10 @@ def _units(layers: list, size: int) -> list[list]:
     instead of layers: the same GPU time as layers of parts ``layers_per_unit`` times larger."""
     if size < 1:
         raise ValueError(f"layers_per_unit must be ≥ 1, got {size!r}")
+    kinds = list(kinds) if kinds is not None and len(kinds) == len(layers) else [None] * len(layers)
     units: list[list] = []
-    for layer in layers:
-        kind = getattr(layer, "attention_type", None)
-        if units and len(units[-1]) < size and getattr(units[-1][0], "attention_type", None) == kind:
+    for i, layer in enumerate(layers):
+        if units and len(units[-1]) < size and kinds[i - 1] == kinds[i]:
             units[-1].append(layer)
         else:
             units.append([layer])
@@ -206,7 +231,8 @@ def _compile_unit(unit: list, dynamic_dims: bool, recompute_cheap: bool, kwargs:
             if dynamic_dims:
                 _mark_dynamic(args, kw)
             # the partitioner runs when a call compiles (the first, or a recompilation): the
-            # options are set around every call (~25 µs on a slow CPU), and only for these layers
+            # options are set around every call (~25 µs on a slow CPU). They are process-wide
+            # meanwhile; only training passes partition (chat's compiled graphs have no backward)
             with torch._functorch.config.patch(RECOMPUTE_CHEAP if recompute_cheap else {}):
                 out = compiled(*args, **kw)
             returned_tuple[0] = isinstance(out, tuple)

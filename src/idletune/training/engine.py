@@ -511,7 +511,7 @@ class TrainingEngine:
 
         def fwd_hook(module, args, kwargs, output):
             hidden = output[0] if isinstance(output, (tuple, list)) else output
-            if hidden is (args[0] if args else kwargs.get("hidden_states")):
+            if torch.is_tensor(hidden) and hidden is (args[0] if args else kwargs.get("hidden_states")):
                 return None  # passed on as it came: a compiled unit's first layer did the work (gpu/training.py)
             self._forward_boundary()
             if torch.is_tensor(hidden) and hidden.requires_grad:
