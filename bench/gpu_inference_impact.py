@@ -16,6 +16,7 @@ with the stacks just before and after (the sampler's own contention slows decodi
 
 Usage: python bench/gpu_inference_impact.py [OUT.json] [--shape qwen2.5-0.5b] [--rounds 8]
        [--clients 1,8] [--per-client 4,2] [--warmup-steps 3] [--sample-threads]
+       [--micro-batch-tokens 2048]   (training in bounded memory: layers in units; not run yet)
 """
 import argparse
 import gc
@@ -50,6 +51,8 @@ def main():
     ap.add_argument("--clients", default="1,8")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--training-compile", default="auto", help="training.compile: auto (graphs on a GPU), graphs, on, off")
+    ap.add_argument("--micro-batch-tokens", type=int, default=0, help="training.micro_batch_tokens (0: automatic; "
+                    "set: training in bounded memory, layers compiled in units)")
     ap.add_argument("--no-workspace-fix", action="store_true", help="capture the decoder's graphs with cuBLAS's "
                     "cached workspace, as before run W: reproduces the crash of run N under graphed training")
     ap.add_argument("--per-client", default="4,2", help="requests per client per block, for each --clients entry")
@@ -72,7 +75,8 @@ def main():
             import idletune.gpu.decoder as D
 
             D._own_cublas_workspace = contextlib.nullcontext
-        svc = C.service(a.shape, tmp, **{"training.compile": a.training_compile})
+        svc = C.service(a.shape, tmp, **{"training.compile": a.training_compile,
+                                         "training.micro_batch_tokens": a.micro_batch_tokens})
         res["training_graphs"] = svc.engine.graphs
         res["gpu_path"] = svc.inference.fast is not None
         inf, eng = svc.inference, svc.engine
