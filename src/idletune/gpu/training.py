@@ -104,7 +104,9 @@ def _mark_dynamic(args: tuple, kwargs: dict) -> None:
 # about the same speed (docs/BENCHMARKS.md, run BP, through ``activation_memory_budget`` = 0.9,
 # which for this layer keeps the same activations as these options: 62 against 74 kB a token,
 # checked on the CPU). Lower budgets went further, but at 0.8 the partitioner drew dropout's
-# random numbers afresh in the backward pass: other masks than the forward's, wrong gradients.
+# random numbers afresh in the backward pass: other masks than the forward's, wrong gradients
+# (a known torch bug, pytorch/pytorch#190758: the budget's knapsack can pick random operations;
+# with the budget left at 1 it never runs, and the partitioner's ban on them holds).
 RECOMPUTE_CHEAP = {"ban_recompute_used_far_apart": False, "ban_recompute_long_fusible_chains": False,
                    "ban_recompute_materialized_backward": False}
 
