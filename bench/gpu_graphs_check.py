@@ -232,7 +232,8 @@ def main():
               f"{lost[way]} of {len(cs)} tensors below 0.99")
     if grad_cos["engine"][0] < 0.99:
         problems.append(f"gradients differ: min cosine similarity {grad_cos['engine'][0]:.4f}")
-    res.update(shape=a.shape, layers_per_unit=a.layers_per_unit, recompute_cheap=a.recompute_cheap, losses_eager=eager[0], losses_graphs=graphs[0], max_rel_loss_diff=max(rel),
+    res.update(shape=a.shape, layers_per_unit=a.layers_per_unit, recompute_cheap=a.recompute_cheap,
+               losses_eager=eager[0], losses_graphs=graphs[0], max_rel_loss_diff=max(rel),
                min_update_cosine=min(cos), update_cosine=total_cos, grad_cosine_min_median=grad_cos,
                grad_tensors_off=lost, eval_eager=eager[2], eval_graphs=graphs[2],
                round_s_eager=eager[3], round_s_graphs=graphs[3], problems=problems)

@@ -9,8 +9,8 @@ with gradient checkpointing (the memory setting); ``mb<N>`` (as shipped, micro-b
 most N tokens: the same batch in less memory, the layers compiled in units of
 ``layers_per_unit(N)`` as the service does: 8192 // N, at most 8, and cheap activations
 recomputed in the backward pass, ``RECOMPUTE_CHEAP``). Suffixes: ``+u<K>`` compiles K layers a
-unit instead; ``+norc`` keeps the partitioner's default choice of activations; ``+sg`` measures without dynamo's guard checks
-(``skip_guard_eval_unsafe``, an experiment); ``+notrees`` with inductor's plain CUDA graphs
+unit instead; ``+norc`` keeps the partitioner's default choice of activations; ``+sg``
+measures without dynamo's guard checks (``skip_guard_eval_unsafe``, an experiment); ``+notrees`` with inductor's plain CUDA graphs
 instead of graph trees (an experiment: an AssertionError at ``mb1024`` in run BK); ``+ab<P>``
 with ``torch._functorch.config.activation_memory_budget`` = P % (the partitioner recomputes
 cheap activations instead of saving them; an experiment; run BP measured it at 9b24483, before

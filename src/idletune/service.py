@@ -116,11 +116,11 @@ def _compile_training(config: Config, engine, fast_path: bool) -> None:
     how = wanted(config.training.compile, engine.model, fast_path=fast_path)
     if how:
         # micro_batch_tokens set: the user asks for bounded memory — small parts, kept fast in
-        # units of layers, and fewer activations kept (recomputed in the backward pass)
-        # (a part holds one example whole, so it can be as long as max_seq_len: the unit size
-        # counts on that, to bound the work a request may wait for)
-        bounded = config.training.micro_batch_tokens > 0
-        per_unit = layers_per_unit(max(config.training.micro_batch_tokens, config.training.max_seq_len) if bounded else 0)
+        # units of layers, and fewer activations kept (recomputed in the backward pass). One
+        # example alone makes a part as long as max_seq_len, so units are sized for that too.
+        tc = config.training
+        bounded = tc.micro_batch_tokens > 0
+        per_unit = layers_per_unit(max(tc.micro_batch_tokens, tc.max_seq_len) if bounded else 0)
         n = compile_layers(engine.model, graphs=how == "graphs", layers_per_unit=per_unit, recompute_cheap=bounded)
         engine.graphs = how == "graphs"
         log.info("training: %d decoder layers compiled for training steps%s%s%s (the first step compiles)", n,

@@ -6,9 +6,9 @@ shape) and in launching ~6000 small kernels from Python. ``torch.compile`` fuses
 element-wise work into a few Triton kernels: half the launches, a third less kernel time
 (docs/BENCHMARKS.md). Only the layers' ``forward`` is compiled, so the preemption hooks around
 each layer stay in eager Python and can still stop a step. With small micro-batches
-(``training.micro_batch_tokens`` of 4096 tokens or fewer) several consecutive layers are compiled as one
-unit (:func:`layers_per_unit`, :func:`_units`): fewer calls from Python per step, a preemption
-boundary per unit.
+(``training.micro_batch_tokens`` of 4096 tokens or fewer) several consecutive layers are
+compiled as one unit (:func:`layers_per_unit`, :func:`_units`): fewer calls from Python per
+step, a preemption boundary per unit.
 
 ``graphs`` (the default on a GPU in LoRA mode with the GPU serving path, see :func:`wanted`):
 each compiled layer's forward and backward are also captured as CUDA graphs
@@ -185,8 +185,9 @@ def _units(layers: list, size: int, kinds: list | None = None) -> list[list]:
     checks: docs/BENCHMARKS.md, run BE), which small micro-batches do not hide. At 1.5B in
     2048-token parts, units of 4 layers ran the step in 80–82 ms against 80–91 ms for units of
     2 and the plain loop's 163 ms; in 1024-token parts, 96–109 ms (units of 4 or 8) against
-    113–121 ms layer by layer (runs BK, BL, BO). A request then waits for up to ``queued_layers`` units ahead of it
-    instead of layers: the same GPU time as layers of parts ``layers_per_unit`` times larger."""
+    113–121 ms layer by layer (runs BK, BL, BO). A request then waits for up to
+    ``queued_layers`` units ahead of it instead of layers: the same GPU time as layers of parts
+    ``layers_per_unit`` times larger."""
     if size < 1:
         raise ValueError(f"layers_per_unit must be ≥ 1, got {size!r}")
     kinds = list(kinds) if kinds is not None and len(kinds) == len(layers) else [None] * len(layers)
