@@ -118,19 +118,19 @@ def compile_layers(model, graphs: bool = False, dynamic_dims: bool = True, layer
     units of ``layers_per_unit`` consecutive layers (see :func:`_units`); with
     ``recompute_cheap``, keeping fewer activations (:data:`RECOMPUTE_CHEAP`). Returns how many
     layers."""
-    from ..training.adapters import decoder_layers
+    from ..training.adapters import decoder_layers, text_config
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     _hold_full_collections()
     if graphs:
         kwargs.setdefault("mode", "reduce-overhead")
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None  # shapes are bucketed
-    layers = decoder_layers(model)
-    if layers_per_unit > 1 and not _same_arguments(model):
+    layers, cfg = decoder_layers(model), text_config(model)
+    if layers_per_unit > 1 and getattr(cfg, "model_type", None) not in SAME_ARGUMENTS:
         log.info("training: layers compiled one by one (%s passes its layers different arguments)",
-                 _config(model).model_type)
+                 getattr(cfg, "model_type", None))
         layers_per_unit = 1
-    for unit in _units(layers, layers_per_unit, getattr(_config(model), "layer_types", None)):
+    for unit in _units(layers, layers_per_unit, getattr(cfg, "layer_types", None)):
         if not any(_compiled(layer) for layer in unit):
             _compile_unit(unit, dynamic_dims, recompute_cheap, kwargs)
     return len(layers)
@@ -161,16 +161,6 @@ def layers_per_unit(micro_batch_tokens: int) -> int:
 # with inputs per layer) compile layer by layer.
 SAME_ARGUMENTS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite",
                   "olmo2", "smollm3"}
-
-
-def _config(model):
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = lm.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
-def _same_arguments(model) -> bool:
-    return getattr(_config(model), "model_type", None) in SAME_ARGUMENTS
 
 
 def _units(layers: list, size: int, kinds: list | None = None) -> list[list]:
@@ -226,6 +216,14 @@ def _compile_unit(unit: list, dynamic_dims: bool, recompute_cheap: bool, kwargs:
 
     compiled = torch.compile(run if len(unit) > 1 else eagers[0], **kwargs)
 
+    def recomputing(*args, **kw):
+        # The partitioner runs when a call compiles (the first, or a recompilation), so the
+        # options are set around every call (~25 µs on a slow CPU). They are process-wide
+        # meanwhile; only training passes partition (chat's compiled graphs have no backward).
+        with torch._functorch.config.patch(RECOMPUTE_CHEAP):
+            return compiled(*args, **kw)
+    call = recomputing if recompute_cheap else compiled
+
     def training() -> bool:
         return first.training and torch.is_grad_enabled()
 
@@ -233,11 +231,7 @@ def _compile_unit(unit: list, dynamic_dims: bool, recompute_cheap: bool, kwargs:
         if training():
             if dynamic_dims:
                 _mark_dynamic(args, kw)
-            # the partitioner runs when a call compiles (the first, or a recompilation): the
-            # options are set around every call (~25 µs on a slow CPU). They are process-wide
-            # meanwhile; only training passes partition (chat's compiled graphs have no backward)
-            with torch._functorch.config.patch(RECOMPUTE_CHEAP if recompute_cheap else {}):
-                out = compiled(*args, **kw)
+            out = call(*args, **kw)
             returned_tuple[0] = isinstance(out, tuple)
             return out
         return eagers[0](*args, **kw)

@@ -118,6 +118,13 @@ def load_adapter_tensors(model, name: str, tensors: dict[str, torch.Tensor]) -> 
         dst[k].copy_(t)
 
 
+def text_config(model):
+    """The language model's config (of the base model under a PeftModel; the text part of a
+    multimodal config)."""
+    cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The transformer blocks (the largest ModuleList), where training can be preempted."""
     best: list = []

@@ -43,8 +43,7 @@ def gpu_micro_batch_tokens(model, free_bytes: float, *, checkpointing: bool = Fa
     output layer trains (full fine-tuning), its float32 logits and their gradient, 8 bytes × the
     vocabulary. A larger batch is split and its gradients accumulated: the same step, in bounded
     memory."""
-    cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    cfg = adapters.text_config(model)
     hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
     layer = 6 * hidden + 3 * (getattr(cfg, "intermediate_size", None) or 4 * hidden)
     per_token = 2 * (layers * hidden + layer if checkpointing else layers * layer)
@@ -550,7 +549,7 @@ class TrainingEngine:
         loss (the TTFT p99 under a backlog, docs/BENCHMARKS.md run BG). While the user is
         away the loss is queued whole, as the host can then run ahead into the backward pass."""
         if self._step_thread == threading.get_ident():
-            self._boundary(queue=self._step_stream is not None and self.idle_for() < AWAY_AFTER_S)
+            self._boundary(queue=self.idle_for() < AWAY_AFTER_S)
 
     # ---- evaluation ---------------------------------------------------------------------------
     def _sums(self, examples: list[TrainingExample], which: str, batch_size: int) -> list[tuple[float, int]]:
