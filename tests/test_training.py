@@ -214,8 +214,54 @@ def test_the_loss_is_queued_a_chunk_at_a_time_only_while_the_user_is_active(svc,
         idle[0] = AWAY_AFTER_S
         eng._loss_boundary()  # away: the loss runs ahead, whole
         assert recorded == ["stream"]
-        eng._forward_boundary()  # layers are counted either way
+        eng._forward_boundary([1])  # layers are counted either way
         assert recorded == ["stream", "stream"]
+    finally:
+        eng._step_thread = eng._step_stream = None
+        eng._queued.clear()
+
+
+def test_a_compiled_unit_counts_as_its_layers_in_the_training_queue(svc, monkeypatch):
+    """At most ``queued_layers`` layers of a step's work stay queued ahead of a request: a unit
+    of several layers counts as that many, so with units larger than the limit one unit stays
+    queued, not ``queued_layers`` units (the TTFT cost of units, docs/BENCHMARKS.md run BS)."""
+    import threading
+
+    events = []
+
+    class Event:  # stands in for torch.cuda.Event: which boundaries the host waits for
+        def __init__(self):
+            self.waited = False
+            events.append(self)
+
+        def record(self, stream):
+            pass
+
+        def synchronize(self):
+            self.waited = True
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    eng = svc.engine
+    eng.queued_layers = 3
+    monkeypatch.setattr(eng, "idle_for", lambda: 0.0)  # the user is active: loss chunks are queued too
+    eng._step_thread, eng._step_stream = threading.get_ident(), "stream"
+    try:
+        for _ in range(5):  # layer by layer: three stay queued
+            eng._forward_boundary([1])
+        assert [e.waited for e in events] == [True, True, False, False, False]
+        eng._queued.clear(), events.clear()
+        for _ in range(3):  # units of 4 (their other layers counted as they pass their input on)
+            unit = [1]
+            eng._forward_boundary(unit)
+            unit[0] += 3
+        assert [e.waited for e in events] == [True, True, False]
+        eng._queued.clear(), events.clear()
+        for _ in range(4):  # units of 2: the layers queued stay at most 3 once the unit is counted
+            unit = [1]
+            eng._forward_boundary(unit)
+            unit[0] += 1
+        assert [e.waited for e in events] == [True, True, False, False]
+        eng._loss_boundary()  # a loss chunk is one: with a unit of 2 queued, that is 3
+        assert [e.waited for e in events] == [True, True, True, False, False]
     finally:
         eng._step_thread = eng._step_stream = None
         eng._queued.clear()
@@ -656,15 +702,20 @@ def test_layers_compiled_in_units_train_the_same_weights_with_a_boundary_per_uni
                 if per_unit:
                     assert compile_layers(s.model, layers_per_unit=per_unit, backend="aot_eager") == 5
                 start = start or adapters.clone_adapter(s.model, TRAIN)
-                eng, n = s.engine, {"boundaries": 0}
+                eng, n, layers = s.engine, {"boundaries": 0}, []
                 real_boundary = eng._boundary
 
-                def boundary(queue=True):
+                def boundary(queue=True, layers=None):
                     n["boundaries"] += 1
-                    real_boundary(queue)
+                    seen.append(layers)
+                    real_boundary(queue, layers)
                 eng._boundary = boundary
+                seen = layers
                 r = eng.train_round([fact(0), fact(1)], batch_size=2)
                 assert r.steps == 2 and not r.preempted
+                # each boundary's layers of work, forward then backward: a unit counts its layers
+                assert [x[0] for x in layers] == 2 * ([2, 2, 1, 1, 2, 2] if per_unit else [1] * 10)
+                seen = []
                 trained.append(adapters.clone_adapter(s.model, TRAIN))
                 per_step, n["boundaries"] = n["boundaries"] / 2, 0
                 eng.evaluate([fact(0)], LIVE)

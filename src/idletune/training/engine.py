@@ -66,7 +66,7 @@ def graph_shape(rows: int, length: int) -> tuple[int, int]:
     return r, -(-length // step) * step
 
 
-QUEUED_LAYERS = 3  # on a GPU: most layers (or loss chunks) of training work queued ahead of a request
+QUEUED_LAYERS = 3  # on a GPU: most layers (or loss chunks; or one compiled unit) of training work queued ahead of a request
 # The user counts as away after this long with no request. Until then, with CUDA-graphed layers,
 # a new shape is not recorded (a recorded larger one serves, at most PADDED_AREA_LIMIT times the
 # area), and the output layer's loss is queued a chunk at a time like the layers.
@@ -174,7 +174,11 @@ class TrainingEngine:
         self._booked_at = 0.0
         self._step_thread: int | None = None
         self._step_stream = None  # the CUDA stream of the step in progress
-        self._queued: deque = deque()  # CUDA events, one per layer boundary (or loss chunk) of the current step
+        # CUDA events of the current step, one per layer boundary (or loss chunk), each with the
+        # layers of work it closes (a one-item list: a compiled unit's count grows as its other
+        # layers pass their input on)
+        self._queued: deque[tuple[object, list[int]]] = deque()
+        self._unit: list[int] | None = None  # the layer count of the unit whose forward ran last
         # Tokens in one forward/backward: bounds a step's activation memory (about 2.6 MB per
         # token for the default model in float32 on a CPU). 0 on a GPU: sized to the memory
         # free at the first step (:func:`gpu_micro_batch_tokens`).
@@ -264,7 +268,7 @@ class TrainingEngine:
                         self._optimizer_step(opt, finite)
                     finally:
                         opt.zero_grad(set_to_none=not self.graphs)
-                        self._step_thread = self._step_stream = None  # before the lock is released
+                        self._step_thread = self._step_stream = self._unit = None  # before the lock is released
                         self._queued.clear()
             except Preempted:
                 result.preempted = True
@@ -502,43 +506,51 @@ class TrainingEngine:
         layers pass their input on), in the forward and (through a gradient hook) in the
         backward pass of a training step: :meth:`_boundary` (the output layer's loss calls
         :meth:`_loss_boundary` between its chunks)."""
-        def grad_hook(grad):
-            # Backward runs only in training steps, and on a GPU in autograd's device thread.
-            if self._step_thread is not None:
-                self._boundary()
-            return grad
-
         def fwd_hook(module, args, kwargs, output):
             hidden = output[0] if isinstance(output, (tuple, list)) else output
             if torch.is_tensor(hidden) and hidden is (args[0] if args else kwargs.get("hidden_states")):
-                return None  # passed on as it came: a compiled unit's first layer did the work (gpu/training.py)
-            self._forward_boundary()
+                # passed on as it came: a compiled unit's first layer did the work (gpu/training.py)
+                if self._unit is not None and self._step_thread == threading.get_ident():
+                    self._unit[0] += 1
+                return None
+            layers = [1]
+            self._forward_boundary(layers)
             if torch.is_tensor(hidden) and hidden.requires_grad:
-                hidden.register_hook(grad_hook)  # fires during backward through this layer
+                def grad_hook(grad):
+                    # Backward runs only in training steps, and on a GPU in autograd's device thread.
+                    if self._step_thread is not None:
+                        self._boundary(layers=layers)
+                    return grad
+                hidden.register_hook(grad_hook)  # fires during backward through this layer (or unit)
             return None
 
         for layer in adapters.decoder_layers(self.model):
             layer.register_forward_hook(fwd_hook, with_kwargs=True)
 
-    def _boundary(self, queue: bool = True) -> None:
+    def _boundary(self, queue: bool = True, layers: list[int] | None = None) -> None:
         """Stop the pass if a request waits (:class:`Preempted`), and on a GPU (with ``queue``)
         keep at most ``queued_layers`` layers (or loss chunks) of this step's work queued on the
         device, so that a request finds little training work ahead of it (the host otherwise
-        runs a whole step ahead)."""
+        runs a whole step ahead). ``layers``: how many layers the work before this boundary
+        holds (a compiled unit's count, filled in as its other layers pass their input on; 1
+        for a layer or a loss chunk). With units of more layers than ``queued_layers`` one unit
+        stays queued: a request then waits for at most one unit (runs BS and later in
+        docs/BENCHMARKS.md)."""
         if self.should_yield():
             raise Preempted()
         if queue and self._step_stream is not None:
             ev = torch.cuda.Event()
             ev.record(self._step_stream)
-            self._queued.append(ev)
-            if len(self._queued) > self.queued_layers:
-                self._queued.popleft().synchronize()  # waits in this thread only, without the GIL
+            self._queued.append((ev, layers or [1]))
+            while len(self._queued) > 1 and sum(n[0] for _, n in self._queued) > self.queued_layers:
+                self._queued.popleft()[0].synchronize()  # waits in this thread only, without the GIL
 
-    def _forward_boundary(self) -> None:
-        """:meth:`_boundary` after a layer's forward: only in the training thread's own passes
-        (a request's forward runs the layer hooks too)."""
+    def _forward_boundary(self, layers: list[int]) -> None:
+        """:meth:`_boundary` after a layer's (or unit's) forward: only in the training thread's
+        own passes (a request's forward runs the layer hooks too)."""
         if self._step_thread == threading.get_ident():
-            self._boundary()
+            self._unit = layers
+            self._boundary(layers=layers)
 
     def _loss_boundary(self) -> None:
         """Between the chunks of the output layer's loss (about 0.5 ms of GPU work each at
@@ -574,7 +586,7 @@ class TrainingEngine:
                             with self._autocast():
                                 s, c = target_token_losses(self.model, b, self._loss_boundary)
                         finally:
-                            self._step_thread = None
+                            self._step_thread = self._unit = None
                     break
                 except Preempted:
                     self._give_up_after(waited)  # requests that keep coming back to back count too
