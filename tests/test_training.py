@@ -221,10 +221,13 @@ def test_the_loss_is_queued_a_chunk_at_a_time_only_while_the_user_is_active(svc,
         eng._queued.clear()
 
 
-def test_a_compiled_unit_counts_as_its_layers_in_the_training_queue(svc, monkeypatch):
-    """At most ``queued_layers`` layers of a step's work stay queued ahead of a request: a unit
-    of several layers counts as that many, so with units larger than the limit one unit stays
-    queued, not ``queued_layers`` units (the TTFT cost of units, docs/BENCHMARKS.md run BS)."""
+def test_a_compiled_unit_counts_as_its_layers_in_the_training_queue_while_the_user_is_active(svc, monkeypatch):
+    """While the user is active at most ``queued_layers`` layers of a step's work stay queued
+    ahead of a request: a unit of several layers counts as that many, so with units larger than
+    the limit one unit stays queued, not ``queued_layers`` units (the TTFT cost of units,
+    docs/BENCHMARKS.md runs BS, BV). While the user is away, ``queued_layers`` units."""
+    from idletune.training.engine import AWAY_AFTER_S
+
     import threading
 
     events = []
@@ -242,7 +245,8 @@ def test_a_compiled_unit_counts_as_its_layers_in_the_training_queue(svc, monkeyp
     monkeypatch.setattr(torch.cuda, "Event", Event)
     eng = svc.engine
     eng.queued_layers = 3
-    monkeypatch.setattr(eng, "idle_for", lambda: 0.0)  # the user is active: loss chunks are queued too
+    idle = [0.0]  # the user is active: loss chunks are queued too
+    monkeypatch.setattr(eng, "idle_for", lambda: idle[0])
     eng._step_thread, eng._step_stream = threading.get_ident(), "stream"
     try:
         for _ in range(5):  # layer by layer: three stay queued
@@ -262,6 +266,13 @@ def test_a_compiled_unit_counts_as_its_layers_in_the_training_queue(svc, monkeyp
         assert [e.waited for e in events] == [True, True, False, False]
         eng._loss_boundary()  # a loss chunk is one: with a unit of 2 queued, that is 3
         assert [e.waited for e in events] == [True, True, True, False, False]
+        eng._queued.clear(), events.clear()
+        idle[0] = AWAY_AFTER_S
+        for _ in range(5):  # away: units of 4, three stay queued (the host runs further ahead)
+            unit = [1]
+            eng._forward_boundary(unit)
+            unit[0] += 3
+        assert [e.waited for e in events] == [True, True, False, False, False]
     finally:
         eng._step_thread = eng._step_stream = None
         eng._queued.clear()

@@ -175,10 +175,9 @@ def _units(layers: list, size: int, kinds: list | None = None) -> list[list]:
     checks: docs/BENCHMARKS.md, run BE), which small micro-batches do not hide. At 1.5B in
     2048-token parts, units of 4 layers ran the step in 80–82 ms against 80–91 ms for units of
     2 and the plain loop's 163 ms; in 1024-token parts, 96–109 ms (units of 4 or 8) against
-    113–121 ms layer by layer (runs BK, BL, BO). The engine's queue counts a unit as its
-    layers, so a request finds at most ``queued_layers`` layers ahead of it, or one unit where a
-    unit has more (with 3 units queued, TTFT p99 under a backlog rose by 4.5 ms at 0.5B in
-    2048-token parts, run BS)."""
+    113–121 ms layer by layer (runs BK, BL, BO). While the user is active the engine's queue
+    counts a unit as its layers, so a request finds at most ``queued_layers`` layers ahead of
+    it, or one unit where a unit holds more (``TrainingEngine._boundary``, runs BS, BV)."""
     if size < 1:
         raise ValueError(f"layers_per_unit must be ≥ 1, got {size!r}")
     kinds = list(kinds) if kinds is not None and len(kinds) == len(layers) else [None] * len(layers)
