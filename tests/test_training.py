@@ -749,6 +749,68 @@ def test_layers_compiled_in_units_train_the_same_weights_with_a_boundary_per_uni
         torch.testing.assert_close(trained[0][k], trained[1][k], rtol=1e-4, atol=moved * 1e-2)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's, compiling
+def test_the_automatic_micro_batch_size_regroups_compiled_layers_into_units_before_the_first_pass(
+        tmp_path, default_model_dir, caplog):
+    """With the automatic size (a GPU's default) the service compiles layer by layer; at the first
+    step, once the engine has taken its size, a small size regroups the layers into units as a
+    size set would (2048 tokens: units of 4 and 1 layers), a large one leaves them one by one.
+    The same weights are learned as eagerly. A later re-sizing (after a switch of weight set)
+    keeps the units: a compiled pass has run by then. (The size from the free GPU memory is a
+    stand-in here.)"""
+    from conftest import make_tiny_llama
+    from idletune.gpu.training import compile_layers
+    from idletune.training.data import encode
+
+    model_dir = make_tiny_llama(tmp_path / "tiny5", default_model_dir, layers=5)
+    cfg = Config.load(None, {"training.max_steps": 2, "training.target_loss": 0.0, "training.lora.dropout": 0.0,
+                             "training.warmup_steps": 0, "training.replay_examples": 0})
+    assert cfg.training.max_seq_len <= 2048  # units are sized for the longer of it and the micro-batch size
+    trained, counted, start = [], [], None
+    torch._dynamo.reset()
+    try:
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            s = build_service(tmp_path / f"data{compiled}", model=model_dir, config=cfg, start_scheduler=False)
+            try:
+                eng, layers = s.engine, adapters.decoder_layers(s.model)
+                start = start or adapters.clone_adapter(s.model, TRAIN)
+                if compiled:
+                    assert compile_layers(s.model, backend="aot_eager") == 5
+                    eng.micro_batch_tokens, eng._free_memory_micro_batch = 0, lambda: 16384
+                    forwards = [layer.forward for layer in layers]
+                    eng._micro_batches([encode(fact(0), eng.tokenizer, 128)])
+                    assert eng.micro_batch_tokens == 16384
+                    assert [layer.forward for layer in layers] == forwards  # one by one
+                    eng.micro_batch_tokens, eng._free_memory_micro_batch = 0, lambda: 2048
+                seen, real_boundary = [], eng._boundary
+                eng._boundary = lambda queue=True, layers=None: seen.append(layers) or real_boundary(queue, layers)
+                with caplog.at_level("INFO", logger="idletune.training"):
+                    assert eng.train_round([fact(0), fact(1)], batch_size=2).steps == 2
+                counted.append(seen)
+                trained.append(adapters.clone_adapter(s.model, TRAIN))
+                if compiled:
+                    assert "training: 4 layers a unit for the automatic micro-batches of 2048 tokens" in caplog.text
+                    # sized again (as after a switch of weight set), smaller: a compiled pass
+                    # has run, the units stay (1024 tokens alone would make one unit of 5)
+                    eng.micro_batch_tokens, eng._free_memory_micro_batch = 0, lambda: 1024
+                    counted.append(seen := [])
+                    assert eng.train_round([fact(0), fact(1)], batch_size=2).steps == 2
+                    assert eng.micro_batch_tokens == 1024
+            finally:
+                s.close()
+    finally:
+        torch._dynamo.reset()
+    # each step's boundaries with the layers of work each closes (a unit's count grows as its other
+    # layers pass their input on), forward then backward: every layer eagerly; in units of 4 and
+    # 1 from the first step on, and still after the re-sizing
+    assert [[x[0] for x in seen] for seen in counted] == [2 * [1] * 10, 2 * [4, 1, 1, 4], 2 * [4, 1, 1, 4]]
+    moved = max(float((trained[0][k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e-3
+    for k in trained[0]:
+        torch.testing.assert_close(trained[0][k], trained[1][k], rtol=1e-4, atol=moved * 1e-2)
+
+
 def test_units_never_mix_attention_kinds_or_unknown_decoder_loops(svc, monkeypatch):
     """A unit's layers all take its first layer's arguments: units break where the attention
     kind changes (full vs sliding window: other masks, in Gemma 3 other rotary embeddings), and

@@ -73,7 +73,8 @@ class TrainingConfig:
     the first step to half the free memory (a power of two, 512–16384). Set, the compiled
     layers (``compile``; by default only on a GPU) keep fewer activations, and at 4096 tokens
     or fewer (and ``max_seq_len`` no longer) run in units of several layers (gpu/training.py:
-    ``RECOMPUTE_CHEAP``, ``layers_per_unit``)."""
+    ``RECOMPUTE_CHEAP``, ``layers_per_unit``); an automatic size that small gets the units
+    too, from the first step, but keeps every activation."""
     max_grad_norm: float = 1.0
     weight_decay: float = 0.01
     warmup_steps: int = 3

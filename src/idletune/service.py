@@ -118,6 +118,8 @@ def _compile_training(config: Config, engine, fast_path: bool) -> None:
         # micro_batch_tokens set: the user asks for bounded memory — small parts, kept fast in
         # units of layers, and fewer activations kept (recomputed in the backward pass). One
         # example alone makes a part as long as max_seq_len, so units are sized for that too.
+        # Automatic (0): layer by layer here, regrouped into units at the first step once the
+        # engine has taken its size (TrainingEngine._regroup_units); all activations kept.
         tc = config.training
         bounded = tc.micro_batch_tokens > 0
         per_unit = layers_per_unit(max(tc.micro_batch_tokens, tc.max_seq_len) if bounded else 0)

@@ -8,7 +8,9 @@ element-wise work into a few Triton kernels: half the launches, a third less ker
 each layer stay in eager Python and can still stop a step. With small micro-batches
 (``training.micro_batch_tokens`` of 4096 tokens or fewer) several consecutive layers are
 compiled as one unit (:func:`layers_per_unit`, :func:`_units`): fewer calls from Python per
-step, a preemption boundary per unit.
+step, a preemption boundary per unit. With the automatic size the layers are compiled one by
+one, then regrouped into units at the first step, once the engine has sized its micro-batches
+(:func:`regroup_units`).
 
 ``graphs`` (the default on a GPU in LoRA mode with the GPU serving path, see :func:`wanted`):
 each compiled layer's forward and backward are also captured as CUDA graphs
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from dataclasses import dataclass, field
 
 import torch
 import torch._functorch.config
@@ -118,22 +121,57 @@ def compile_layers(model, graphs: bool = False, dynamic_dims: bool = True, layer
     units of ``layers_per_unit`` consecutive layers (see :func:`_units`); with
     ``recompute_cheap``, keeping fewer activations (:data:`RECOMPUTE_CHEAP`). Returns how many
     layers."""
-    from ..training.adapters import decoder_layers, text_config
+    from ..training.adapters import decoder_layers
 
+    compilation = _Compilation(graphs, dynamic_dims, recompute_cheap, dict(kwargs))
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     _hold_full_collections()
     if graphs:
         kwargs.setdefault("mode", "reduce-overhead")
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None  # shapes are bucketed
-    layers, cfg = decoder_layers(model), text_config(model)
-    if layers_per_unit > 1 and getattr(cfg, "model_type", None) not in SAME_ARGUMENTS:
-        log.info("training: layers compiled one by one (%s passes its layers different arguments)",
-                 getattr(cfg, "model_type", None))
-        layers_per_unit = 1
-    for unit in _units(layers, layers_per_unit, getattr(cfg, "layer_types", None)):
+    layers = decoder_layers(model)
+    units = _model_units(model, layers, layers_per_unit)
+    compilation.units = [len(unit) for unit in units]
+    for unit in units:
         if not any(_compiled(layer) for layer in unit):
-            _compile_unit(unit, dynamic_dims, recompute_cheap, kwargs)
+            _compile_unit(unit, dynamic_dims, recompute_cheap, kwargs, compilation)
     return len(layers)
+
+
+@dataclass
+class _Compilation:
+    """What :func:`compile_layers` was called with and the units it made, kept on each layer it
+    compiled (for :func:`regroup_units`); ``ran``: a compiled training pass has run since."""
+    graphs: bool
+    dynamic_dims: bool
+    recompute_cheap: bool
+    kwargs: dict
+    units: list[int] = field(default_factory=list)
+    ran: bool = False
+
+
+def regroup_units(model, layers_per_unit: int) -> bool:
+    """Compile the decoder layers again in units of ``layers_per_unit`` layers, with the other
+    options :func:`compile_layers` had (``recompute_cheap`` included: not turned on here), if
+    that makes other units and no compiled training pass has run yet: until then nothing was
+    compiled, only ``torch.compile``'s wrappers are replaced. For the automatic micro-batch
+    size, known at the first step (``TrainingEngine._micro_batches``). Once a pass has run
+    (compiled code, CUDA graphs) the units stay as they are: a later re-sizing (after a switch
+    of weight set) does not regroup them, which would compile and record everything again.
+    Returns whether it regrouped (False too where :func:`compile_layers` compiled nothing)."""
+    from ..training.adapters import decoder_layers
+
+    layers = decoder_layers(model)
+    compilation = getattr(layers[0].forward, "_idletune_compilation", None) if layers else None
+    if compilation is None or compilation.ran:
+        return False
+    if [len(unit) for unit in _model_units(model, layers, layers_per_unit)] == compilation.units:
+        return False
+    for layer in layers:
+        layer.forward = getattr(layer.forward, "_idletune_eager", layer.forward)
+    compile_layers(model, compilation.graphs, compilation.dynamic_dims, layers_per_unit, compilation.recompute_cheap,
+                   **compilation.kwargs)
+    return True
 
 
 # Layers are compiled in units of about UNIT_TOKENS tokens × layers: the work of one layer on the
@@ -148,9 +186,10 @@ def layers_per_unit(micro_batch_tokens: int) -> int:
     (``training.micro_batch_tokens``): ``UNIT_TOKENS`` // that, from 1 to
     ``MOST_LAYERS_PER_UNIT`` — 8 for 1024-token parts, 4 for 2048, 2 for 4096, 1 above that
     and for the automatic size (0), which on a GPU takes as many tokens as half the free memory
-    holds (16384 on an 80 GB card at the 0.5B and 1.5B shapes). The service passes the larger
-    of ``micro_batch_tokens`` and ``max_seq_len``: one example alone makes a part of up to
-    ``max_seq_len`` tokens."""
+    holds (16384 on an 80 GB card at the 0.5B and 1.5B shapes): the service then compiles layer
+    by layer, and the engine sizes the units at its first step, from the size it takes
+    (:func:`regroup_units`). The service and the engine pass the larger of the micro-batch size
+    and ``max_seq_len``: one example alone makes a part of up to ``max_seq_len`` tokens."""
     if micro_batch_tokens <= 0:
         return 1
     return max(1, min(MOST_LAYERS_PER_UNIT, UNIT_TOKENS // micro_batch_tokens))
@@ -161,6 +200,20 @@ def layers_per_unit(micro_batch_tokens: int) -> int:
 # with inputs per layer) compile layer by layer.
 SAME_ARGUMENTS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite",
                   "olmo2", "smollm3"}
+
+
+def _model_units(model, layers: list, size: int) -> list[list]:
+    """The units :func:`compile_layers` makes of ``model``'s decoder ``layers`` at ``size``
+    layers a unit: by :func:`_units`, or layer by layer where the model type is not in
+    :data:`SAME_ARGUMENTS`."""
+    from ..training.adapters import text_config
+
+    cfg = text_config(model)
+    if size > 1 and getattr(cfg, "model_type", None) not in SAME_ARGUMENTS:
+        log.info("training: layers compiled one by one (%s passes its layers different arguments)",
+                 getattr(cfg, "model_type", None))
+        size = 1
+    return _units(layers, size, getattr(cfg, "layer_types", None))
 
 
 def _units(layers: list, size: int, kinds: list | None = None) -> list[list]:
@@ -200,10 +253,12 @@ def _with_hidden(hidden, args: tuple, kw: dict) -> tuple[tuple, dict]:
     return args, {**kw, "hidden_states": hidden}
 
 
-def _compile_unit(unit: list, dynamic_dims: bool, recompute_cheap: bool, kwargs: dict) -> None:
+def _compile_unit(unit: list, dynamic_dims: bool, recompute_cheap: bool, kwargs: dict,
+                  compilation: _Compilation) -> None:
     """The unit's first layer runs the whole unit compiled in training passes; the others then
     return their input as it is (the work is done). Elsewhere (evaluation, inference, or
-    gradients off) every layer runs its own eager forward."""
+    gradients off) every layer runs its own eager forward, which stays reachable from the
+    layer's new forward (``_idletune_eager``, for :func:`regroup_units`)."""
     first = unit[0]
     eagers = tuple(layer.forward for layer in unit)
     returned_tuple = [False]  # what the unit returned, as the others pass it on (a tensor in transformers 5)
@@ -229,6 +284,7 @@ def _compile_unit(unit: list, dynamic_dims: bool, recompute_cheap: bool, kwargs:
 
     def forward(*args, **kw):
         if training():
+            compilation.ran = True
             if dynamic_dims:
                 _mark_dynamic(args, kw)
             out = call(*args, **kw)
@@ -236,7 +292,6 @@ def _compile_unit(unit: list, dynamic_dims: bool, recompute_cheap: bool, kwargs:
             return out
         return eagers[0](*args, **kw)
 
-    forward._idletune_compiled = True
     first.forward = forward
     for layer, eager in zip(unit[1:], eagers[1:]):
         def passed_on(*args, _eager=eager, **kw):
@@ -245,8 +300,10 @@ def _compile_unit(unit: list, dynamic_dims: bool, recompute_cheap: bool, kwargs:
             hidden = _hidden(args, kw)
             return (hidden,) if returned_tuple[0] else hidden
 
-        passed_on._idletune_compiled = True
         layer.forward = passed_on
+    for layer, eager in zip(unit, eagers):
+        layer.forward._idletune_compiled, layer.forward._idletune_eager = True, eager
+        layer.forward._idletune_compilation = compilation
 
 
 def _compiled(layer) -> bool:

@@ -336,6 +336,7 @@ class TrainingEngine:
         size = math.ceil(len(batch) / n_micro)
         if not self.micro_batch_tokens:  # a GPU, set to automatic: once, when the serving side is set up
             self.micro_batch_tokens = self._free_memory_micro_batch()
+            self._regroup_units()
         limit = self.micro_batch_tokens
         parts: list[list[Encoded]] = [[]]
         for it in batch:
@@ -370,6 +371,18 @@ class TrainingEngine:
                                         head_logits=head is None or frozen_plain_head(head) is None)
         log.info("training: micro-batches of at most %d tokens (%.1f GB free on the GPU)", tokens, free / 1e9)
         return tokens
+
+    def _regroup_units(self) -> None:
+        """Compiled layers (``compile_layers``: one by one for the automatic size) in units for
+        the size just taken, by the rule for a size set (``layers_per_unit``) but with every
+        activation kept as before; unless a compiled pass has run: a re-sizing after a switch of
+        weight set keeps the units as they are (gpu/training.py: ``regroup_units``)."""
+        from ..gpu.training import layers_per_unit, regroup_units
+
+        tokens = self.micro_batch_tokens
+        per_unit = layers_per_unit(max(tokens, self.config.max_seq_len))
+        if regroup_units(self.model, per_unit):
+            log.info("training: %d layers a unit for the automatic micro-batches of %d tokens", per_unit, tokens)
 
     def _bucket(self, part: list[Encoded]) -> tuple[int, int]:
         """(rows, length) of a micro-batch once padded: as it is, or bucketed with graphs (one
