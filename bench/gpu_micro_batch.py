@@ -7,7 +7,8 @@ copies allocated), then a ballast tensor that leaves ``--leave-gb`` GiB free, th
 round of ``--steps`` steps on 16 × 512-token examples: first with the automatic size, again at
 the size it took (compiled by then: its step time), then with ``--fixed`` tokens (default
 8192: the batch unsplit). Reported for each: the size, the steps done, the seconds, the peak
-memory the round added, the compiled units' sizes (layers), or the error.
+memory the round added, the compiled units' sizes (layers), or the error. The ``--fixed`` round runs
+in the units the automatic round made (they are kept once a compiled pass has run).
 
 Usage: python bench/gpu_micro_batch.py [OUT.json] [--shape qwen2.5-1.5b] [--leave-gb 12] [--fixed 8192]
 """

@@ -226,9 +226,9 @@ def test_a_compiled_unit_counts_as_its_layers_in_the_training_queue_while_the_us
     ahead of a request: a unit of several layers counts as that many, so with units larger than
     the limit one unit stays queued, not ``queued_layers`` units (the TTFT cost of units,
     docs/BENCHMARKS.md runs BS, BV). While the user is away, ``queued_layers`` units."""
-    from idletune.training.engine import AWAY_AFTER_S
-
     import threading
+
+    from idletune.training.engine import AWAY_AFTER_S
 
     events = []
 
@@ -248,31 +248,22 @@ def test_a_compiled_unit_counts_as_its_layers_in_the_training_queue_while_the_us
     idle = [0.0]  # the user is active: loss chunks are queued too
     monkeypatch.setattr(eng, "idle_for", lambda: idle[0])
     eng._step_thread, eng._step_stream = threading.get_ident(), "stream"
+
+    def run(units: list[int]) -> list[bool]:
+        eng._queued.clear(), events.clear()
+        for n in units:
+            eng._forward_boundary(n)
+        return [e.waited for e in events]
     try:
-        for _ in range(5):  # layer by layer: three stay queued
-            eng._forward_boundary([1])
-        assert [e.waited for e in events] == [True, True, False, False, False]
-        eng._queued.clear(), events.clear()
-        for _ in range(3):  # units of 4 (their other layers counted as they pass their input on)
-            unit = [1]
-            eng._forward_boundary(unit)
-            unit[0] += 3
-        assert [e.waited for e in events] == [True, True, False]
-        eng._queued.clear(), events.clear()
-        for _ in range(4):  # units of 2: the layers queued stay at most 3 once the unit is counted
-            unit = [1]
-            eng._forward_boundary(unit)
-            unit[0] += 1
-        assert [e.waited for e in events] == [True, True, False, False]
+        assert run([1] * 5) == [True, True, False, False, False]  # layer by layer: three stay queued
+        assert run([4] * 3) == [True, True, False]  # units of 4: one
+        assert run([2] * 4) == [True, True, True, False]  # units of 2: one (two would be 4 layers)
         eng._loss_boundary()  # a loss chunk is one: with a unit of 2 queued, that is 3
         assert [e.waited for e in events] == [True, True, True, False, False]
-        eng._queued.clear(), events.clear()
+        # units broken by attention kinds (Gemma 3: 5 sliding-window layers, then a full one)
+        assert run([4, 1, 1, 4, 1, 1]) == [True, True, True, True, False, False]
         idle[0] = AWAY_AFTER_S
-        for _ in range(5):  # away: units of 4, three stay queued (the host runs further ahead)
-            unit = [1]
-            eng._forward_boundary(unit)
-            unit[0] += 3
-        assert [e.waited for e in events] == [True, True, False, False, False]
+        assert run([4] * 5) == [True, True, False, False, False]  # away: three units (the host runs ahead)
     finally:
         eng._step_thread = eng._step_stream = None
         eng._queued.clear()
@@ -724,8 +715,9 @@ def test_layers_compiled_in_units_train_the_same_weights_with_a_boundary_per_uni
                 seen = layers
                 r = eng.train_round([fact(0), fact(1)], batch_size=2)
                 assert r.steps == 2 and not r.preempted
-                # each boundary's layers of work, forward then backward: a unit counts its layers
-                assert [x[0] for x in layers] == 2 * ([2, 2, 1, 1, 2, 2] if per_unit else [1] * 10)
+                # each boundary's layers of work, forward (each unit's own) then backward (the
+                # unit after it, whose backward the boundary closes: past the last, 1)
+                assert layers == 2 * ([2, 2, 1, 1, 1, 2] if per_unit else [1] * 10)
                 seen = []
                 trained.append(adapters.clone_adapter(s.model, TRAIN))
                 per_step, n["boundaries"] = n["boundaries"] / 2, 0
@@ -801,10 +793,10 @@ def test_the_automatic_micro_batch_size_regroups_compiled_layers_into_units_befo
                 s.close()
     finally:
         torch._dynamo.reset()
-    # each step's boundaries with the layers of work each closes (a unit's count grows as its other
-    # layers pass their input on), forward then backward: every layer eagerly; in units of 4 and
-    # 1 from the first step on, and still after the re-sizing
-    assert [[x[0] for x in seen] for seen in counted] == [2 * [1] * 10, 2 * [4, 1, 1, 4], 2 * [4, 1, 1, 4]]
+    # each step's boundaries with the layers of work each closes, forward (each unit's own) then
+    # backward (the unit after it: past the last, 1): every layer eagerly; in units of 4 and 1
+    # from the first step on, and still after the re-sizing
+    assert counted == [2 * [1] * 10, 2 * [4, 1, 1, 1], 2 * [4, 1, 1, 1]]
     moved = max(float((trained[0][k] - start[k]).abs().max()) for k in start)
     assert moved > 1e-3
     for k in trained[0]:

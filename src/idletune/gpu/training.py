@@ -304,6 +304,7 @@ def _compile_unit(unit: list, dynamic_dims: bool, recompute_cheap: bool, kwargs:
     for layer, eager in zip(unit, eagers):
         layer.forward._idletune_compiled, layer.forward._idletune_eager = True, eager
         layer.forward._idletune_compilation = compilation
+    forward._idletune_layers = len(unit)  # what a training pass runs from here (the engine's queue counts it)
 
 
 def _compiled(layer) -> bool:

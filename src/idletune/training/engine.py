@@ -177,10 +177,8 @@ class TrainingEngine:
         self._step_thread: int | None = None
         self._step_stream = None  # the CUDA stream of the step in progress
         # CUDA events of the current step, one per layer boundary (or loss chunk), each with the
-        # layers of work it closes (a one-item list: a compiled unit's count grows as its other
-        # layers pass their input on)
-        self._queued: deque[tuple[object, list[int]]] = deque()
-        self._unit: list[int] | None = None  # the layer count of the unit whose forward ran last
+        # layers of work it closes
+        self._queued: deque[tuple[object, int]] = deque()
         # Tokens in one forward/backward: bounds a step's activation memory (about 2.6 MB per
         # token for the default model in float32 on a CPU). 0 on a GPU: sized to the memory
         # free at the first step (:func:`gpu_micro_batch_tokens`).
@@ -270,7 +268,7 @@ class TrainingEngine:
                         self._optimizer_step(opt, finite)
                     finally:
                         opt.zero_grad(set_to_none=not self.graphs)
-                        self._step_thread = self._step_stream = self._unit = None  # before the lock is released
+                        self._step_thread = self._step_stream = None  # before the lock is released
                         self._queued.clear()
             except Preempted:
                 result.preempted = True
@@ -520,60 +518,70 @@ class TrainingEngine:
         """At every decoder layer (with layers compiled in units, at every unit: its other
         layers pass their input on), in the forward and (through a gradient hook) in the
         backward pass of a training step: :meth:`_boundary` (the output layer's loss calls
-        :meth:`_loss_boundary` between its chunks)."""
+        :meth:`_loss_boundary` between its chunks). Each boundary says how many layers of work
+        it closes: in the forward pass its own unit's; in the backward pass the next unit's (the
+        hook on a unit's output fires once the gradient reaches it, that is after the next
+        unit's backward; past the last unit, the output layer's, counted as 1)."""
+        layers = adapters.decoder_layers(self.model)
+        index = {id(layer): i for i, layer in enumerate(layers)}
+
+        def unit_at(i: int) -> int:
+            # layers a training pass runs from layer i: a compiled unit's (gpu/training.py), else 1
+            # (in evaluation every layer runs alone, but nothing is queued then)
+            return getattr(layers[i].forward, "_idletune_layers", 1) if i < len(layers) else 1
+
         def fwd_hook(module, args, kwargs, output):
             hidden = output[0] if isinstance(output, (tuple, list)) else output
             if torch.is_tensor(hidden) and hidden is (args[0] if args else kwargs.get("hidden_states")):
-                # passed on as it came: a compiled unit's first layer did the work (gpu/training.py)
-                if self._unit is not None and self._step_thread == threading.get_ident():
-                    self._unit[0] += 1
-                return None
-            layers = [1]
-            self._forward_boundary(layers)
+                return None  # passed on as it came: a compiled unit's first layer did the work (gpu/training.py)
+            i = index[id(module)]
+            unit = unit_at(i)
+            self._forward_boundary(unit)
             if torch.is_tensor(hidden) and hidden.requires_grad:
+                after = unit_at(i + unit)
+
                 def grad_hook(grad):
                     # Backward runs only in training steps, and on a GPU in autograd's device thread.
                     if self._step_thread is not None:
-                        self._boundary(layers=layers)
+                        self._boundary(layers=after)
                     return grad
                 hidden.register_hook(grad_hook)  # fires during backward through this layer (or unit)
             return None
 
-        for layer in adapters.decoder_layers(self.model):
+        for layer in layers:
             layer.register_forward_hook(fwd_hook, with_kwargs=True)
 
-    def _boundary(self, queue: bool = True, layers: list[int] | None = None) -> None:
+    def _boundary(self, queue: bool = True, layers: int = 1) -> None:
         """Stop the pass if a request waits (:class:`Preempted`), and on a GPU (with ``queue``)
         keep at most ``queued_layers`` layers (or loss chunks) of this step's work queued on the
         device, so that a request finds little training work ahead of it (the host otherwise
-        runs a whole step ahead).
+        runs a whole step ahead). The work just queued always stays queued, however large.
 
-        ``layers``: how many layers the work before this boundary holds (a compiled unit's
-        count, filled in as its other layers pass their input on; 1 for a layer or a loss
-        chunk). While the user is active (a request in the last ``AWAY_AFTER_S``) a unit counts
-        as its layers, so with units of more layers than ``queued_layers`` one unit stays
-        queued, not ``queued_layers`` units: at 0.5B in 2048-token parts (units of 4), TTFT
-        added under a backlog +1.24 ms at p50 and +2.32 at p99, against +1.80 and +2.50 (run
-        BV, docs/BENCHMARKS.md). While the user is away every boundary counts one: the host
-        runs further ahead, which at 0.5B made the step 41–42 ms against 44–47 ms (run BX)."""
+        ``layers``: how many layers the work this boundary closes holds (a compiled unit's
+        count; 1 for a layer or a loss chunk). While the user is active (a request in the last
+        ``AWAY_AFTER_S``) a unit counts as its layers, so with units of more layers than
+        ``queued_layers`` one unit stays queued, not ``queued_layers`` units: at 0.5B in
+        2048-token parts (units of 4), TTFT added under a backlog +1.24 ms at p50 and +2.32 at
+        p99, against +1.80 and +2.50 (run BV, docs/BENCHMARKS.md). While the user is away every
+        boundary counts one: the host runs further ahead, which at 0.5B made the step 41–42 ms
+        against 44–47 ms (run BX)."""
         if self.should_yield():
             raise Preempted()
         if queue and self._step_stream is not None:
             ev = torch.cuda.Event()
             ev.record(self._step_stream)
-            self._queued.append((ev, layers or [1]))
+            self._queued.append((ev, layers))
             active = self.idle_for() < AWAY_AFTER_S
 
             def queued() -> int:
-                return sum(n[0] for _, n in self._queued) if active else len(self._queued)
+                return sum(n for _, n in self._queued) if active else len(self._queued)
             while len(self._queued) > 1 and queued() > self.queued_layers:
                 self._queued.popleft()[0].synchronize()  # waits in this thread only, without the GIL
 
-    def _forward_boundary(self, layers: list[int]) -> None:
+    def _forward_boundary(self, layers: int = 1) -> None:
         """:meth:`_boundary` after a layer's (or unit's) forward: only in the training thread's
         own passes (a request's forward runs the layer hooks too)."""
         if self._step_thread == threading.get_ident():
-            self._unit = layers
             self._boundary(layers=layers)
 
     def _loss_boundary(self) -> None:
@@ -610,7 +618,7 @@ class TrainingEngine:
                             with self._autocast():
                                 s, c = target_token_losses(self.model, b, self._loss_boundary)
                         finally:
-                            self._step_thread = self._unit = None
+                            self._step_thread = None
                     break
                 except Preempted:
                     self._give_up_after(waited)  # requests that keep coming back to back count too
