@@ -564,7 +564,7 @@ class TrainingEngine:
         2048-token parts (units of 4), TTFT added under a backlog +1.24 ms at p50 and +2.32 at
         p99, against +1.80 and +2.50 (run BV, docs/BENCHMARKS.md). While the user is away every
         boundary counts one: the host runs further ahead, which at 0.5B made the step 41–42 ms
-        against 44–47 ms (run BX)."""
+        against 44–48 ms (runs BW, BX)."""
         if self.should_yield():
             raise Preempted()
         if queue and self._step_stream is not None:
