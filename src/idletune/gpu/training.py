@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -177,7 +178,7 @@ def regroup_units(model, layers_per_unit: int) -> bool:
 # Layers are compiled in units of about UNIT_TOKENS tokens × layers: the work of one layer on the
 # largest batch the batch manager makes (16 × 512 tokens), so a unit holds a request back no
 # longer than one layer of such a batch does (see _units).
-UNIT_TOKENS = 8192
+UNIT_TOKENS = int(os.environ.get("IDLETUNE_UNIT_TOKENS", 8192))  # an experiment's knob (docs/CONFIGURATION.md)
 MOST_LAYERS_PER_UNIT = 8
 
 
