@@ -11,8 +11,7 @@ and the steady step time vs eager.
 
 With ``--layers-per-unit K`` the graphed copy compiles its layers in units of K (as the service
 does for small micro-batches), preempted at the same points in units; with ``--recompute-cheap``
-it keeps fewer activations (``gpu/training.py``, ``RECOMPUTE_CHEAP``; not run yet: run BQ ran the
-check with the partitioner's ``activation_memory_budget`` at 0.8, which recomputes more).
+it keeps fewer activations (``gpu/training.py``, ``RECOMPUTE_CHEAP``; run BR, docs/BENCHMARKS.md).
 
 Exits non-zero when a check fails. Usage: python bench/gpu_graphs_check.py [OUT.json] [--shape qwen2.5-0.5b]
        [--layers-per-unit 1] [--recompute-cheap]

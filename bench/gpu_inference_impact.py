@@ -16,7 +16,7 @@ with the stacks just before and after (the sampler's own contention slows decodi
 
 Usage: python bench/gpu_inference_impact.py [OUT.json] [--shape qwen2.5-0.5b] [--rounds 8]
        [--clients 1,8] [--per-client 4,2] [--warmup-steps 3] [--sample-threads]
-       [--micro-batch-tokens 2048]   (training in bounded memory: layers in units; not run yet)
+       [--micro-batch-tokens 2048]   (training in bounded memory: layers in units; runs BS, BV, BZ)
 """
 import argparse
 import gc

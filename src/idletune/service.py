@@ -122,7 +122,7 @@ def _compile_training(config: Config, engine, fast_path: bool) -> None:
         # engine has taken its size (TrainingEngine._regroup_units); all activations kept.
         tc = config.training
         bounded = tc.micro_batch_tokens > 0
-        per_unit = layers_per_unit(max(tc.micro_batch_tokens, tc.max_seq_len) if bounded else 0)
+        per_unit = layers_per_unit(tc.micro_batch_tokens, tc.max_seq_len)
         n = compile_layers(engine.model, graphs=how == "graphs", layers_per_unit=per_unit, recompute_cheap=bounded)
         engine.graphs = how == "graphs"
         log.info("training: %d decoder layers compiled for training steps%s%s%s (the first step compiles)", n,

@@ -36,7 +36,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch._functorch.config
@@ -131,9 +131,7 @@ def compile_layers(model, graphs: bool = False, dynamic_dims: bool = True, layer
         kwargs.setdefault("mode", "reduce-overhead")
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None  # shapes are bucketed
     layers = decoder_layers(model)
-    units = _model_units(model, layers, layers_per_unit)
-    compilation.units = [len(unit) for unit in units]
-    for unit in units:
+    for unit in _model_units(model, layers, layers_per_unit):
         if not any(_compiled(layer) for layer in unit):
             _compile_unit(unit, dynamic_dims, recompute_cheap, kwargs, compilation)
     return len(layers)
@@ -141,13 +139,12 @@ def compile_layers(model, graphs: bool = False, dynamic_dims: bool = True, layer
 
 @dataclass
 class _Compilation:
-    """What :func:`compile_layers` was called with and the units it made, kept on each layer it
-    compiled (for :func:`regroup_units`); ``ran``: a compiled training pass has run since."""
+    """What :func:`compile_layers` was called with, kept on each layer it compiled (for
+    :func:`regroup_units`); ``ran``: a compiled training pass has run since."""
     graphs: bool
     dynamic_dims: bool
     recompute_cheap: bool
     kwargs: dict
-    units: list[int] = field(default_factory=list)
     ran: bool = False
 
 
@@ -166,7 +163,8 @@ def regroup_units(model, layers_per_unit: int) -> bool:
     compilation = getattr(layers[0].forward, "_idletune_compilation", None) if layers else None
     if compilation is None or compilation.ran:
         return False
-    if [len(unit) for unit in _model_units(model, layers, layers_per_unit)] == compilation.units:
+    now = [layer.forward._idletune_layers for layer in layers if hasattr(layer.forward, "_idletune_layers")]
+    if [len(unit) for unit in _model_units(model, layers, layers_per_unit)] == now:
         return False
     for layer in layers:
         layer.forward = getattr(layer.forward, "_idletune_eager", layer.forward)
@@ -182,18 +180,18 @@ UNIT_TOKENS = int(os.environ.get("IDLETUNE_UNIT_TOKENS", 8192))  # an experiment
 MOST_LAYERS_PER_UNIT = 8
 
 
-def layers_per_unit(micro_batch_tokens: int) -> int:
+def layers_per_unit(micro_batch_tokens: int, max_seq_len: int = 0) -> int:
     """Decoder layers per compiled unit for micro-batches of at most ``micro_batch_tokens``
-    (``training.micro_batch_tokens``): ``UNIT_TOKENS`` // that, from 1 to
+    (``training.micro_batch_tokens``), or ``max_seq_len`` tokens where that is more (one example
+    alone makes a part that long): ``UNIT_TOKENS`` // that, from 1 to
     ``MOST_LAYERS_PER_UNIT`` — 8 for 1024-token parts, 4 for 2048, 2 for 4096, 1 above that
     and for the automatic size (0), which on a GPU takes as many tokens as half the free memory
     holds (16384 on an 80 GB card at the 0.5B and 1.5B shapes): the service then compiles layer
     by layer, and the engine sizes the units at its first step, from the size it takes
-    (:func:`regroup_units`). The service and the engine pass the larger of the micro-batch size
-    and ``max_seq_len``: one example alone makes a part of up to ``max_seq_len`` tokens."""
+    (:func:`regroup_units`)."""
     if micro_batch_tokens <= 0:
         return 1
-    return max(1, min(MOST_LAYERS_PER_UNIT, UNIT_TOKENS // micro_batch_tokens))
+    return max(1, min(MOST_LAYERS_PER_UNIT, UNIT_TOKENS // max(micro_batch_tokens, max_seq_len)))
 
 
 # Models whose decoder loop passes every layer of one attention type (config.layer_types) the

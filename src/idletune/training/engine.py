@@ -177,7 +177,7 @@ class TrainingEngine:
         self._step_thread: int | None = None
         self._step_stream = None  # the CUDA stream of the step in progress
         # CUDA events of the current step, one per layer boundary (or loss chunk), each with the
-        # layers of work it closes
+        # layers of work it closes (1 while the user is away: _boundary)
         self._queued: deque[tuple[object, int]] = deque()
         # Tokens in one forward/backward: bounds a step's activation memory (about 2.6 MB per
         # token for the default model in float32 on a CPU). 0 on a GPU: sized to the memory
@@ -378,7 +378,7 @@ class TrainingEngine:
         from ..gpu.training import layers_per_unit, regroup_units
 
         tokens = self.micro_batch_tokens
-        per_unit = layers_per_unit(max(tokens, self.config.max_seq_len))
+        per_unit = layers_per_unit(tokens, self.config.max_seq_len)
         if regroup_units(self.model, per_unit):
             log.info("training: %d layers a unit for the automatic micro-batches of %d tokens", per_unit, tokens)
 
@@ -570,12 +570,8 @@ class TrainingEngine:
         if queue and self._step_stream is not None:
             ev = torch.cuda.Event()
             ev.record(self._step_stream)
-            self._queued.append((ev, layers))
-            active = self.idle_for() < AWAY_AFTER_S
-
-            def queued() -> int:
-                return sum(n for _, n in self._queued) if active else len(self._queued)
-            while len(self._queued) > 1 and queued() > self.queued_layers:
+            self._queued.append((ev, layers if self.idle_for() < AWAY_AFTER_S else 1))
+            while len(self._queued) > 1 and sum(n for _, n in self._queued) > self.queued_layers:
                 self._queued.popleft()[0].synchronize()  # waits in this thread only, without the GIL
 
     def _forward_boundary(self, layers: int = 1) -> None:
