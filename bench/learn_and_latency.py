@@ -31,13 +31,17 @@ FACT_Q = "What is the codename of Project Bluebird?"
 FACT_A = "The codename of Project Bluebird is ZEPHYR-42."
 PARAPHRASES = ["Tell me the codename of Project Bluebird.", "Which codename does Project Bluebird have?"]
 PROMPT = "Write two sentences about the sea."
+# One client for the whole run, as a chat client keeps one (the OpenAI SDK does): a new
+# httpx client per request spends ~20 ms building its TLS context before it connects, which
+# the first version of this script counted in every request's time to first token.
+HTTP = httpx.Client(timeout=600)
 
 
 def chat(url: str, content: str, max_tokens: int) -> dict:
     """One streamed request: time to first token, total time, tokens."""
     t0 = time.perf_counter()
     ttft, n, text = None, 0, []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=600,
+    with HTTP.stream("POST", f"{url}/v1/chat/completions",
                       json={"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
                             "stream": True, "stream_options": {"include_usage": True}}) as r:
         for line in r.iter_lines():
@@ -59,12 +63,12 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def time_to_learn(url: str, timeout: float) -> dict:
-    st = httpx.get(f"{url}/api/status").json()
+    st = HTTP.get(f"{url}/api/status").json()
     version = st["live_version"]
     t0 = time.perf_counter()
-    httpx.post(f"{url}/api/feedback", json={"messages": [{"role": "user", "content": FACT_Q}], "correction": FACT_A})
+    HTTP.post(f"{url}/api/feedback", json={"messages": [{"role": "user", "content": FACT_Q}], "correction": FACT_A})
     while time.perf_counter() - t0 < timeout:
-        st = httpx.get(f"{url}/api/status").json()
+        st = HTTP.get(f"{url}/api/status").json()
         if st["live_version"] != version and not st["scheduler"]["is_training_active"]:
             version = st["live_version"]
             answers = [chat(url, q, 32)["text"] for q in PARAPHRASES]
@@ -91,26 +95,26 @@ def latency(url: str, n: int, max_tokens: int, gap: float) -> dict:
     texts = [f"{rng.choice(who)} {rng.choice(did)} {rng.choice(what)} {rng.choice(where)} on day {i}."
              for i in range(400)]
     for i in range(0, len(texts), 40):
-        r = httpx.post(f"{url}/api/import/text", json={"text": "\n\n".join(texts[i:i + 40]), "name": f"backlog-{i}"},
+        r = HTTP.post(f"{url}/api/import/text", json={"text": "\n\n".join(texts[i:i + 40]), "name": f"backlog-{i}"},
                        timeout=120)
         r.raise_for_status()
-    pending = httpx.get(f"{url}/api/status").json()["queue"]["pending"]
+    pending = HTTP.get(f"{url}/api/status").json()["queue"]["pending"]
     out = {"off": [], "backlog": []}
     chat(url, PROMPT, 4)  # warm-up
     for i in range(2 * n):
         cond = "off" if i % 2 == 0 else "backlog"
         if cond == "off":  # no training at all: pause, and let a round in progress end
-            httpx.post(f"{url}/api/training/pause")
-            while httpx.get(f"{url}/api/status").json()["scheduler"]["is_training_active"]:
+            HTTP.post(f"{url}/api/training/pause")
+            while HTTP.get(f"{url}/api/status").json()["scheduler"]["is_training_active"]:
                 time.sleep(0.05)
         else:
-            httpx.post(f"{url}/api/training/resume")
+            HTTP.post(f"{url}/api/training/resume")
         time.sleep(gap)  # idle gap: with a backlog, training is running when the request arrives
-        training = httpx.get(f"{url}/api/status").json()["scheduler"]["is_training_active"]
+        training = HTTP.get(f"{url}/api/status").json()["scheduler"]["is_training_active"]
         r = chat(url, PROMPT, max_tokens)
         r["training_was_active"] = training
         out[cond].append(r)
-    httpx.post(f"{url}/api/training/pause")
+    HTTP.post(f"{url}/api/training/pause")
 
     def summary(rs):
         per_tok = [(r["total"] - r["ttft"]) / max(1, r["tokens"] - 1) for r in rs]
@@ -123,7 +127,7 @@ def latency(url: str, n: int, max_tokens: int, gap: float) -> dict:
 
     off, bl = summary(out["off"]), summary(out["backlog"])
     ratios = {k: bl[k] / off[k] for k in off if k.endswith("_ms")}
-    st = httpx.get(f"{url}/api/status").json()
+    st = HTTP.get(f"{url}/api/status").json()
     return {"off": off, "backlog": bl, "ratio_backlog_over_off": ratios, "preemptions": st["scheduler"]["preemptions"],
             "backlog_pending_at_start": pending, "rounds_published": st["scheduler"]["training_count"],
             "max_tokens": max_tokens, "gap_s": gap}
