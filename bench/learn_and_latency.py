@@ -123,7 +123,9 @@ def latency(url: str, n: int, max_tokens: int, gap: float) -> dict:
                 "total_p50_ms": 1e3 * statistics.median(r["total"] for r in rs),
                 "total_p99_ms": 1e3 * pct([r["total"] for r in rs], 99),
                 "per_token_p50_ms": 1e3 * statistics.median(per_tok),
-                "training_active_at_arrival": sum(r["training_was_active"] for r in rs)}
+                "training_active_at_arrival": sum(r["training_was_active"] for r in rs),
+                "ttft_ms_slowest": sorted((round(1e3 * r["ttft"], 2) for r in rs), reverse=True)[:5],
+                "ttft_ms_slowest_at": sorted(range(len(rs)), key=lambda i: -rs[i]["ttft"])[:5]}
 
     off, bl = summary(out["off"]), summary(out["backlog"])
     ratios = {k: bl[k] / off[k] for k in off if k.endswith("_ms")}
