@@ -41,7 +41,7 @@ def main():
             bare_t = []
             for _ in range(a.rounds):
                 bare_t.append(fast_latency(bare, prompt, reps=3)["per_token_ms"])
-            bare_logits = bare.prefill(prompt).float()
+            bare_logits = bare.prefill(prompt).float().clone()
         with torch.no_grad():  # the noise floor: our bf16 path vs Hugging Face's, no adapter at all
             hf_bare = base(input_ids=torch.tensor([prompt], device="cuda")).logits[0, -1].float()
         floor = float((bare_logits - hf_bare).norm() / hf_bare.norm())
@@ -51,7 +51,7 @@ def main():
             live = FastDecoder(pm, "live", max_len=1024, stream=stream)
             live_t = [fast_latency(live, prompt, reps=3)["per_token_ms"] for _ in range(a.rounds)]
             # merged bf16 serving weights vs PEFT's unmerged forward (both bf16), last prompt position
-            got = live.prefill(prompt).float()
+            got = live.prefill(prompt).float().clone()  # a copy: the buffer is reused
         adapters.activate(pm, adapters.LIVE)
         with torch.no_grad():
             ref = pm(input_ids=torch.tensor([prompt], device="cuda")).logits[0, -1].float()
