@@ -301,7 +301,12 @@ def main():
                         "ttft_parts_first_of_block": [{k: round(v, 2) for k, v in r["parts"].items()}
                                                       for r in rs if r["first_of_block"] and r["parts"]],
                         "ttft_parts_others_p50": {k: round(C.med([r["parts"][k] for r in rs if not r["first_of_block"]]), 2)
-                                                  for k in (rs[0]["parts"] if rs and rs[0]["parts"] else {})}}
+                                                  for k in (rs[0]["parts"] if rs and rs[0]["parts"] else {})},
+                        # the five slowest requests in parts: where a tail's time went
+                        "ttft_parts_slowest": [{"ttft_ms": round(1e3 * r["ttft"], 2), "at_s": round(r["start"] - t_run, 3),
+                                                "first_of_block": r["first_of_block"],
+                                                **{k: round(v, 2) for k, v in r["parts"].items()}}
+                                               for r in sorted(rs, key=lambda r: -r["ttft"])[:5]]}
             off, bl = summary(data["off"]), summary(data["backlog"])
             # each request's TTFT (ms, in order), so a p99 can be traced to the requests behind it
             res[f"ttft_ms_clients_{nc}"] = {c: [(round(1e3 * r["ttft"], 2), r["first_of_block"]) for r in rs]
@@ -365,6 +370,9 @@ def main():
             r = res[f"clients_{nc}"][cond]
             print(f"{nc} client(s), {cond}: TTFT parts, others p50 {r['ttft_parts_others_p50']}; first of block:")
             for parts in r["ttft_parts_first_of_block"][:8]:
+                print("   ", parts)
+            print(f"{nc} client(s), {cond}: the slowest requests in parts:")
+            for parts in r["ttft_parts_slowest"]:
                 print("   ", parts)
     print("garbage collections while measuring:", res["gc_pauses"], "; full ones over 20 ms (at s, ms):",
           res["gc_full_over_20ms"])
