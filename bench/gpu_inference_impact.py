@@ -10,6 +10,10 @@ and backlog/off ratios. Every pause of over 50 ms inside a request (with one cli
 its first token) is listed as a stall, with the trainer rounds and garbage collections that
 overlapped it.
 
+The trainer thread sleeps while a request is in flight and wakes when one returns (the service's
+scheduler waits too); ``--poll-trainer`` makes it poll every 0.2 ms instead, as every run up to
+CL did (py-spy in run CM: 1.2–1.4 s of 75 held the interpreter lock in that loop).
+
 ``--sample-threads``: every thread's Python stack is sampled each millisecond while measuring;
 gaps of over 8 ms between samples (the interpreter lock held by a thread in C code) are listed
 with the stacks just before and after (the sampler's own contention slows decoding a little).
@@ -61,6 +65,9 @@ def main():
     ap.add_argument("--rehearse-preemptions", type=int, default=0, help="after the warm-up, this many training "
                     "rounds stopped at a random poll (a layer boundary or loss chunk, forward or backward) with no "
                     "request: does a first preemption cost the first request under training?")
+    ap.add_argument("--poll-trainer", action="store_true", help="the trainer thread polls every 0.2 ms for the "
+                    "end of a request, as in runs up to CL (it wakes 5000 times a second, taking the interpreter "
+                    "lock each time); by default it sleeps until a request ends, as the service's scheduler does")
     ap.add_argument("--sample-threads", action="store_true", help="sample every thread's Python stack each "
                     "millisecond while measuring; list the gaps of over 8 ms between samples (the interpreter "
                     "lock held elsewhere) with the stacks just before and after")
@@ -120,6 +127,7 @@ def main():
         gc.callbacks.append(on_gc)
         stop = threading.Event()
         in_round = threading.Event()  # set while the trainer thread is inside train_round
+        request_ended = threading.Condition()  # notified when a request returns: the trainer resumes
         stats = {"steps": 0, "rounds": 0, "preempted": 0, "round_s_max": 0.0, "rounds_over_2s": 0}
 
         def trainer():
@@ -127,7 +135,13 @@ def main():
                 in_round.set()  # before the check: a round seen not to run has not started
                 if not training.is_set() or svc.activity.should_yield():
                     in_round.clear()
-                    time.sleep(0.0002)
+                    if a.poll_trainer:
+                        time.sleep(0.0002)
+                    elif not training.is_set():
+                        training.wait(0.05)
+                    else:  # asleep until a request ends: no 5 kHz wake-ups competing for the lock
+                        with request_ended:
+                            request_ended.wait_for(lambda: not svc.activity.should_yield() or stop.is_set(), 0.05)
                     continue
                 start = time.perf_counter()
                 try:
@@ -166,7 +180,11 @@ def main():
             busy = eng._step_thread is not None
             clock = sm_clock()
             t0 = time.perf_counter()
-            c = inf.generate([{"role": "user", "content": "x"}], GenerationParams(max_tokens=a.new))
+            try:
+                c = inf.generate([{"role": "user", "content": "x"}], GenerationParams(max_tokens=a.new))
+            finally:
+                with request_ended:  # after generate: the request is no longer in flight
+                    request_ended.notify_all()
             tt = times.tokens
             parts = {}
             if dec is not None:
