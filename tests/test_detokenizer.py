@@ -48,6 +48,34 @@ def test_random_ids_with_special_tokens_and_broken_utf8(tok):
         assert whole[len(joined):].strip("\ufffd") == "", (ids, joined, whole)
 
 
+@pytest.fixture(scope="module")
+def metaspace_tok():
+    """A SentencePiece-style tokenizer (Llama 2, Mistral: "▁" for spaces, the first one stripped
+    when decoding), trained here on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    t.train_from_iterator(["The quick brown fox jumps over the lazy dog. Hello world, hello there!"] * 20,
+                          trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_sentencepiece_style_spaces(metaspace_tok):
+    """A window's first "▁" is stripped when decoded; the pieces must keep every space."""
+    tok = metaspace_tok
+    for text in ["Hello world, the quick brown fox.", "  two  leading spaces", "the lazy dog!  "]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        joined, _ = stream_all(tok, ids)
+        assert joined == tok.decode(ids, skip_special_tokens=True)
+    rng = random.Random(1)
+    for _ in range(200):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 40))]
+        assert stream_all(tok, ids)[0] == tok.decode(ids, skip_special_tokens=True), ids
+
+
 def test_emit_streams_the_same_text_it_returns(tok):
     """The engine's token consumer: stop strings held back, the pieces equal the final text."""
     eng = InferenceEngine.__new__(InferenceEngine)  # _emit needs only the tokenizer and stop ids
