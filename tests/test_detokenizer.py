@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from idletune.inference import Detokenizer, GenerationParams, InferenceEngine
+from idletune.inference import Detokenizer, GenerationParams, InferenceEngine, skipped_ids
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +76,77 @@ def test_sentencepiece_style_spaces(metaspace_tok):
         assert stream_all(tok, ids)[0] == tok.decode(ids, skip_special_tokens=True), ids
 
 
+def engine(tok):
+    eng = InferenceEngine.__new__(InferenceEngine)  # _emit needs only the tokenizer and its ids
+    eng.tokenizer, eng.stop_ids, eng._skip = tok, {tok.eos_token_id}, skipped_ids(tok)
+    return eng
+
+
+def emit(tok, ids, stop=(), cancel_after=None):
+    """Run _emit over ``ids``; returns (text, reason, the streamed pieces joined)."""
+    pieces, seen = [], [0]
+
+    def gen():
+        for i in ids:
+            seen[0] += 1
+            yield i
+
+    cancelled = (lambda: seen[0] >= cancel_after) if cancel_after is not None else None
+    text, reason, _ = engine(tok)._emit(gen(), GenerationParams(stop=list(stop)), {}, pieces.append, cancelled)
+    return text, reason, "".join(pieces)
+
+
 def test_emit_streams_the_same_text_it_returns(tok):
-    """The engine's token consumer: stop strings held back, the pieces equal the final text."""
-    eng = InferenceEngine.__new__(InferenceEngine)  # _emit needs only the tokenizer and stop ids
-    eng.tokenizer, eng.stop_ids = tok, {tok.eos_token_id}
     ids = tok(TEXTS[1] + " END here", add_special_tokens=False)["input_ids"]
     for stop, want in [([], TEXTS[1] + " END here"), (["END"], TEXTS[1] + " ")]:
-        pieces = []
-        text, reason, n = eng._emit((i for i in ids + [tok.eos_token_id]), GenerationParams(stop=stop), {}, pieces.append, None)
-        assert text == want and "".join(pieces) == want
-        assert reason == "stop"
+        text, reason, streamed = emit(tok, ids + [tok.eos_token_id], stop)
+        assert text == streamed == want and reason == "stop"
+
+
+def test_stop_strings_across_tokens_held_back_and_released(tok):
+    body = "Sure. User: what next? Assistant: more"
+    ids = tok(body, add_special_tokens=False)["input_ids"]
+    assert len(tok("User:", add_special_tokens=False)["input_ids"]) > 1  # spans tokens
+    # a stop string spanning tokens, among others: cut at the first to begin
+    assert emit(tok, ids, ["Assistant:", "User:"]) == ("Sure. ", "stop", "Sure. ")
+    # held back while it might begin a stop string, released when the reply ends (by length)
+    assert emit(tok, ids, ["morex"]) == (body, "length", body)
+    assert emit(tok, ids, ["more than"]) == (body, "length", body)
+    # cancelled mid-way with a stop set: what was streamed is what is returned
+    text, reason, streamed = emit(tok, ids, ["Assistant:"], cancel_after=5)
+    assert reason == "cancelled" and text == streamed and body.startswith(text) and text
+
+
+def test_emit_against_decoding_the_whole_reply(tok):
+    """Random replies of real text, special tokens in between, random stop strings taken from the
+    text: the same text as decoding the whole reply and cutting at the first stop, streamed alike."""
+    rng = random.Random(2)
+    skipped = sorted(skipped_ids(tok) - {tok.eos_token_id})
+    for _ in range(150):
+        body = rng.choice(TEXTS) + " " + rng.choice(TEXTS)
+        ids = []
+        for i in tok(body, add_special_tokens=False)["input_ids"]:
+            ids.append(i)
+            if rng.random() < 0.05:
+                ids.append(rng.choice(skipped))
+        whole = tok.decode(ids, skip_special_tokens=True)
+        stops = [whole[a:a + rng.randint(1, 6)] for a in (rng.randrange(len(whole)) for _ in range(rng.randint(0, 2)))]
+        hits = [whole.find(s) for s in stops if s and s in whole]
+        want = whole[:min(hits)] if hits else whole
+        text, reason, streamed = emit(tok, ids, stops)
+        assert text == streamed == want, (body, stops)
+        assert reason == ("stop" if hits else "length")
+
+
+def test_window_stays_short_whatever_the_model_emits(tok):
+    """Runs of skipped special tokens or of bytes that never make a character do not grow the
+    window each token decodes."""
+    assert 0 in skipped_ids(tok)  # <|endoftext|>: a special token, not the stop id
+    d = Detokenizer(tok)
+    for i in tok("Hello there", add_special_tokens=False)["input_ids"]:
+        d.add(i)
+    lone_continuation_byte = tok.convert_tokens_to_ids("\u00a2")  # byte 0x80 in the byte-level alphabet
+    for token in [0] * 500 + [lone_continuation_byte] * 500:
+        d.add(token)
+        assert len(d.ids) - d.prefix <= 2 * Detokenizer.MAX_PENDING
+    assert d.text.startswith("Hello there") and "\ufffd" in d.text

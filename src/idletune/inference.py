@@ -48,29 +48,47 @@ class Completion:
     seconds: float
 
 
+def skipped_ids(tokenizer) -> frozenset[int]:
+    """The special tokens that decoding with ``skip_special_tokens=True`` drops (checked one by one
+    among the tokenizer's special and added tokens)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    candidates = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    return frozenset(i for i in candidates if tokenizer.decode([i], skip_special_tokens=True) == "")
+
+
 class Detokenizer:
-    """Token ids in, the reply's new text out, in time linear in the reply's length.
+    """Token ids in, the reply's new text out, at a cost a token that does not grow with the reply.
 
-    Each token decodes only a short window that starts at the last point where the text was
-    whole (vLLM's and TGI's incremental detokenization), not the whole reply again. With the
-    default model's tokenizer on the development CPU a token's text took 0.006 ms at any length,
-    where decoding the whole reply took 0.016 / 0.048 / 0.096 ms a token over 128 / 512 / 1024
-    tokens — time the serving thread holds the interpreter lock, beside a GPU step of ~1 ms. A
-    token that leaves an incomplete UTF-8 sequence (or only a skipped special token) adds no text
-    until the text is whole again. ``text`` is the reply so far."""
+    Each token decodes only a short window, from one emitted piece back (where the text was whole)
+    to the end — vLLM's and TGI's incremental detokenization — not the whole reply again; the
+    piece before is decoded too and its text subtracted, so a tokenizer that drops a window's
+    first space (SentencePiece's "▁") loses nothing. Skipped special tokens never enter the
+    window, and a run of tokens that keeps ending in an incomplete UTF-8 sequence is let through
+    (as U+FFFD, what decoding makes of invalid bytes) after ``MAX_PENDING`` tokens, since no
+    character takes more than four bytes: the window stays short whatever the model emits. With
+    the default model's tokenizer on the development CPU a token's text took 0.006–0.008 ms at
+    128–4096 tokens, where decoding the whole reply took 0.016 / 0.048 / 0.096 ms a token over
+    128 / 512 / 1024 tokens (time the serving thread holds the interpreter lock, beside a GPU
+    step of ~1 ms). ``text`` is all the text emitted so far: the pieces, joined."""
 
-    def __init__(self, tokenizer) -> None:
+    MAX_PENDING = 8
+
+    def __init__(self, tokenizer, skip: frozenset[int] | None = None) -> None:
         self.tok = tokenizer
+        self.skip = skipped_ids(tokenizer) if skip is None else skip
         self.ids: list[int] = []
-        self.prefix = self.read = 0  # ids[prefix:read] decoded last time; ids[read:] not turned into text yet
+        self.prefix = self.read = 0  # ids[prefix:read]: the last emitted piece; ids[read:]: not yet text
         self.text = ""
 
     def add(self, token_id: int) -> str:
+        if token_id in self.skip:
+            return ""
         self.ids.append(token_id)
         decode = self.tok.decode
         new = decode(self.ids[self.prefix:], skip_special_tokens=True)
         old = decode(self.ids[self.prefix:self.read], skip_special_tokens=True) if self.read > self.prefix else ""
-        if len(new) <= len(old) or new.endswith("\ufffd"):
+        waiting = len(self.ids) - self.read < self.MAX_PENDING
+        if len(new) <= len(old) and waiting or new.endswith("\ufffd") and waiting:
             return ""
         delta = new[len(old):]
         self.prefix, self.read = self.read, len(self.ids)
@@ -103,6 +121,7 @@ class InferenceEngine:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
         self.stop_ids = {i for i in eos + [tokenizer.eos_token_id] if i is not None}
+        self._skip = skipped_ids(tokenizer)  # special tokens a reply's text leaves out
         self.device = next(model.parameters()).device
         self.fast = None
         """GPU path (:class:`idletune.gpu.GpuServing`), set by ``idletune.gpu.install``."""
@@ -163,12 +182,17 @@ class InferenceEngine:
             ids = torch.tensor([[nxt]], device=self.device)
 
     def _emit(self, tokens, params, counts, on_text, cancelled):
-        """Consume token ids: stop ids and strings, streaming text out, counts for penalties."""
-        tok = self.tokenizer
+        """Consume token ids: stop ids and strings, streaming text out, counts for penalties.
+
+        The text returned is exactly the text streamed: the pieces, up to the first stop string.
+        A stop string is looked for only where the newest piece could complete one, and the last
+        ``len(longest stop) - 1`` characters are held back until they cannot begin one."""
         out: list[int] = []
-        stream = Detokenizer(tok)
-        emitted = ""
-        hold = max((len(s) for s in params.stop), default=1) - 1  # chars held back for stop strings
+        stream = Detokenizer(self.tokenizer, self._skip)
+        stops = [s for s in params.stop if s]
+        hold = max((len(s) for s in stops), default=1) - 1  # chars held back for stop strings
+        sent = 0  # characters of stream.text streamed out
+        cut = -1  # where the first stop string begins
         reason = "length"
         try:
             while True:
@@ -183,26 +207,27 @@ class InferenceEngine:
                     break
                 out.append(nxt)
                 counts[nxt] = counts.get(nxt, 0) + 1
-                if not stream.add(nxt):
+                piece = stream.add(nxt)
+                if not piece:
                     continue  # no new text yet (an incomplete UTF-8 sequence, a skipped special token)
                 text = stream.text
-                cut = min((text.find(s) for s in params.stop if s and s in text), default=-1)
-                if cut >= 0:
-                    text, reason = text[:cut], "stop"
-                safe = text if cut >= 0 else text[: max(len(emitted), len(text) - hold)]
-                if on_text is not None and len(safe) > len(emitted):
-                    on_text(safe[len(emitted):])
-                emitted = safe
+                if stops:
+                    start = max(0, len(text) - len(piece) - hold)
+                    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+                    if hits:
+                        cut, reason = min(hits), "stop"
+                end = cut if cut >= 0 else len(text) - hold
+                if end > sent:
+                    if on_text is not None:
+                        on_text(text[sent:end])
+                    sent = end
                 if cut >= 0:
                     break
         finally:
             tokens.close()
-        final = tok.decode(out, skip_special_tokens=True).replace("\ufffd", "")
-        for s in params.stop:
-            if s and s in final:
-                final = final[: final.find(s)]
-        if on_text is not None and len(final) > len(emitted) and final.startswith(emitted):
-            on_text(final[len(emitted):])
+        final = stream.text if cut < 0 else stream.text[:cut]
+        if on_text is not None and len(final) > sent:
+            on_text(final[sent:])  # what was held back for stop strings that never came
         return final, reason, len(out)
 
     @staticmethod

@@ -55,7 +55,9 @@ def make_import_router(queue, jobs: ImportJobs, importers_config: ImportersConfi
     router = APIRouter(prefix="/api/import", tags=["import"])
 
     async def respond(job_id: str, inline: bool) -> JSONResponse:
-        job = await run_in_threadpool(jobs.wait, job_id, config.inline_wait_s) if inline else jobs.get(job_id)
+        if not inline:  # always 202, however far the job got already: the answer must not race it
+            return JSONResponse(status_code=202, content=jobs.get(job_id))
+        job = await run_in_threadpool(jobs.wait, job_id, config.inline_wait_s)
         if job["status"] == FAILED:
             error = dict(job["error"])
             status = error.pop("http_status", 400)
