@@ -96,7 +96,7 @@ def latency(url: str, n: int, max_tokens: int, gap: float) -> dict:
              for i in range(400)]
     for i in range(0, len(texts), 40):
         r = HTTP.post(f"{url}/api/import/text", json={"text": "\n\n".join(texts[i:i + 40]), "name": f"backlog-{i}"},
-                       timeout=120)
+                      timeout=120)
         r.raise_for_status()
     pending = HTTP.get(f"{url}/api/status").json()["queue"]["pending"]
     out = {"off": [], "backlog": []}

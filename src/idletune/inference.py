@@ -65,11 +65,10 @@ class Detokenizer:
     first space (SentencePiece's "▁") loses nothing. Skipped special tokens never enter the
     window, and a run of tokens that keeps ending in an incomplete UTF-8 sequence is let through
     (as U+FFFD, what decoding makes of invalid bytes) after ``MAX_PENDING`` tokens, since no
-    character takes more than four bytes: the window stays short whatever the model emits. With
-    the default model's tokenizer on the development CPU a token's text took 0.006–0.008 ms at
-    128–4096 tokens, where decoding the whole reply took 0.016 / 0.048 / 0.096 ms a token over
-    128 / 512 / 1024 tokens (time the serving thread holds the interpreter lock, beside a GPU
-    step of ~1 ms). ``text`` is all the text emitted so far: the pieces, joined."""
+    character takes more than four bytes: the window stays short whatever the model emits
+    (``bench/emit_cost.py``: about 0.006 ms a token at any length on the development CPU, where
+    decoding the whole reply took 0.11 ms a token at 1024 tokens; docs/BENCHMARKS.md, section
+    6). ``text`` is all the text emitted so far: the pieces, joined."""
 
     MAX_PENDING = 8
 
@@ -87,8 +86,7 @@ class Detokenizer:
         decode = self.tok.decode
         new = decode(self.ids[self.prefix:], skip_special_tokens=True)
         old = decode(self.ids[self.prefix:self.read], skip_special_tokens=True) if self.read > self.prefix else ""
-        waiting = len(self.ids) - self.read < self.MAX_PENDING
-        if len(new) <= len(old) and waiting or new.endswith("\ufffd") and waiting:
+        if len(self.ids) - self.read < self.MAX_PENDING and (len(new) <= len(old) or new.endswith("\ufffd")):
             return ""
         delta = new[len(old):]
         self.prefix, self.read = self.read, len(self.ids)
@@ -187,7 +185,7 @@ class InferenceEngine:
         The text returned is exactly the text streamed: the pieces, up to the first stop string.
         A stop string is looked for only where the newest piece could complete one, and the last
         ``len(longest stop) - 1`` characters are held back until they cannot begin one."""
-        out: list[int] = []
+        n = 0  # tokens of the reply
         stream = Detokenizer(self.tokenizer, self._skip)
         stops = [s for s in params.stop if s]
         hold = max((len(s) for s in stops), default=1) - 1  # chars held back for stop strings
@@ -205,7 +203,7 @@ class InferenceEngine:
                 if nxt in self.stop_ids:
                     reason = "stop"
                     break
-                out.append(nxt)
+                n += 1
                 counts[nxt] = counts.get(nxt, 0) + 1
                 piece = stream.add(nxt)
                 if not piece:
@@ -228,7 +226,7 @@ class InferenceEngine:
         final = stream.text if cut < 0 else stream.text[:cut]
         if on_text is not None and len(final) > sent:
             on_text(final[sent:])  # what was held back for stop strings that never came
-        return final, reason, len(out)
+        return final, reason, n
 
     @staticmethod
     def _pick(logits: torch.Tensor, p: GenerationParams, gen: torch.Generator, counts: dict[int, int]) -> int:
