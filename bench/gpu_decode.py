@@ -29,6 +29,7 @@ VARIANTS = {
     # (dynamo's cache), so the two differ only by the timing's own noise
     "repeat": {},
     "no_pdl_repeat": {"pdl": False},
+    "eager_prefill": {"compile_prefill": False},  # the prompt's layers as library calls (in a graph)
 }
 
 
@@ -52,16 +53,16 @@ def fast_latency(dec, prompt, new=128, reps=5):
 
 @torch.no_grad()
 def logits_error(dec, pm, prompt, steps=8):
-    """Largest |decoder − PEFT forward| of the decode steps' logits, relative to the logits' spread
-    (the same tokens fed to both; bf16 either way)."""
+    """Largest |decoder − PEFT forward| of the prompt's last logits and the decode steps' logits,
+    relative to the logits' spread (the same tokens fed to both; bf16 either way)."""
     from idletune.training import adapters
 
     adapters.activate(pm, "live")
     pm.eval()
     ids = prompt + [int(t) for t in torch.randint(100, 1000, (steps,))]
     ref = pm(input_ids=torch.tensor([ids], device="cuda")).logits[0].float()
-    dec.prefill(prompt)
-    worst = 0.0
+    last = len(prompt) - 1
+    worst = float((dec.prefill(prompt) - ref[last]).abs().max() / ref[last].std())
     for i, pos in enumerate(range(len(prompt), len(ids))):
         dec.ids_buf.fill_(ids[pos])
         dec.step(pos)
@@ -91,6 +92,35 @@ def kernel_profile(dec, prompt, steps=16) -> dict:
     top = sorted(names.items(), key=lambda kv: -kv[1][1])[:12]
     return {"kernels_per_step": n / steps, "kernel_us_per_step": total / steps,
             "top": [(k, c / steps, round(t / steps, 1)) for k, (c, t) in top]}
+
+
+def prefill_profile(dec, sizes=(64, 256, 1024), reps=20) -> dict:
+    """The prompt's graph alone: GPU time (median of ``reps`` replays, device events) at each
+    prompt length, and the kernels of one 256-token prompt."""
+    from torch.autograd import DeviceType
+
+    out = {}
+    for T in sizes:
+        prompt = torch.randint(100, 1000, (T,)).tolist()
+        dec.prefill(prompt)  # captures this bucket's graph
+        times = []
+        for _ in range(reps):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            dec.prefill(prompt)
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1))
+        out[f"prefill_ms_{T}"] = C.med(times)
+    prompt = torch.randint(100, 1000, (256,)).tolist()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        dec.prefill(prompt)
+        torch.cuda.synchronize()
+    ks = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    out["prefill_kernels_256"] = len(ks)
+    out["prefill_kernel_us_256"] = sum(e.time_range.elapsed_us() for e in ks)
+    return out
 
 
 def hf_latency(model, prompt, new=32):
@@ -160,6 +190,7 @@ def main():
                 v["tok_s"] = 1e3 / v["per_token_ms"]
                 if labels:
                     v["kernels"] = kernel_profile(dec, prompt)
+                v["prefill"] = prefill_profile(dec)
                 if label != "fast":
                     rows.append([f"{name} ({label})", v["tok_s"], r["bw_limit_tok_s"],
                                  100 * v["tok_s"] / r["bw_limit_tok_s"], v["ttft_ms"], "-"])
@@ -181,6 +212,11 @@ def main():
               f"{f['logits_error_vs_peft']:.3f} × their std (untuned: "
               f"{res[name].get('untuned', {}).get('logits_error_vs_peft', float('nan')):.3f})")
         for label, f in [("", f)] + [(" " + v, res[name][v]) for v in VARIANTS if v in res[name]]:
+            if "prefill" in f:
+                p = f["prefill"]
+                print(f"{name}{label}: prompt graph {p['prefill_ms_64']:.2f} / {p['prefill_ms_256']:.2f} / "
+                      f"{p['prefill_ms_1024']:.2f} ms at 64 / 256 / 1024 tokens; {p['prefill_kernels_256']} kernels, "
+                      f"{p['prefill_kernel_us_256']:.0f} µs of kernel time at 256")
             if "kernels" not in f:
                 continue
             k = f["kernels"]

@@ -100,6 +100,8 @@ class FastDecoder:
         pad_prompts: run each prompt padded to its bucket (:meth:`prefill_bucket`), the shape its
             CUDA graph holds (default: with graphs). Padding goes after the prompt: attention
             is causal, and the cache positions it fills are masked until decoding overwrites them.
+        compile_prefill: compile the prompt's layer too (default: with ``compile``, unless
+            IDLETUNE_COMPILE_PREFILL=0); one compilation serves every prompt length.
     """
 
     MIN_BUCKET = 256
@@ -110,7 +112,7 @@ class FastDecoder:
     def __init__(self, model, adapter: str = "live", max_len: int = 4096, use_graphs: bool | None = None,
                  stream: torch.cuda.Stream | None = None, compile: bool | None = None,
                  tuned: bool | None = None, attention: str | None = None, pdl: bool | None = None,
-                 pad_prompts: bool | None = None):
+                 pad_prompts: bool | None = None, compile_prefill: bool | None = None):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"FastDecoder cannot serve this model: {reason}")
@@ -133,6 +135,8 @@ class FastDecoder:
         self.stream = stream
         if compile is None:
             compile = self.use_graphs and os.environ.get("IDLETUNE_COMPILE_DECODE", "1") != "0"
+        if compile_prefill is None:
+            compile_prefill = compile and os.environ.get("IDLETUNE_COMPILE_PREFILL", "1") != "0"
         self.compile_error: str | None = None
         if tuned is None:
             tuned = os.environ.get("IDLETUNE_DECODE_TUNED", "1") != "0"
@@ -143,7 +147,8 @@ class FastDecoder:
         # eager pieces (the CPU, IDLETUNE_COMPILE_DECODE=0, a failed compile): library products,
         # and attention as batched products, which never materialise a (heads, L, D) product
         self._eager = {"pre": _decode_pre_eager, "post": _decode_post_eager,
-                       "attend": _decode_attend_bmm if self.attention == "reductions" else _decode_sdpa}
+                       "attend": _decode_attend_bmm if self.attention == "reductions" else _decode_sdpa,
+                       "prefill": _prefill_layer}
         self.pdl = os.environ.get("IDLETUNE_DECODE_PDL", "1") != "0" if pdl is None else bool(pdl)
         self._pieces = dict(self._eager)
         if compile:  # fuses each layer's element-wise work; compiled on the first captured step
@@ -155,6 +160,8 @@ class FastDecoder:
             self._pieces["post"] = torch.compile(_decode_post, dynamic=False, fullgraph=True, options=opts)
             if self.attention == "reductions":
                 self._pieces["attend"] = torch.compile(_decode_attend, dynamic=True, fullgraph=True, options=opts)
+            if compile_prefill:  # one compilation serves every prompt length (a dynamic length)
+                self._pieces["prefill"] = torch.compile(_prefill_layer, dynamic=True, fullgraph=True, options=opts)
         self.version = None  # what refresh() last merged (set by the caller)
         n_layers = len(self.lm.model.layers)
         # static KV cache: (layers, k|v, kv heads, positions, head dim); k and v of a layer are
@@ -277,27 +284,6 @@ class FastDecoder:
         return total + self.kv_cache.numel() * self.kv_cache.element_size()
 
     # ---- the model --------------------------------------------------------------------------
-    def _layer(self, x: torch.Tensor, li: int, e: dict, pos: torch.Tensor, attend: Callable) -> torch.Tensor:
-        """One decoder layer on the prompt's x (T, C) at positions ``pos`` (T,): library
-        operations (in a CUDA graph on a GPU, see :meth:`prefill`)."""
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (T, 1, D)
-        q, k, v = _pre_attention(x, e["ln1"], e["qkv"], e["qkv_bias"], cos, sin, self.eps, self.n_heads, self.n_kv,
-                                 self.head_dim)
-        self.kv_cache[li].index_copy_(2, pos, torch.stack((k, v)))
-        x = x + F.linear(attend(q, li), e["o"], e["o_bias"])
-        h = F.rms_norm(x, (self.hidden,), e["ln2"], self.eps)
-        g, u = F.linear(h, e["gate_up"]).chunk(2, dim=-1)
-        return x + F.linear(F.silu(g) * u, e["down"])
-
-    def _attend_prefill(self, T: int):
-        def attend(q, li):  # causal attention over the prompt just written (positions 0..T-1)
-            k = self.kv_cache[li, 0, :, :T][None]
-            v = self.kv_cache[li, 1, :, :T][None]
-            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, is_causal=True,
-                                               enable_gqa=self.n_kv != self.n_heads)  # (1, H, T, D)
-            return o[0].transpose(0, 1).reshape(T, -1)
-        return attend
-
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.rms_norm(x, (self.hidden,), self.norm, self.eps), self.lm_head).float()
 
@@ -333,11 +319,12 @@ class FastDecoder:
     def _prefill(self, T: int) -> None:
         """The prompt in ``prompt_buf[:T]`` (padded past ``last_buf``) through the model: the
         cache filled, the logits and argmax of position ``last_buf`` written, ``pos_buf`` set."""
-        pos = self.positions[:T]
         x = F.embedding(self.prompt_buf[:T], self.embed)
-        attend = self._attend_prefill(T)
+        cos, sin = self.cos[:T, None], self.sin[:T, None]  # (T, 1, D): positions 0..T-1
+        layer = self._pieces["prefill"]
         for li, e in enumerate(self.layers):
-            x = self._layer(x, li, e, pos, attend)
+            x = layer(x, self.kv_cache[li], cos, sin, e["ln1"], e["qkv"], e["qkv_bias"], e["o"], e["o_bias"], e["ln2"],
+                      e["gate_up"], e["down"], self.eps, self.n_heads, self.n_kv, self.head_dim)
         logits = self._logits(x.index_select(0, self.last_buf))
         self.logits_buf.copy_(logits)
         self.ids_buf.copy_(logits.argmax(dim=-1))
@@ -393,11 +380,12 @@ class FastDecoder:
             for _ in range(3):
                 try:
                     run(n)
-                except Exception as e:  # a compile failure: fall back to the eager pieces
-                    if kind != "step" or self._pieces == self._eager:  # the prompt uses none
+                except Exception as e:  # a compile failure: fall back to this kind's eager pieces
+                    names = ("pre", "attend", "post") if kind == "step" else ("prefill",)
+                    if all(self._pieces[k] is self._eager[k] for k in names):
                         raise
                     self.compile_error = f"{type(e).__name__}: {e}"[:300]
-                    self._pieces = dict(self._eager)
+                    self._pieces.update({k: self._eager[k] for k in names})
                     run(n)
                 self.ids_buf.copy_(ids)
                 self.pos_buf.copy_(pos)
@@ -483,6 +471,22 @@ def _pre_attention(x, ln1, qkv_w, qkv_b, cos, sin, eps: float, H: int, Hkv: int,
     qk = qk * cos + torch.cat((-x2, x1), dim=-1) * sin
     q, k = qk.split([H, Hkv], dim=1)
     return q, k.transpose(0, 1), v.view(T, Hkv, D).transpose(0, 1)
+
+
+def _prefill_layer(x, cache, cos, sin, ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, down_w, eps: float, H: int, Hkv: int,
+                   D: int):
+    """One decoder layer on the prompt's x (T, C) at positions 0..T-1, its k and v written into
+    ``cache`` (2, Hkv, max_len, D) at those positions. Compiled (the GPU default), inductor fuses
+    the element-wise work around the library products and attention: about half the kernels
+    of the same code run eagerly, and the graph's time is mostly in those small kernels."""
+    T = x.shape[0]
+    q, k, v = _pre_attention(x, ln1, qkv_w, qkv_b, cos, sin, eps, H, Hkv, D)
+    cache[:, :, :T].copy_(torch.stack((k, v)))
+    a = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], is_causal=True,
+                                       enable_gqa=Hkv != H)  # (1, H, T, D)
+    x = x + _linear(a[0].transpose(0, 1).reshape(T, H * D), o_w, o_b)
+    g, u = F.linear(F.rms_norm(x, (x.shape[-1],), ln2, eps), gu_w).chunk(2, dim=-1)
+    return x + F.linear(F.silu(g) * u, down_w)
 
 
 def _decode_attend(q, k, v, mask):
