@@ -250,3 +250,24 @@ def test_loss_chunks_are_balanced_and_a_failed_kernel_falls_back():
     finally:
         loss._fused_failed = False
         loss._fused_rows.cache_clear()
+
+
+def test_compiled_prefill_matches_and_compiles_once():
+    """The prompt's layer as the GPU runs it (torch.compile; here inductor's CPU code): the
+    logits and the cache of the eager layer, and one compilation for every padded length,
+    the cache's full length included (a slice there once fixed the length to a constant)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny("llama")
+    torch._dynamo.reset()
+    dec = FastDecoder(model, LIVE, max_len=128, use_graphs=False, pad_prompts=True, compile_prefill=True)
+    eager = FastDecoder(model, LIVE, max_len=128, use_graphs=False, pad_prompts=True)
+    before = counters["stats"]["unique_graphs"]
+    for prompt in ([5, 6, 7], list(range(3, 80)), list(range(10, 70))):  # buckets 64, 128 (= max_len), 64
+        assert dec.prefill_bucket(len(prompt)) in (64, 128)
+        got = dec.prefill(prompt).clone()
+        torch.testing.assert_close(got, eager.prefill(prompt), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dec.kv_cache, eager.kv_cache, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got, hf_logits(model, prompt)[-1], rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    assert dec.compile_error is None

@@ -100,7 +100,7 @@ class FastDecoder:
         pad_prompts: run each prompt padded to its bucket (:meth:`prefill_bucket`), the shape its
             CUDA graph holds (default: with graphs). Padding goes after the prompt: attention
             is causal, and the cache positions it fills are masked until decoding overwrites them.
-        compile_prefill: compile the prompt's layer too (default: with ``compile``, unless
+        compile_prefill: compile the prompt's layer (default: with ``compile``, unless
             IDLETUNE_COMPILE_PREFILL=0); one compilation serves every prompt length.
     """
 
@@ -151,17 +151,17 @@ class FastDecoder:
                        "prefill": _prefill_layer}
         self.pdl = os.environ.get("IDLETUNE_DECODE_PDL", "1") != "0" if pdl is None else bool(pdl)
         self._pieces = dict(self._eager)
+        opts = {"coordinate_descent_tuning": True} if self.tuned else {}
+        if self.pdl and hasattr(torch._inductor.config.triton, "enable_pdl"):  # older torch: no PDL
+            opts["triton.enable_pdl"] = True  # inductor emits it on Hopper and newer only
         if compile:  # fuses each layer's element-wise work; compiled on the first captured step
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            opts = {"coordinate_descent_tuning": True} if self.tuned else {}
-            if self.pdl and hasattr(torch._inductor.config.triton, "enable_pdl"):  # older torch: no PDL
-                opts["triton.enable_pdl"] = True  # inductor emits it on Hopper and newer only
             self._pieces["pre"] = torch.compile(_decode_pre, dynamic=False, fullgraph=True, options=opts)
             self._pieces["post"] = torch.compile(_decode_post, dynamic=False, fullgraph=True, options=opts)
             if self.attention == "reductions":
                 self._pieces["attend"] = torch.compile(_decode_attend, dynamic=True, fullgraph=True, options=opts)
-            if compile_prefill:  # one compilation serves every prompt length (a dynamic length)
-                self._pieces["prefill"] = torch.compile(_prefill_layer, dynamic=True, fullgraph=True, options=opts)
+        if compile_prefill:  # one compilation serves every prompt length (see _prefill)
+            self._pieces["prefill"] = torch.compile(_prefill_layer, fullgraph=True, options=opts)
         self.version = None  # what refresh() last merged (set by the caller)
         n_layers = len(self.lm.model.layers)
         # static KV cache: (layers, k|v, kv heads, positions, head dim); k and v of a layer are
@@ -173,6 +173,7 @@ class FastDecoder:
             dummy = torch.zeros(1, 1, self.hidden, dtype=self.dtype, device=self.device)
             cos, sin = self.lm.model.rotary_emb(dummy, pos[None])  # (1, L, D) each
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # (L, D)
+        self.cos_t, self.sin_t = self.cos[:, None], self.sin[:, None]  # (L, 1, D): for a prompt's T positions
         self.positions = pos
         # graph inputs/outputs: the prompt and its last position (prefill), the token to feed,
         # its position, the logits and the argmax
@@ -320,11 +321,12 @@ class FastDecoder:
         """The prompt in ``prompt_buf[:T]`` (padded past ``last_buf``) through the model: the
         cache filled, the logits and argmax of position ``last_buf`` written, ``pos_buf`` set."""
         x = F.embedding(self.prompt_buf[:T], self.embed)
-        cos, sin = self.cos[:T, None], self.sin[:T, None]  # (T, 1, D): positions 0..T-1
         layer = self._pieces["prefill"]
         for li, e in enumerate(self.layers):
-            x = layer(x, self.kv_cache[li], cos, sin, e["ln1"], e["qkv"], e["qkv_bias"], e["o"], e["o_bias"], e["ln2"],
-                      e["gate_up"], e["down"], self.eps, self.n_heads, self.n_kv, self.head_dim)
+            torch._dynamo.mark_dynamic(x, 0)  # compiled: the prompt's length only is a variable
+            x = layer(x, self.kv_cache[li], self.positions, self.cos_t, self.sin_t, e["ln1"], e["qkv"], e["qkv_bias"],
+                      e["o"], e["o_bias"], e["ln2"], e["gate_up"], e["down"], self.eps, self.n_heads, self.n_kv,
+                      self.head_dim)
         logits = self._logits(x.index_select(0, self.last_buf))
         self.logits_buf.copy_(logits)
         self.ids_buf.copy_(logits.argmax(dim=-1))
@@ -473,15 +475,18 @@ def _pre_attention(x, ln1, qkv_w, qkv_b, cos, sin, eps: float, H: int, Hkv: int,
     return q, k.transpose(0, 1), v.view(T, Hkv, D).transpose(0, 1)
 
 
-def _prefill_layer(x, cache, cos, sin, ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, down_w, eps: float, H: int, Hkv: int,
+def _prefill_layer(x, cache, pos, cos, sin, ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, down_w, eps: float, H: int, Hkv: int,
                    D: int):
     """One decoder layer on the prompt's x (T, C) at positions 0..T-1, its k and v written into
-    ``cache`` (2, Hkv, max_len, D) at those positions. Compiled (the GPU default), inductor fuses
-    the element-wise work around the library products and attention: about half the kernels
-    of the same code run eagerly, and the graph's time is mostly in those small kernels."""
+    ``cache`` (2, Hkv, max_len, D) at those positions; ``pos``, cos and sin are the whole tables
+    (max_len,) and (max_len, 1, D), so that only T varies from one prompt length to another. Compiled (the GPU
+    default), inductor fuses the element-wise work around the library products and attention."""
     T = x.shape[0]
-    q, k, v = _pre_attention(x, ln1, qkv_w, qkv_b, cos, sin, eps, H, Hkv, D)
-    cache[:, :, :T].copy_(torch.stack((k, v)))
+    q, k, v = _pre_attention(x, ln1, qkv_w, qkv_b, cos.narrow(0, 0, T), sin.narrow(0, 0, T), eps, H, Hkv,
+                              D)
+    # an index, not a slice: copying into a slice asks whether it is contiguous (T == max_len),
+    # which would fix T to a constant at that length
+    cache.index_copy_(2, pos.narrow(0, 0, T), torch.stack((k, v)))
     a = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], is_causal=True,
                                        enable_gqa=Hkv != H)  # (1, H, T, D)
     x = x + _linear(a[0].transpose(0, 1).reshape(T, H * D), o_w, o_b)
