@@ -13,10 +13,11 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, vocab_size=97, max_position_embeddings=512)
 
 
-def tiny(kind: str):
+def tiny(kind: str, **shape):
     torch.manual_seed(0)
-    cfg = Qwen2Config(**TINY, tie_word_embeddings=True) if kind == "qwen2" else \
-        LlamaConfig(**TINY, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    dims = {**TINY, **shape}
+    cfg = Qwen2Config(**dims, tie_word_embeddings=True) if kind == "qwen2" else \
+        LlamaConfig(**dims, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     peft = adapters.attach_lora(model, LoraConfig(rank=4, target_modules=["attention.q", "attention.v", "ffn.gate",
@@ -255,19 +256,21 @@ def test_loss_chunks_are_balanced_and_a_failed_kernel_falls_back():
 def test_compiled_prefill_matches_and_compiles_once():
     """The prompt's layer as the GPU runs it (torch.compile; here inductor's CPU code): the
     logits and the cache of the eager layer, and one compilation for every padded length,
-    the cache's full length included (a slice there once fixed the length to a constant)."""
+    the cache's full length included (a slice there once fixed the length to a constant); a
+    second model with other head counts in the same process compiles once more and works (left
+    to dynamo, its head counts became variables, which attention refused)."""
     from torch._dynamo.utils import counters
 
-    model = tiny("llama")
     torch._dynamo.reset()
-    dec = FastDecoder(model, LIVE, max_len=128, use_graphs=False, pad_prompts=True, compile_prefill=True)
-    eager = FastDecoder(model, LIVE, max_len=128, use_graphs=False, pad_prompts=True)
     before = counters["stats"]["unique_graphs"]
-    for prompt in ([5, 6, 7], list(range(3, 80)), list(range(10, 70))):  # buckets 64, 128 (= max_len), 64
-        assert dec.prefill_bucket(len(prompt)) in (64, 128)
-        got = dec.prefill(prompt).clone()
-        torch.testing.assert_close(got, eager.prefill(prompt), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(dec.kv_cache, eager.kv_cache, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(got, hf_logits(model, prompt)[-1], rtol=1e-4, atol=1e-4)
-    assert counters["stats"]["unique_graphs"] - before == 1
-    assert dec.compile_error is None
+    for model in (tiny("llama"), tiny("qwen2", num_attention_heads=8, num_key_value_heads=4)):
+        dec = FastDecoder(model, LIVE, max_len=128, use_graphs=False, pad_prompts=True, compile_prefill=True)
+        eager = FastDecoder(model, LIVE, max_len=128, use_graphs=False, pad_prompts=True)
+        for prompt in ([5, 6, 7], list(range(3, 80)), list(range(10, 70))):  # buckets 64, 128 (= max_len), 64
+            assert dec.prefill_bucket(len(prompt)) in (64, 128)
+            got = dec.prefill(prompt).clone()
+            torch.testing.assert_close(got, eager.prefill(prompt), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(dec.kv_cache, eager.kv_cache, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got, hf_logits(model, prompt)[-1], rtol=1e-4, atol=1e-4)
+        assert dec.compile_error is None
+    assert counters["stats"]["unique_graphs"] - before == 2

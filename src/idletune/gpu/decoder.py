@@ -160,8 +160,9 @@ class FastDecoder:
             self._pieces["post"] = torch.compile(_decode_post, dynamic=False, fullgraph=True, options=opts)
             if self.attention == "reductions":
                 self._pieces["attend"] = torch.compile(_decode_attend, dynamic=True, fullgraph=True, options=opts)
-        if compile_prefill:  # one compilation serves every prompt length (see _prefill)
-            self._pieces["prefill"] = torch.compile(_prefill_layer, fullgraph=True, options=opts)
+        if compile_prefill:  # one compilation serves every prompt length: _prefill marks it dynamic,
+            # and nothing else is (left to dynamo, a second model's head counts became variables)
+            self._pieces["prefill"] = torch.compile(_prefill_layer, dynamic=False, fullgraph=True, options=opts)
         self.version = None  # what refresh() last merged (set by the caller)
         n_layers = len(self.lm.model.layers)
         # static KV cache: (layers, k|v, kv heads, positions, head dim); k and v of a layer are
