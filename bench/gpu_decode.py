@@ -95,8 +95,10 @@ def kernel_profile(dec, prompt, steps=16) -> dict:
 
 
 def prefill_profile(dec, sizes=(64, 256, 1024), reps=20) -> dict:
-    """The prompt's graph alone: GPU time (median of ``reps`` replays, device events) at each
-    prompt length, and the kernels of one 256-token prompt."""
+    """``prefill()`` timed with device events (median of ``reps``) at each prompt length: the
+    prompt's graph, plus the host work of the call before the graph is launched (the GPU is idle
+    when the first event fires: its two small copies and the launch, ~0.1 ms); and the kernels
+    of one 256-token prompt (the two copies among them)."""
     from torch.autograd import DeviceType
 
     out = {}

@@ -41,6 +41,7 @@ Hugging Face model with the adapter applied.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -48,6 +49,8 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("idletune.gpu")
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 
@@ -104,7 +107,8 @@ class FastDecoder:
             CUDA graph holds (default: with graphs). Padding goes after the prompt: attention
             is causal, and the cache positions it fills are masked until decoding overwrites them.
         compile_prefill: compile the prompt's layer (default: with ``compile``, unless
-            IDLETUNE_COMPILE_PREFILL=0); one compilation serves every prompt length.
+            IDLETUNE_COMPILE_PREFILL=0); one compilation serves every prompt length. A failure
+            falls back to the eager layer and is kept in ``compile_error``, as for ``compile``.
     """
 
     MIN_BUCKET = 256
@@ -148,7 +152,8 @@ class FastDecoder:
         if self.attention not in ("reductions", "sdpa"):
             raise ValueError(f"attention must be reductions or sdpa, got {self.attention!r}")
         # eager pieces (the CPU, IDLETUNE_COMPILE_DECODE=0, a failed compile): library products,
-        # and attention as batched products, which never materialise a (heads, L, D) product
+        # the step's attention as batched products, which never materialise a (heads, L, D)
+        # product, and the prompt's as one library kernel (SDPA)
         self._eager = {"pre": _decode_pre_eager, "post": _decode_post_eager,
                        "attend": _decode_attend_bmm if self.attention == "reductions" else _decode_sdpa,
                        "prefill": _prefill_layer}
@@ -157,14 +162,16 @@ class FastDecoder:
         opts = {"coordinate_descent_tuning": True} if self.tuned else {}
         if self.pdl and hasattr(torch._inductor.config.triton, "enable_pdl"):  # older torch: no PDL
             opts["triton.enable_pdl"] = True  # inductor emits it on Hopper and newer only
-        if compile:  # fuses each layer's element-wise work; compiled on the first captured step
+        if compile or compile_prefill:  # a compilation per model shape and option set
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        if compile:  # fuses each layer's element-wise work; compiled on the first captured step
             self._pieces["pre"] = torch.compile(_decode_pre, dynamic=False, fullgraph=True, options=opts)
             self._pieces["post"] = torch.compile(_decode_post, dynamic=False, fullgraph=True, options=opts)
             if self.attention == "reductions":
                 self._pieces["attend"] = torch.compile(_decode_attend, dynamic=True, fullgraph=True, options=opts)
-        if compile_prefill:  # one compilation serves every prompt length: _prefill marks it dynamic,
-            # and nothing else is (left to dynamo, a second model's head counts became variables)
+        if compile_prefill:
+            # one compilation for every prompt length: _prefill marks the length dynamic, and
+            # nothing else is (left to dynamo, a second model's head counts became variables)
             self._pieces["prefill"] = torch.compile(_prefill_layer, dynamic=False, fullgraph=True, options=opts)
         self.version = None  # what refresh() last merged (set by the caller)
         n_layers = len(self.lm.model.layers)
@@ -386,11 +393,15 @@ class FastDecoder:
             for _ in range(3):
                 try:
                     run(n)
+                except torch.OutOfMemoryError:  # not the compiler's: the caller decides
+                    raise
                 except Exception as e:  # a compile failure: fall back to this kind's eager pieces
                     names = ("pre", "attend", "post") if kind == "step" else ("prefill",)
                     if all(self._pieces[k] is self._eager[k] for k in names):
                         raise
-                    self.compile_error = f"{type(e).__name__}: {e}"[:300]
+                    self.compile_error = f"{kind}: {type(e).__name__}: {e}"[:300]
+                    log.warning("FastDecoder: compiling the %s failed, its eager pieces serve instead: %s",
+                                "decode step" if kind == "step" else "prompt", self.compile_error)
                     self._pieces.update({k: self._eager[k] for k in names})
                     run(n)
                 self.ids_buf.copy_(ids)
@@ -482,12 +493,13 @@ def _pre_attention(x, ln1, qkv_w, qkv_b, cos, sin, eps: float, H: int, Hkv: int,
 def _prefill_layer(x, cache, pos, cos, sin, ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, down_w, eps: float, H: int, Hkv: int,
                    D: int):
     """One decoder layer on the prompt's x (T, C) at positions 0..T-1, its k and v written into
-    ``cache`` (2, Hkv, max_len, D) at those positions; ``pos``, cos and sin are the whole tables
-    (max_len,) and (max_len, 1, D), so that only T varies from one prompt length to another. Compiled (the GPU
-    default), inductor fuses the element-wise work around the library products and attention."""
+    ``cache`` (2, Hkv, max_len, D) at those positions; ``pos``, cos and sin are the whole tables,
+    (max_len,) and (max_len, 1, D), so that only T varies from one prompt length to another.
+    Compiled (the GPU default), inductor fuses the element-wise work around the library products
+    and attention."""
     T = x.shape[0]
-    q, k, v = _pre_attention(x, ln1, qkv_w, qkv_b, cos.narrow(0, 0, T), sin.narrow(0, 0, T), eps, H, Hkv,
-                              D)
+    cos, sin = cos.narrow(0, 0, T), sin.narrow(0, 0, T)
+    q, k, v = _pre_attention(x, ln1, qkv_w, qkv_b, cos, sin, eps, H, Hkv, D)
     # an index, not a slice: copying into a slice asks whether it is contiguous (T == max_len),
     # which would fix T to a constant at that length
     cache.index_copy_(2, pos.narrow(0, 0, T), torch.stack((k, v)))
