@@ -490,8 +490,8 @@ def _pre_attention(x, ln1, qkv_w, qkv_b, cos, sin, eps: float, H: int, Hkv: int,
     return q, k.transpose(0, 1), v.view(T, Hkv, D).transpose(0, 1)
 
 
-def _prefill_layer(x, cache, pos, cos, sin, ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, down_w, eps: float, H: int, Hkv: int,
-                   D: int):
+def _prefill_layer(x, cache, pos, cos, sin, ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, down_w, eps: float,
+                   H: int, Hkv: int, D: int):
     """One decoder layer on the prompt's x (T, C) at positions 0..T-1, its k and v written into
     ``cache`` (2, Hkv, max_len, D) at those positions; ``pos``, cos and sin are the whole tables,
     (max_len,) and (max_len, 1, D), so that only T varies from one prompt length to another.
