@@ -6,7 +6,11 @@
 2. Chat latency with background training off vs. with a training backlog, interleaved in one
    run: requests alternate between the two conditions; in the "backlog" condition the queue
    holds hundreds of pending examples and the scheduler is training when the request arrives.
-   Reports time to first token and total time, median and p99, and their ratios.
+   Reports time to first token and total time, median and p99, and their ratios. With
+   ``--warm-training N`` the server first trains N steps with no request in flight (on a GPU:
+   the first step's compilation and graph recording, 40–55 s on a fresh machine), so that the
+   measurement sees training as it runs afterwards, as gpu_inference_impact.py does; without
+   it, a fresh machine's first minute of measuring includes that compilation.
 
 Usage:
     python bench/learn_and_latency.py [--model DIR] [--requests 40] [--out results.json]
@@ -79,7 +83,24 @@ def time_to_learn(url: str, timeout: float) -> dict:
     return {"seconds": None, "timeout": timeout}
 
 
-def latency(url: str, n: int, max_tokens: int, gap: float) -> dict:
+def warm_training(url: str, steps: int, timeout: float = 600) -> dict:
+    """Let the server train ``steps`` steps with no request in flight, then pause it."""
+    def step() -> int:  # no "training" entry before the first round
+        return (HTTP.get(f"{url}/api/status").json().get("training") or {}).get("step", 0)
+
+    start = now = step()
+    HTTP.post(f"{url}/api/training/resume")
+    t0 = time.perf_counter()
+    while now < start + steps and time.perf_counter() - t0 < timeout:
+        time.sleep(0.5)
+        now = step()
+    HTTP.post(f"{url}/api/training/pause")
+    while HTTP.get(f"{url}/api/status").json()["scheduler"]["is_training_active"]:
+        time.sleep(0.05)
+    return {"steps": now - start, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def latency(url: str, n: int, max_tokens: int, gap: float, warm_steps: int = 0) -> dict:
     # A backlog: many pending examples, so the scheduler always has work when allowed. Varied
     # sentences (repetitive text would be screened out before training).
     import random
@@ -98,6 +119,7 @@ def latency(url: str, n: int, max_tokens: int, gap: float) -> dict:
         r = HTTP.post(f"{url}/api/import/text", json={"text": "\n\n".join(texts[i:i + 40]), "name": f"backlog-{i}"},
                       timeout=120)
         r.raise_for_status()
+    warmed = warm_training(url, warm_steps) if warm_steps else None
     pending = HTTP.get(f"{url}/api/status").json()["queue"]["pending"]
     out = {"off": [], "backlog": []}
     chat(url, PROMPT, 4)  # warm-up
@@ -132,7 +154,7 @@ def latency(url: str, n: int, max_tokens: int, gap: float) -> dict:
     st = HTTP.get(f"{url}/api/status").json()
     return {"off": off, "backlog": bl, "ratio_backlog_over_off": ratios, "preemptions": st["scheduler"]["preemptions"],
             "backlog_pending_at_start": pending, "rounds_published": st["scheduler"]["training_count"],
-            "max_tokens": max_tokens, "gap_s": gap}
+            "max_tokens": max_tokens, "gap_s": gap, "warmed_training": warmed}
 
 
 def main() -> None:
@@ -143,6 +165,8 @@ def main() -> None:
     ap.add_argument("--gap", type=float, default=1.5, help="seconds between requests")
     ap.add_argument("--learn-timeout", type=float, default=600)
     ap.add_argument("--skip-learning", action="store_true")
+    ap.add_argument("--warm-training", type=int, default=0, metavar="STEPS",
+                    help="train this many steps before measuring latency (0: measure from the start)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -160,10 +184,14 @@ def main() -> None:
             if not args.skip_learning:
                 res["time_to_learn"] = time_to_learn(url, args.learn_timeout)
                 print("time to learn:", json.dumps(res["time_to_learn"]), flush=True)
-            res["latency"] = latency(url, args.requests, args.max_tokens, args.gap)
+            res["latency"] = latency(url, args.requests, args.max_tokens, args.gap, args.warm_training)
         finally:
             proc.terminate()
             proc.wait(30)
+            # the server's last lines (where the GPU path logs how it started, and any warning)
+            log = Path(tmp) / "server.log"
+            if log.exists():
+                res["server_log_tail"] = log.read_text(errors="replace").splitlines()[-40:]
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
