@@ -83,6 +83,13 @@ def time_to_learn(url: str, timeout: float) -> dict:
     return {"seconds": None, "timeout": timeout}
 
 
+def pause_training(url: str) -> None:
+    """Pause the scheduler and let a round in progress end."""
+    HTTP.post(f"{url}/api/training/pause")
+    while HTTP.get(f"{url}/api/status").json()["scheduler"]["is_training_active"]:
+        time.sleep(0.05)
+
+
 def warm_training(url: str, steps: int, timeout: float = 600) -> dict:
     """Let the server train ``steps`` steps with no request in flight, then pause it."""
     def step() -> int:  # no "training" entry before the first round
@@ -94,9 +101,7 @@ def warm_training(url: str, steps: int, timeout: float = 600) -> dict:
     while now < start + steps and time.perf_counter() - t0 < timeout:
         time.sleep(0.5)
         now = step()
-    HTTP.post(f"{url}/api/training/pause")
-    while HTTP.get(f"{url}/api/status").json()["scheduler"]["is_training_active"]:
-        time.sleep(0.05)
+    pause_training(url)
     return {"steps": now - start, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -125,10 +130,8 @@ def latency(url: str, n: int, max_tokens: int, gap: float, warm_steps: int = 0) 
     chat(url, PROMPT, 4)  # warm-up
     for i in range(2 * n):
         cond = "off" if i % 2 == 0 else "backlog"
-        if cond == "off":  # no training at all: pause, and let a round in progress end
-            HTTP.post(f"{url}/api/training/pause")
-            while HTTP.get(f"{url}/api/status").json()["scheduler"]["is_training_active"]:
-                time.sleep(0.05)
+        if cond == "off":  # no training at all
+            pause_training(url)
         else:
             HTTP.post(f"{url}/api/training/resume")
         time.sleep(gap)  # idle gap: with a backlog, training is running when the request arrives

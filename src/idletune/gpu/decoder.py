@@ -184,7 +184,6 @@ class FastDecoder:
             dummy = torch.zeros(1, 1, self.hidden, dtype=self.dtype, device=self.device)
             cos, sin = self.lm.model.rotary_emb(dummy, pos[None])  # (1, L, D) each
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # (L, D)
-        self.cos_t, self.sin_t = self.cos[:, None], self.sin[:, None]  # (L, 1, D): for a prompt's T positions
         self.positions = pos
         # graph inputs/outputs: the prompt and its last position (prefill), the token to feed,
         # its position, the logits and the argmax
@@ -332,10 +331,11 @@ class FastDecoder:
         """The prompt in ``prompt_buf[:T]`` (padded past ``last_buf``) through the model: the
         cache filled, the logits and argmax of position ``last_buf`` written, ``pos_buf`` set."""
         x = F.embedding(self.prompt_buf[:T], self.embed)
+        cos, sin = self.cos[:, None], self.sin[:, None]  # (max_len, 1, D): the layer takes T of them
         layer = self._pieces["prefill"]
         for li, e in enumerate(self.layers):
             torch._dynamo.mark_dynamic(x, 0)  # compiled: the prompt's length only is a variable
-            x = layer(x, self.kv_cache[li], self.positions, self.cos_t, self.sin_t, e["ln1"], e["qkv"], e["qkv_bias"],
+            x = layer(x, self.kv_cache[li], self.positions, cos, sin, e["ln1"], e["qkv"], e["qkv_bias"],
                       e["o"], e["o_bias"], e["ln2"], e["gate_up"], e["down"], self.eps, self.n_heads, self.n_kv,
                       self.head_dim)
         logits = self._logits(x.index_select(0, self.last_buf))
