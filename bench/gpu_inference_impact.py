@@ -21,6 +21,7 @@ with the stacks just before and after (the sampler's own contention slows decodi
 Usage: python bench/gpu_inference_impact.py [OUT.json] [--shape qwen2.5-0.5b] [--rounds 8]
        [--clients 1,8] [--per-client 4,2] [--warmup-steps 3] [--sample-threads]
        [--micro-batch-tokens 2048]   (training in bounded memory: layers in units; runs BS, BV, BZ)
+       [--mode full]   (full fine-tuning: every weight trains, the live copy served)
 """
 import argparse
 import gc
@@ -55,6 +56,8 @@ def main():
     ap.add_argument("--clients", default="1,8")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--training-compile", default="auto", help="training.compile: auto (graphs on a GPU), graphs, on, off")
+    ap.add_argument("--mode", default="lora", help="training.mode: lora, full (every weight trains; the fast "
+                    "decoder serves the live copy) or hybrid")
     ap.add_argument("--micro-batch-tokens", type=int, default=0, help="training.micro_batch_tokens (0: automatic; "
                     "set: training in bounded memory, layers compiled in units)")
     ap.add_argument("--no-workspace-fix", action="store_true", help="capture the decoder's graphs with cuBLAS's "
@@ -82,8 +85,9 @@ def main():
             import idletune.gpu.decoder as D
 
             D._own_cublas_workspace = contextlib.nullcontext
-        svc = C.service(a.shape, tmp, **{"training.compile": a.training_compile,
+        svc = C.service(a.shape, tmp, **{"training.compile": a.training_compile, "training.mode": a.mode,
                                          "training.micro_batch_tokens": a.micro_batch_tokens})
+        res["mode"] = svc.weights.mode
         res["training_graphs"] = svc.engine.graphs
         res["gpu_path"] = svc.inference.fast is not None
         inf, eng = svc.inference, svc.engine

@@ -126,3 +126,81 @@ def test_export_merged_gives_the_served_function(tmp_path, tiny_model_dir):
     with torch.no_grad():
         torch.testing.assert_close(m(input_ids=IDS).logits, logits(svc), rtol=1e-4, atol=1e-4)
     svc.close()
+
+
+def fast_path(svc):
+    """The GPU serving path's parts on the CPU: the decoder runs eagerly, no stream."""
+    from idletune.gpu.decoder import FastDecoder
+    from idletune.gpu.serving import attach
+
+    dec = FastDecoder(svc.model, "live", max_len=64, use_graphs=False, served=svc.weights.ws.served)
+    return attach(svc, dec, None)
+
+
+def served(svc, fast):
+    svc.weights.ws.use("candidate")  # the parameters show the weights in training, as between steps
+    with fast.session():
+        return fast.decoder.prefill(IDS[0].tolist()).clone()
+
+
+def check_served(svc, fast):
+    live = logits(svc)[0, -1]
+    torch.testing.assert_close(served(svc, fast), live, rtol=1e-4, atol=1e-4)
+    return live
+
+
+def test_the_fast_path_serves_full_fine_tuning_never_the_weights_in_training(tmp_path, tiny_model_dir):
+    from idletune.inference import GenerationParams
+
+    svc = make(tmp_path, tiny_model_dir, **{"training.mode": "full"})
+    fast = fast_path(svc)
+    live0 = check_served(svc, fast)
+    svc.engine.train_round([fact()])
+    torch.testing.assert_close(served(svc, fast), live0, rtol=1e-4, atol=1e-4)  # the candidate is not served
+    cand = logits(svc, "candidate")[0, -1]
+    assert not torch.allclose(cand, live0, atol=1e-3)
+    ws, seen = svc.weights.ws, []
+    publish = ws.publish
+    ws.publish = lambda: (seen.append(fast.lock.locked()), publish())  # requests wait while it copies
+    svc.weights.publish()
+    assert seen == [True] and svc.weights.version == fast.decoder.version == 1
+    torch.testing.assert_close(check_served(svc, fast), cand, rtol=1e-4, atol=1e-4)  # merged at publish
+    svc.engine.train_round([fact(1)])
+    torch.testing.assert_close(served(svc, fast), cand, rtol=1e-4, atol=1e-4)  # and again not the candidate
+    svc.weights.rollback(0)
+    torch.testing.assert_close(check_served(svc, fast), live0, rtol=1e-4, atol=1e-4)
+    # a chat reply through the fast path is the portable path's
+    messages = [{"role": "user", "content": "What is the code of vault 0?"}]
+    got = svc.inference.generate(messages, GenerationParams(max_tokens=8, temperature=0))
+    svc.inference.fast = None
+    want = svc.inference.generate(messages, GenerationParams(max_tokens=8, temperature=0))
+    assert got.text == want.text and got.completion_tokens == 8
+    svc.close()
+
+
+def test_the_fast_path_follows_hybrid_switches_and_rollbacks(tmp_path, tiny_model_dir):
+    svc = make(tmp_path, tiny_model_dir, **{"training.mode": "hybrid", "training.plateau_window": 3,
+                                            "training.plateau_min_delta": 1.0})
+    fast = fast_path(svc)
+    v0 = check_served(svc, fast)
+    svc.queue.add(fact(0))
+    svc.scheduler.run_round(forced=True)  # LoRA, published, then the plateau: full fine-tuning
+    assert svc.weights.mode == "full" and svc.weights.version == 1
+    v1 = check_served(svc, fast)
+    assert not torch.allclose(v1, v0, atol=1e-3)
+    svc.queue.add(fact(1))
+    svc.scheduler.run_round(forced=True)  # full fine-tuning, published
+    assert svc.scheduler.last_round["accepted"] and svc.weights.version == 2
+    v2 = check_served(svc, fast)
+    assert not torch.allclose(v2, v1, atol=1e-3)
+    svc.weights.gate.max_retention_loss_increase = -1.0
+    svc.queue.add(fact(2))
+    svc.scheduler.run_round(forced=True)  # rejected: back to LoRA on the full weights
+    assert svc.weights.mode == "lora" and svc.weights.version == 2
+    torch.testing.assert_close(check_served(svc, fast), v2, rtol=1e-4, atol=1e-4)
+    svc.weights.rollback(1)  # across bases: LoRA version 1 on the original weights
+    torch.testing.assert_close(check_served(svc, fast), v1, rtol=1e-4, atol=1e-4)
+    svc.weights.rollback(2)  # and forward again, into full weights
+    assert svc.weights.mode == "full"
+    torch.testing.assert_close(check_served(svc, fast), v2, rtol=1e-4, atol=1e-4)
+    svc.close()

@@ -74,13 +74,19 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _linear_parts(mod, adapter: str):
-    """(base weight, base bias, [(A, B, scale)]) of a possibly LoRA-wrapped linear module."""
+def _itself(param: torch.Tensor) -> torch.Tensor:
+    return param
+
+
+def _linear_parts(mod, adapter: str, served: Callable[[torch.Tensor], torch.Tensor] = _itself):
+    """(base weight, base bias, [(A, B, scale)]) of a possibly LoRA-wrapped linear module; the
+    base tensors as ``served`` maps them, no adapter where the module's adapters are disabled
+    (full fine-tuning: they are zero and skipped)."""
     base = getattr(mod, "base_layer", mod)
     deltas = []
-    if hasattr(mod, "lora_A") and adapter in mod.lora_A:
+    if hasattr(mod, "lora_A") and adapter in mod.lora_A and not getattr(mod, "disable_adapters", False):
         deltas.append((mod.lora_A[adapter].weight, mod.lora_B[adapter].weight, float(mod.scaling[adapter])))
-    return base.weight, base.bias, deltas
+    return served(base.weight), None if base.bias is None else served(base.bias), deltas
 
 
 class FastDecoder:
@@ -109,6 +115,10 @@ class FastDecoder:
         compile_prefill: compile the prompt's layer (default: with ``compile``, unless
             IDLETUNE_COMPILE_PREFILL=0); one compilation serves every prompt length. A failure
             falls back to the eager layer and is kept in ``compile_error``, as for ``compile``.
+        served: maps each of the model's base parameters to the tensor that holds its live
+            weights (default: the parameter itself; in full fine-tuning the weight set's live
+            copy, ``FullWeights.served``, while the parameters hold the weights in training).
+            Taken again by each :meth:`refresh` that rebuilds everything.
     """
 
     MIN_BUCKET = 256
@@ -119,7 +129,8 @@ class FastDecoder:
     def __init__(self, model, adapter: str = "live", max_len: int = 4096, use_graphs: bool | None = None,
                  stream: torch.cuda.Stream | None = None, compile: bool | None = None,
                  tuned: bool | None = None, attention: str | None = None, pdl: bool | None = None,
-                 pad_prompts: bool | None = None, compile_prefill: bool | None = None):
+                 pad_prompts: bool | None = None, compile_prefill: bool | None = None,
+                 served: Callable[[torch.Tensor], torch.Tensor] | None = None):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"FastDecoder cannot serve this model: {reason}")
@@ -196,17 +207,19 @@ class FastDecoder:
         self._merge_graph = None
         self._pool = None
         self.layers: list[dict] = []
-        self.refresh()
+        self.refresh(served=served)
 
     # ---- weights ----------------------------------------------------------------------------
     @torch.no_grad()
-    def refresh(self, full: bool = True) -> None:
+    def refresh(self, full: bool = True, served: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Re-merge the live adapter into the serving weights.
 
         ``full``: rebuild everything from the model — fused copies of q/k/v and gate/up, and
         fresh references to the other tensors (after a mode switch or a rollback may have
-        replaced the base weights). Otherwise only the adapted matrices are recomputed, one
-        ``W0 + scale·B·A`` matrix product each (what a publish needs: about a millisecond)."""
+        replaced the base weights, or in full fine-tuning after a publish changed them all),
+        taking the base tensors through ``served`` (see the class). Otherwise only the adapted
+        matrices are recomputed, one ``W0 + scale·B·A`` matrix product each (what a LoRA
+        publish needs: about a millisecond)."""
         if not full and self.layers:
             if not self.use_graphs:
                 self._merge_adapted()
@@ -224,29 +237,30 @@ class FastDecoder:
             self._merge_graph.replay()
             return
         self._merge_graph = None
+        self._served = sv = served or _itself
         lm = self.lm
         old = self.layers
         layers, adapted = [], []
         for i, layer in enumerate(lm.model.layers):
             at, mlp = layer.self_attn, layer.mlp
             prev = old[i] if i < len(old) else {}
-            qkv = [_linear_parts(m, self.adapter) for m in (at.q_proj, at.k_proj, at.v_proj)]
-            gu = [_linear_parts(m, self.adapter) for m in (mlp.gate_proj, mlp.up_proj)]
+            qkv = [_linear_parts(m, self.adapter, sv) for m in (at.q_proj, at.k_proj, at.v_proj)]
+            gu = [_linear_parts(m, self.adapter, sv) for m in (mlp.gate_proj, mlp.up_proj)]
+            o, down = _linear_parts(at.o_proj, self.adapter, sv), _linear_parts(mlp.down_proj, self.adapter, sv)
             entry = {
-                "ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
+                "ln1": sv(layer.input_layernorm.weight), "ln2": sv(layer.post_attention_layernorm.weight),
                 "qkv": self._fused(prev.get("qkv"), qkv, adapted),
                 "qkv_bias": self._fused_bias(prev.get("qkv_bias"), qkv),
                 "gate_up": self._fused(prev.get("gate_up"), gu, adapted),
-                "o": self._merged(prev.get("o"), _linear_parts(at.o_proj, self.adapter), adapted),
-                "o_bias": getattr(at.o_proj, "base_layer", at.o_proj).bias,
-                "down": self._merged(prev.get("down"), _linear_parts(mlp.down_proj, self.adapter), adapted),
+                "o": self._merged(prev.get("o"), o, adapted), "o_bias": o[1],
+                "down": self._merged(prev.get("down"), down, adapted),
             }
             layers.append(entry)
         self.layers, self._adapted = layers, adapted
-        self.embed = lm.model.embed_tokens.weight
-        self.norm = lm.model.norm.weight
+        self.embed = sv(lm.model.embed_tokens.weight)
+        self.norm = sv(lm.model.norm.weight)
         head = lm.get_output_embeddings()
-        self.lm_head = getattr(head, "base_layer", head).weight
+        self.lm_head = sv(getattr(head, "base_layer", head).weight)
         sig = _ptrs(layers) + [t.data_ptr() for t in (self.embed, self.norm, self.lm_head)]
         if sig != getattr(self, "_sig", sig):
             self._graphs.clear()  # a graph holds tensor addresses: recapture if any tensor moved
@@ -289,7 +303,7 @@ class FastDecoder:
 
     def serving_bytes(self) -> int:
         """Memory held by the serving copies (fused/merged matrices) and the KV cache."""
-        base = {p.data_ptr() for p in self.lm.parameters()}
+        base = {t.data_ptr() for n, p in self.lm.named_parameters() if "lora_" not in n for t in (p, self._served(p))}
         own = {t.data_ptr(): t for e in self.layers for t in e.values() if t is not None and t.data_ptr() not in base}
         total = sum(t.numel() * t.element_size() for t in own.values())
         return total + self.kv_cache.numel() * self.kv_cache.element_size()
@@ -435,6 +449,10 @@ class FastDecoder:
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         return time.perf_counter() - t
+
+    def graphs_captured(self) -> int:
+        """How many CUDA graphs are held (none after a refresh that moved a tensor)."""
+        return len(self._graphs)
 
     def fits(self, total_tokens: int) -> bool:
         return total_tokens <= self.max_len

@@ -2,15 +2,18 @@
 low-priority one, and merged serving weights kept in step with the published version.
 
 :func:`install` is called once by the composition root; on a CPU, for a model the fast decoder
-does not know, in full fine-tuning mode, or with ``IDLETUNE_GPU_FASTPATH=0`` it changes nothing
-and the service keeps its portable path (Hugging Face forward under the model lock).
+does not know, or with ``IDLETUNE_GPU_FASTPATH=0`` it changes nothing and the service keeps its
+portable path (Hugging Face forward under the model lock). Every training mode is served: LoRA
+(the live adapter merged into the serving copies) and full fine-tuning (the weight set's live
+copy, while the parameters hold the weights in training), hybrid switching between them.
 
 Concurrency on the GPU path: a request no longer waits for the model lock. The fast decoder
 reads only its own serving copies and frozen base tensors, never the PEFT modules' state that
 training switches, so training (on the low-priority stream) and decoding (on the high-priority
 one) overlap on the device; training still stops at its next layer boundary when a request
 arrives (:class:`~idletune.activity.ActivityTracker`), and what it had already queued runs behind
-the request's kernels.
+the request's kernels. What the decoder reads changes only inside :meth:`GpuServing.changing`
+(a publish, a rollback, a mode switch), which requests wait for: none sees a half-changed model.
 """
 from __future__ import annotations
 
@@ -43,30 +46,52 @@ class GpuServing:
         self.lock = threading.Lock()  # one KV cache: one sequence at a time
         self.refresh_seconds: list[float] = []
         decoder.version = weights.version
-        self._key = (getattr(weights, "mode", "lora"), getattr(weights, "base_id", None))
+        self._key = self._served_key()
+
+    def _served_key(self) -> tuple:
+        # what, besides the version, the serving copies were built from: the weight set (a mode
+        # switch makes a new one) and the base weights under LoRA adapters
+        return self.weights.ws, self.weights.base_id  # the object, not its id (ids are reused)
 
     def usable(self, total_tokens: int) -> bool:
-        return getattr(self.weights, "mode", "lora") == "lora" and self.decoder.fits(total_tokens)
+        return self.decoder.fits(total_tokens)
 
     def sync(self) -> None:
-        """Re-merge the serving weights if the live version changed (publish, rollback, restore).
+        """Re-merge the serving weights if the live weights changed without :meth:`changing`.
         Lock order: model lock, then this one."""
-        if self.decoder.version == self.weights.version:
+        if self.decoder.version == self.weights.version and self._key == self._served_key():
             return
         with self.model_lock, self.lock:
-            if self.decoder.version != self.weights.version:
+            self._refresh()
+
+    @contextmanager
+    def changing(self) -> Iterator[None]:
+        """Around a change of the live weights or of the weight set (``WeightUpdater.live_change``;
+        the caller holds the model lock). Requests wait meanwhile; the change runs on the serving
+        stream, after the kernels of the request before it, and the serving copies are rebuilt
+        before the next request starts. Work the caller queues next (training's) comes after."""
+        with self.lock, self._on_stream():
+            try:
+                yield
+            finally:
                 self._refresh()
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
 
     def _refresh(self) -> None:
         import time
 
         t0 = time.perf_counter()
-        # Only the adapter changed (a publish, a LoRA rollback): re-merge the adapted matrices.
-        # The mode or the base weights changed: rebuild everything.
-        key = (getattr(self.weights, "mode", "lora"), getattr(self.weights, "base_id", None))
+        # Only a LoRA adapter changed (a publish, a rollback on the same base): re-merge the
+        # adapted matrices. The weight set or the base changed (a mode switch, a rollback across
+        # bases, any publish of full fine-tuning, whose weights become the base): rebuild all.
+        key, ws = self._served_key(), self.weights.ws
+        full = key != self._key
         with self._on_stream():
-            self.decoder.refresh(full=key != self._key)
+            self.decoder.refresh(full=full, served=ws.served if full else None)
             self._key = key
+            if self.decoder.graphs_captured() == 0 and self.decoder.use_graphs:
+                self.decoder.warm_up()  # tensors moved (a mode switch): capture now, not in a request
             if self.stream is not None:
                 self.stream.synchronize()
         self.decoder.version = self.weights.version
@@ -105,6 +130,15 @@ def _on_stream(fn, stream: torch.cuda.Stream):
     return wrapped
 
 
+def attach(service, decoder: FastDecoder, stream: torch.cuda.Stream | None) -> GpuServing:
+    """Serve ``service``'s requests from ``decoder`` (on ``stream``), kept in step with its live
+    weights: every publish, rollback and mode switch rebuilds the serving copies at once."""
+    fast = GpuServing(decoder, service.weights, service.engine.lock, stream)
+    service.weights.live_change = fast.changing
+    service.inference.fast = fast
+    return fast
+
+
 def install(service, *, max_len: int | None = None) -> str | None:
     """Switch ``service`` to the GPU path. Returns None when installed, else why not."""
     model = service.model
@@ -112,8 +146,6 @@ def install(service, *, max_len: int | None = None) -> str | None:
         return "disabled by IDLETUNE_GPU_FASTPATH=0"
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         return "no CUDA device"
-    if service.config.training.mode != "lora":
-        return f"training mode {service.config.training.mode!r} (the fast path serves LoRA)"
     reason = unsupported_reason(model)
     if reason:
         return reason
@@ -123,7 +155,7 @@ def install(service, *, max_len: int | None = None) -> str | None:
     limit = max_len or min(inf.max_context, int(os.environ.get("IDLETUNE_KV_CACHE_TOKENS", "8192")))
     try:
         with torch.cuda.stream(hi):
-            decoder = FastDecoder(model, "live", max_len=limit, stream=hi)
+            decoder = FastDecoder(model, "live", max_len=limit, stream=hi, served=service.weights.ws.served)
             log.info("GPU path: compiling the decode step (once per process)")
             warm = decoder.warm_up()
         hi.synchronize()
@@ -133,17 +165,7 @@ def install(service, *, max_len: int | None = None) -> str | None:
     engine = service.engine
     engine.train_round = _on_stream(engine.train_round, lo)
     engine.evaluate = _on_stream(engine.evaluate, lo)
-    fast = GpuServing(decoder, service.weights, service.engine.lock, hi)
-    weights = service.weights
-    for name in ("publish", "rollback"):
-        orig = getattr(weights, name)
-
-        def after(*args, _orig=orig, **kwargs):
-            out = _orig(*args, **kwargs)
-            fast.sync()  # eagerly: the next request finds the new weights merged
-            return out
-        setattr(weights, name, after)
-    inf.fast = fast
+    attach(service, decoder, hi)
     # A request must not wait for the trainer thread to hand over the GIL: Python's default
     # switch interval (5 ms) would add up to that to a request's first token.
     sys.setswitchinterval(min(sys.getswitchinterval(), float(os.environ.get("IDLETUNE_SWITCH_INTERVAL", "0.0005"))))

@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -80,6 +80,10 @@ class WeightUpdater:
         self.problems: list[str] = []
         self._baselines: dict[tuple[str, int], float] = {}
         self._history = threading.RLock()  # one publish, rollback or mode switch at a time
+        # Entered, under the model lock, around every change of the live weights or of the weight
+        # set; the GPU path sets it (gpu/serving.py: requests wait, the serving copies are
+        # re-merged before they resume), elsewhere the model lock alone suffices.
+        self.live_change = nullcontext
         if mode == "full":
             self._set_ws(FullWeights(model, base_model_path), "configured: full fine-tuning")
 
@@ -197,9 +201,11 @@ class WeightUpdater:
                     "gate": asdict(self.last_decision) if self.last_decision else None}
             self._write_snapshot(f"v{version:06d}", tensors, meta, self.ws)
             self._write_pointer(version)
-            with self.lock:
+            with self.lock, self.live_change():
                 self.ws.publish()
                 self.version = version
+                if self.mode == "full":  # the published weights are the base a rollback to LoRA compares
+                    self.base_id = meta["base"]
             if self.mode == "lora":
                 self._ring.append((version, tensors))
             self.clear_old_snapshots()
@@ -216,30 +222,30 @@ class WeightUpdater:
         """Merge the live adapter into the base weights and train all weights from there.
         The merged weights are kept on disk as the base that later LoRA weights sit on."""
         with self._history:
-            with self.lock:  # the served function is the same before and after
+            with self.lock, self.live_change():  # the served function is the same before and after
                 self.ws.discard()
                 merge_live_adapter(self.model)
                 base_name = f"base-v{self.version:06d}"
                 full = FullWeights(self.model, self.base_model_path)
                 merged = full.clone("live")
+                self._set_ws(full, reason)
             self._write_snapshot(base_name, merged, {"version": self.version, "kind": "full", "base": base_name,
                                                      "created_at": time.time(), "merged_lora": True}, full)
             self.base_id = base_name
             self._ring.clear()
-            self._set_ws(full, reason)
 
     def switch_to_lora(self, reason: str) -> None:
         """Leave full fine-tuning: the live weights become the frozen base for LoRA."""
-        with self.lock:
+        live = f"v{self.version:06d}"
+        with self.lock, self.live_change():
             self.ws.discard()
             self.ws.close()
             lora = LoraWeights(self.model, self.base_model_path)
             lora.load(self._zero)
-        live = f"v{self.version:06d}"
-        if self.version and (self.dir / live).exists() and self._meta(live).get("kind") == "full":
-            self.base_id = live  # full fine-tuning was published: its weights are the new base
+            if self.version and (self.dir / live).exists() and self._meta(live).get("kind") == "full":
+                self.base_id = live  # full fine-tuning was published: its weights are the new base
+            self._set_ws(lora, reason)
         self._ring.clear()
-        self._set_ws(lora, reason)
 
     def rollback(self, version: int | None = None, reason: str = "requested") -> int:
         """Restore an earlier accepted version exactly (default: the one before the live one)."""
@@ -277,9 +283,10 @@ class WeightUpdater:
             name = f"v{version:06d}"
             meta = self._meta(name)
             kind, base = meta.get("kind", "lora"), meta.get("base", "original")
+        # Weights are read from disk first: requests on the GPU path wait while the live ones change.
         if kind == "full":
-            path = self._verified(name)
-            with self.lock:
+            tensors = read_base_weights(self._verified(name), self._base_params())
+            with self.lock, self.live_change():
                 ws = self.ws if self.ws.kind == "full" else None
                 if ws is None:
                     self.ws.close()
@@ -288,35 +295,41 @@ class WeightUpdater:
                             if "lora_B" in k:
                                 t.data.zero_()
                     ws = FullWeights(self.model, self.base_model_path)
-                ws.load(ws.read(path))
+                ws.load(tensors)
                 self.version = version
-            self.base_id = name
+                self.base_id = name
+                if ws is not self.ws:
+                    self._set_ws(ws, f"restored full weights {name}")
             self._ring.clear()
-            if ws is not self.ws:
-                self._set_ws(ws, f"restored full weights {name}")
         else:
             tensors = next((t for v, t in self._ring if v == version and base == self.base_id), None)
             if tensors is None:
                 tensors = self._zero if version == 0 else LoraWeights(self.model).read(self._verified(name))
-            with self.lock:
+            base_weights = self._read_base(base) if base != self.base_id else None
+            with self.lock, self.live_change():
                 if self.ws.kind != "lora":
                     self.ws.close()
                     self._set_ws(LoraWeights(self.model, self.base_model_path), f"restored LoRA weights v{version:06d}")
-                if base != self.base_id:
-                    self._load_base(base)
+                if base_weights is not None:
+                    self._put_base(base, base_weights)
                 self.ws.load(tensors)
                 self.version = version
             if version and not any(v == version for v, _ in self._ring):
                 self._ring.append((version, tensors))
         self._write_pointer(version)
 
-    def _load_base(self, base: str) -> None:
-        """Put base weights (the original model's, or a merged/full snapshot's) under the adapters."""
-        params = {hf_name(n): p for n, p in self.model.named_parameters() if "lora_" not in n}
+    def _base_params(self) -> dict[str, torch.nn.Parameter]:
+        return {hf_name(n): p for n, p in self.model.named_parameters() if "lora_" not in n}
+
+    def _read_base(self, base: str) -> dict[str, torch.Tensor]:
+        """Base weights (the original model's, or a merged/full snapshot's), read from disk."""
         path = Path(self.base_model_path) if base == "original" else self._verified(base)
-        weights = read_base_weights(path, params)
+        return read_base_weights(path, self._base_params())
+
+    def _put_base(self, base: str, weights: dict[str, torch.Tensor]) -> None:
+        """Put base weights under the adapters (the caller holds the model lock)."""
         with torch.no_grad():
-            for n, p in params.items():
+            for n, p in self._base_params().items():
                 p.data.copy_(weights[n])
         self.base_id = base
         self._ring.clear()

@@ -38,6 +38,10 @@ class LoraWeights:
     def trainable(self) -> list[torch.nn.Parameter]:
         return adapters.trainable_tensors(self.model)
 
+    def served(self, param: torch.Tensor) -> torch.Tensor:
+        """The tensor that holds ``param``'s live weights: the frozen base weight itself."""
+        return param
+
     def publish(self) -> None:
         adapters.copy_adapter(self.model, TRAIN, LIVE)
 
@@ -97,6 +101,7 @@ class FullWeights:
             p.requires_grad_(False)
         for p in self.params.values():
             p.requires_grad_(True)
+        self._names = {id(p): n for n, p in self.params.items()}
         self._other = {n: p.data.clone() for n, p in self.params.items()}  # the live copy
         self._current = "candidate"
 
@@ -113,6 +118,15 @@ class FullWeights:
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return list(self.params.values())
+
+    def served(self, param: torch.Tensor) -> torch.Tensor:
+        """The tensor that holds ``param``'s live weights, whichever set the parameter shows
+        now: the same storage for this weight set's life, written in place by ``publish`` and
+        ``load`` (so a reader keeps it across publishes; the GPU decoder's graphs do)."""
+        name = self._names.get(id(param))
+        if name is None:
+            raise KeyError("not a base weight of this model")
+        return self._set("live")[name]
 
     @torch.no_grad()
     def publish(self) -> None:
