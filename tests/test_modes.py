@@ -183,10 +183,12 @@ def test_the_fast_path_follows_hybrid_switches_and_rollbacks(tmp_path, tiny_mode
                                             "training.plateau_min_delta": 1.0})
     fast = fast_path(svc)
     v0 = check_served(svc, fast)
+    addresses = fast.decoder._sig  # what the decoder's CUDA graphs would hold
     svc.queue.add(fact(0))
     svc.scheduler.run_round(forced=True)  # LoRA, published, then the plateau: full fine-tuning
     assert svc.weights.mode == "full" and svc.weights.version == 1
     v1 = check_served(svc, fast)
+    assert fast.decoder._sig == addresses  # the live weights kept the base's storage: no graph captured again
     assert not torch.allclose(v1, v0, atol=1e-3)
     svc.queue.add(fact(1))
     svc.scheduler.run_round(forced=True)  # full fine-tuning, published

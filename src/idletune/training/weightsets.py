@@ -86,7 +86,10 @@ def hf_name(peft_name: str) -> str:
 
 class FullWeights:
     """All base weights train; a second copy holds the live weights (2× the model's memory,
-    plus AdamW's two moments for the candidate)."""
+    plus AdamW's two moments for the candidate). The live weights keep the storage the base
+    weights had, and the weights in training get the new copy: what reads the base tensors by
+    address (the GPU decoder's CUDA graphs) serves the live weights across the switch into full
+    fine-tuning and back without being rebuilt."""
 
     kind = "full"
 
@@ -102,7 +105,9 @@ class FullWeights:
         for p in self.params.values():
             p.requires_grad_(True)
         self._names = {id(p): n for n, p in self.params.items()}
-        self._other = {n: p.data.clone() for n, p in self.params.items()}  # the live copy
+        self._other = {}  # the set the parameters do not show now: the live one
+        for n, p in self.params.items():
+            self._other[n], p.data = p.data, p.data.clone()
         self._current = "candidate"
 
     def use(self, which: str) -> None:
@@ -131,14 +136,12 @@ class FullWeights:
     @torch.no_grad()
     def publish(self) -> None:
         live, cand = self._set("live"), self._set("candidate")
-        for n in live:
-            live[n].copy_(cand[n])
+        torch._foreach_copy_([live[n] for n in live], [cand[n] for n in live])  # few launches, not one a tensor
 
     @torch.no_grad()
     def discard(self) -> None:
         live, cand = self._set("live"), self._set("candidate")
-        for n in live:
-            cand[n].copy_(live[n])
+        torch._foreach_copy_([cand[n] for n in live], [live[n] for n in live])
 
     def clone(self, which: str = "live") -> dict[str, torch.Tensor]:
         return {n: t.detach().clone() for n, t in self._set(which).items()}
