@@ -210,16 +210,20 @@ def test_linear_cross_entropy_matches_full_logits(chunk):
     h = torch.randn(10, 16, generator=g, requires_grad=True)
     w = torch.randn(50, 16, generator=g)
     labels = torch.randint(0, 50, (10,), generator=g)
-    weights = torch.rand(10, generator=g)
-    got = linear_cross_entropy(h, w, labels, chunk=chunk)
-    (got * weights).sum().backward()
-    grad, h.grad = h.grad.clone(), None
-    ref = torch.nn.functional.cross_entropy(h @ w.t(), labels, reduction="none")
-    (ref * weights).sum().backward()
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, h.grad, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError):
-        linear_cross_entropy(h, w.requires_grad_(), labels)
+    weights = torch.rand(10, generator=g)  # each position's own upstream gradient
+    for trains in (False, True):  # a frozen output layer (LoRA), and a trained one (full fine-tuning)
+        w.requires_grad_(trains)
+        got = linear_cross_entropy(h, w, labels, chunk=chunk)
+        (got * weights).sum().backward()
+        grad_h, h.grad = h.grad.clone(), None
+        grad_w, w.grad = (w.grad.clone(), None) if trains else (None, None)
+        ref = torch.nn.functional.cross_entropy(h @ w.t(), labels, reduction="none")
+        (ref * weights).sum().backward()
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad_h, h.grad, rtol=1e-5, atol=1e-5)
+        if trains:
+            torch.testing.assert_close(grad_w, w.grad, rtol=1e-5, atol=1e-5)
+        h.grad = w.grad = None
 
 
 def test_the_loss_calls_back_between_its_chunks_and_stops_if_that_raises():
@@ -230,6 +234,11 @@ def test_the_loss_calls_back_between_its_chunks_and_stops_if_that_raises():
     full = linear_cross_entropy(h, w, labels, chunk=3, between_chunks=lambda: calls.append(1))
     assert len(calls) == 3  # 4 chunks of 3, 3, 3 and 1 positions
     torch.testing.assert_close(full, linear_cross_entropy(h, w, labels, chunk=3))
+    full.sum().backward()
+    assert len(calls) == 3  # a frozen output layer: nothing computed in the backward pass
+    w.requires_grad_(True)
+    linear_cross_entropy(h, w, labels, chunk=3, between_chunks=lambda: calls.append(1)).sum().backward()
+    assert len(calls) == 9  # a trained one: its gradient chunk by chunk in the backward pass too
 
     class Stop(Exception):  # an Exception, as the engine's Preempted is: not taken for a failed kernel
         pass

@@ -1,11 +1,18 @@
-"""Cross-entropy through a frozen output layer without the (N, V) logits in memory.
+"""Cross-entropy through the output layer without the (N, V) logits in memory.
 
 The vocabulary projection of N positions makes (N, V) logits — 4096 positions × 151936 ids is
 2.5 GB in float32, more than the rest of a LoRA step on a 0.5B model — and cross-entropy's
-backward keeps another tensor of that size. When the output layer is frozen (LoRA), the only
-gradient needed is the one for the hidden states, and it can be computed during the forward
-pass, chunk by chunk: ``dL/dh = (softmax(h Wᵀ) − onehot) W``. Peak extra memory is one chunk
-of logits; the FLOPs are the same as the unfused forward + backward.
+backward keeps another tensor of that size. The gradient for the hidden states is computed
+during the forward pass, chunk by chunk: ``dL/dh = (softmax(h Wᵀ) − onehot) W``. Peak extra
+memory is one chunk of logits; the FLOPs are the same as the unfused forward + backward.
+
+Where the output layer trains (full fine-tuning), its gradient ``dL/dW = Σᵢ gᵢ (pᵢ − yᵢ)ᵀ hᵢ``
+needs each position's upstream gradient gᵢ, known only in the backward pass: there the logits
+are computed again, chunk by chunk (one more product per chunk, a third more of the output
+layer's FLOPs), scaled by gᵢ and reduced into ``dL/dW``. Both passes call ``between_chunks``, so
+on a GPU a request finds at most a chunk or two of the loss queued ahead of it: computed whole,
+the trainable output layer's loss was about 15 ms of GPU work that every request arriving
+during it waited through (docs/BENCHMARKS.md, run CY).
 
 Used on every device (plain torch, with one Triton kernel on a GPU): on the CPU, a LoRA step on 4 × 512 text tokens of
 the default model took 7.9 s instead of 10.3 s and 5.9 GB of peak memory instead of 6.6 GB
@@ -32,44 +39,70 @@ FUSED_CHUNK_BYTES = 1 << 27
 _fused_failed = False  # set when the kernel failed to compile or launch
 
 
+def _rows(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor, grad: bool):
+    """``losses`` ← each row's loss; with ``grad`` returns softmax − one-hot (over the logits,
+    in place, where the fused kernel runs)."""
+    fused = _fused_rows() if logits.is_cuda else None
+    if fused is not None:  # one kernel: the loss, and softmax − one-hot over the logits
+        try:
+            fused(logits, labels, losses, grad)
+            return logits
+        except Exception as e:  # Triton there but not working: plain torch from now on
+            _give_up_fused(e)
+    return _torch_rows(logits, labels, losses, grad)
+
+
+def _chunks(n: int, weight: torch.Tensor, chunk: int | None) -> range:
+    if not chunk:
+        vocab = weight.shape[0]
+        chunk = (_balanced(n, max(1, FUSED_CHUNK_BYTES // (vocab * weight.element_size())))
+                 if weight.is_cuda and _fused_rows() is not None else max(1, CHUNK_ELEMENTS // vocab))
+    return range(0, n, chunk)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None,
                 between_chunks):
-        # h (N, C), weight (V, C) frozen, labels (N,) -> per-position loss (N,) in float32
-        n, vocab = h.shape[0], weight.shape[0]
+        # h (N, C), weight (V, C), labels (N,) -> per-position loss (N,) in float32
+        n = h.shape[0]
         losses = torch.empty(n, dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if h.requires_grad else None
-        fused = _fused_rows() if h.is_cuda else None
         labels = labels.contiguous()
-        if not chunk:
-            chunk = (_balanced(n, max(1, FUSED_CHUNK_BYTES // (vocab * weight.element_size()))) if fused
-                     else max(1, CHUNK_ELEMENTS // vocab))
+        starts = _chunks(n, weight, chunk)
         with torch.autocast(h.device.type, enabled=False):
             hw = h.to(weight.dtype)
-            for i in range(0, n, chunk):
-                part = slice(i, i + chunk)
-                logits = hw[part] @ weight.t()  # (c, V), in the weight's dtype
-                probs = None
-                if fused is not None:  # one kernel: the loss, and softmax − one-hot over the logits
-                    try:
-                        fused(logits, labels[part], losses[part], grad_h is not None)
-                        probs = logits
-                    except Exception as e:  # Triton there but not working: plain torch from now on
-                        fused = _give_up_fused(e)
-                if probs is None:
-                    probs = _torch_rows(logits, labels[part], losses[part], grad_h is not None)
+            for i in starts:
+                part = slice(i, i + starts.step)
+                probs = _rows(hw[part] @ weight.t(), labels[part], losses[part], grad_h is not None)  # (c, V)
                 if grad_h is not None:
                     grad_h[part] = (probs @ weight).to(h.dtype)
-                if between_chunks is not None and i + chunk < n:
+                if between_chunks is not None and i + starts.step < n:
                     between_chunks()
-        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0))
+        empty = torch.empty(0)
+        ctx.save_for_backward(grad_h if grad_h is not None else empty,
+                              *((hw, weight, labels) if weight.requires_grad else (empty,) * 3))
+        ctx.starts, ctx.between_chunks = starts, between_chunks
         return losses
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_loss[:, None].to(grad_h.dtype), None, None, None, None
+        grad_h, hw, weight, labels = ctx.saved_tensors
+        gh = grad_h * grad_loss[:, None].to(grad_h.dtype) if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:  # the output layer trains: its logits again, chunk by chunk
+            gw = torch.zeros_like(weight)
+            scratch = torch.empty(len(labels), dtype=torch.float32, device=hw.device)
+            starts = ctx.starts
+            with torch.autocast(hw.device.type, enabled=False):
+                for i in starts:
+                    part = slice(i, i + starts.step)
+                    probs = _rows(hw[part] @ weight.t(), labels[part], scratch[part], True)
+                    probs.mul_(grad_loss[part, None].to(probs.dtype))  # gᵢ (pᵢ − yᵢ)
+                    gw.addmm_(probs.t(), hw[part])
+                    if ctx.between_chunks is not None and i + starts.step < len(labels):
+                        ctx.between_chunks()
+        return gh, gw, None, None, None
 
 
 def _torch_rows(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor, grad: bool):
@@ -87,21 +120,21 @@ def _torch_rows(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          chunk: int | None = None, between_chunks: Callable[[], None] | None = None) -> torch.Tensor:
-    """Per-position cross-entropy of ``h @ weight.T`` against ``labels``: (N,) float32.
-    ``weight`` must not require grad (its gradient is not computed). Every label must be a
-    vocabulary id (0 ≤ label < V: no ignore index; callers pass target positions only).
-    ``chunk``: positions per chunk (default: 256 MB of float32 logits; with the fused kernel,
-    128 MB in the weight's dtype). ``between_chunks``: called after each chunk's work is queued
-    but the last — the training engine's layer boundary (it may raise to stop the pass, or wait
-    until the device has caught up)."""
-    if weight.requires_grad:
-        raise ValueError("linear_cross_entropy computes no gradient for the output layer; it must be frozen")
+    """Per-position cross-entropy of ``h @ weight.T`` against ``labels``: (N,) float32, with
+    gradients for ``h`` and, where it requires grad, ``weight`` (in the backward pass). Every
+    label must be a vocabulary id (0 ≤ label < V: no ignore index; callers pass target positions
+    only). ``chunk``: positions per chunk (default: 256 MB of float32 logits; with the fused
+    kernel, 128 MB in the weight's dtype). ``between_chunks``: called after each chunk's work is
+    queued but the last, in the forward pass and (where the weight trains) the backward pass —
+    the training engine's loss boundary (it may raise to stop the pass, or wait until the device
+    has caught up)."""
     return _LinearCrossEntropy.apply(h, weight, labels, chunk, between_chunks)
 
 
-def frozen_plain_head(head) -> torch.Tensor | None:
-    """The weight of ``head`` if it is a plain, bias-free, frozen nn.Linear (else None)."""
-    if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
+def plain_head(head) -> torch.Tensor | None:
+    """The weight of ``head`` if it is a plain, bias-free nn.Linear (else None): what
+    :func:`linear_cross_entropy` can compute the loss through, frozen or trained."""
+    if type(head) is torch.nn.Linear and head.bias is None:
         return head.weight
     return None
 

@@ -96,8 +96,9 @@ def target_token_losses(model, batch: dict[str, torch.Tensor], between_chunks: C
     loss: prompts and padding never reach the (large) vocabulary projection, which saves its
     compute and the (B, T, V) logits tensor. Falls back to full logits for models that post-process
     them (logit soft-capping or scaling). Takes a batch from :func:`collate`. ``between_chunks``:
-    called between the chunks of the output layer's loss (see :func:`gpu.loss.linear_cross_entropy`;
-    not on the full-logits fallback, or where the output layer trains: one piece there)."""
+    called between the chunks of the output layer's loss, forward and (where the output layer
+    trains) backward (see :func:`gpu.loss.linear_cross_entropy`; not on the full-logits
+    fallback: one piece there)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = lm.config
     # use_cache=False: a model's config asks for a KV cache by default, and each layer would
@@ -110,11 +111,11 @@ def target_token_losses(model, batch: dict[str, torch.Tensor], between_chunks: C
     selected = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["target_pos"])  # (N, C)
     labels = batch["target_labels"]  # (N,)
     head = lm.get_output_embeddings()
-    frozen = _frozen_head(head)
-    if frozen is not None:  # a frozen output layer: no (N, V) logits in memory (see gpu/loss.py)
+    weight = _plain_head(head)
+    if weight is not None:  # no (N, V) logits in memory (see gpu/loss.py)
         from ..gpu.loss import linear_cross_entropy
 
-        tok = linear_cross_entropy(selected, frozen, labels, between_chunks=between_chunks)  # (N,)
+        tok = linear_cross_entropy(selected, weight, labels, between_chunks=between_chunks)  # (N,)
     else:
         logits = head(selected).float()  # (N, V)
         tok = torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # (N,)
@@ -122,7 +123,7 @@ def target_token_losses(model, batch: dict[str, torch.Tensor], between_chunks: C
     return sums, batch["target_count"]
 
 
-def _frozen_head(head):
-    from ..gpu.loss import frozen_plain_head
+def _plain_head(head):
+    from ..gpu.loss import plain_head
 
-    return frozen_plain_head(head)
+    return plain_head(head)

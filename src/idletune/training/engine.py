@@ -357,7 +357,7 @@ class TrainingEngine:
                         e, UNKNOWN_MEMORY_MICRO_BATCH)
             return UNKNOWN_MEMORY_MICRO_BATCH
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        from ..gpu.loss import frozen_plain_head
+        from ..gpu.loss import plain_head
         from ..gpu.training import layers_compiled
 
         free -= 3 * sum(p.numel() * p.element_size() for p in self._trainable())  # gradient, AdamW's two
@@ -366,7 +366,7 @@ class TrainingEngine:
         # the loss builds (N, V) logits unless the output layer is a frozen plain one (data.py)
         tokens = gpu_micro_batch_tokens(lm, free, checkpointing=self.config.gradient_checkpointing,
                                         compiled=layers_compiled(self.model),
-                                        head_logits=head is None or frozen_plain_head(head) is None)
+                                        head_logits=head is None or plain_head(head) is None)
         log.info("training: micro-batches of at most %d tokens (%.1f GB free on the GPU)", tokens, free / 1e9)
         return tokens
 
@@ -587,8 +587,11 @@ class TrainingEngine:
         last ``AWAY_AFTER_S``) queue the loss a chunk at a time like the layers, so a request
         that comes during it finds at most ``queued_layers`` chunks ahead instead of the whole
         loss (the TTFT p99 under a backlog, docs/BENCHMARKS.md run BG). While the user is
-        away the loss is queued whole, as the host can then run ahead into the backward pass."""
-        if self._step_thread == threading.get_ident():
+        away the loss is queued whole, as the host can then run ahead into the backward pass.
+        Called in the training thread's forward pass and, where the output layer trains (full
+        fine-tuning), in the backward pass, which on a GPU runs in autograd's device thread:
+        only training steps and evaluation compute this loss, never a request."""
+        if self._step_thread is not None:
             self._boundary(queue=self.idle_for() < AWAY_AFTER_S)
 
     # ---- evaluation ---------------------------------------------------------------------------
