@@ -225,7 +225,8 @@ def test_a_compiled_unit_counts_as_its_layers_in_the_training_queue_while_the_us
     """While the user is active at most ``queued_layers`` layers of a step's work stay queued
     ahead of a request: a unit of several layers counts as that many, so with units larger than
     the limit one unit stays queued, not ``queued_layers`` units (the TTFT cost of units,
-    docs/BENCHMARKS.md runs BS, BV). While the user is away, ``queued_layers`` units."""
+    docs/BENCHMARKS.md runs BS, BV). While the user is away, ``queued_layers`` units. In full
+    fine-tuning while the user is active, one layer (run DA)."""
     import threading
 
     from idletune.training.engine import AWAY_AFTER_S
@@ -264,8 +265,13 @@ def test_a_compiled_unit_counts_as_its_layers_in_the_training_queue_while_the_us
         assert run([4, 1, 1, 4, 1, 1]) == [True, True, True, True, False, False]
         idle[0] = AWAY_AFTER_S
         assert run([4] * 5) == [True, True, False, False, False]  # away: three units (the host runs ahead)
+        eng.mode, idle[0] = "full", 0.0  # full fine-tuning, the user active: one layer
+        assert run([1] * 4) == [True, True, True, False]
+        idle[0] = AWAY_AFTER_S
+        assert run([1] * 5) == [True, True, False, False, False]  # away: three again
     finally:
         eng._step_thread = eng._step_stream = None
+        eng.mode = "lora"
         eng._queued.clear()
 
 

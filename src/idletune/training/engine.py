@@ -69,6 +69,12 @@ def graph_shape(rows: int, length: int) -> tuple[int, int]:
 # On a GPU: most layers (or loss chunks) of training work queued ahead of a request (one compiled
 # unit where a unit holds more; while the user is away, this many units: TrainingEngine._boundary)
 QUEUED_LAYERS = 3
+# In full fine-tuning while the user is active: each layer's backward pass also computes its
+# weights' gradients (products over all the step's tokens), well over a LoRA layer's GPU work,
+# and a request's prompt shares the SMs with all of it: one layer queued, not three. At 0.5B
+# the TTFT added under a backlog was +0.94 / +0.78 ms (p50 / p99) against +1.95 / +2.69 ms
+# (docs/BENCHMARKS.md, run DA). While the user is away QUEUED_LAYERS holds: training's speed.
+QUEUED_LAYERS_FULL_ACTIVE = 1
 # The user counts as away after this long with no request. Until then, with CUDA-graphed layers,
 # a new shape is not recorded (a recorded larger one serves, at most PADDED_AREA_LIMIT times the
 # area), and the output layer's loss is queued a chunk at a time like the layers.
@@ -184,7 +190,9 @@ class TrainingEngine:
         # free at the first step (:func:`gpu_micro_batch_tokens`).
         self.micro_batch_tokens = config.micro_batch_tokens or (0 if self.device.type == "cuda" else 512)
         self.max_wait_s: float | None = None  # evaluation waits at most this long for a gap (None: forever)
-        self.queued_layers = int(os.environ.get("IDLETUNE_TRAIN_QUEUE_LAYERS", QUEUED_LAYERS))
+        queue = os.environ.get("IDLETUNE_TRAIN_QUEUE_LAYERS")  # set: for every mode, user active or away
+        self.queued_layers = int(queue or QUEUED_LAYERS)
+        self.queued_layers_full_active = int(queue or QUEUED_LAYERS_FULL_ACTIVE)
         self._optimizer = None
         self._modules: list | None = None  # every module of the model, listed at the first step
         # Set when the decoder layers are replayed as CUDA graphs (gpu/training.py): batches are
@@ -555,7 +563,8 @@ class TrainingEngine:
         """Stop the pass if a request waits (:class:`Preempted`), and on a GPU (with ``queue``)
         keep at most ``queued_layers`` layers (or loss chunks) of this step's work queued on the
         device, so that a request finds little training work ahead of it (the host otherwise
-        runs a whole step ahead). The work just queued always stays queued, however large.
+        runs a whole step ahead); in full fine-tuning while the user is active,
+        ``queued_layers_full_active``. The work just queued always stays queued, however large.
 
         ``layers``: how many layers the work this boundary closes holds (a compiled unit's
         count; 1 for a layer or a loss chunk). While the user is active (a request in the last
@@ -568,10 +577,12 @@ class TrainingEngine:
         if self.should_yield():
             raise Preempted()
         if queue and self._step_stream is not None:
+            active = self.idle_for() < AWAY_AFTER_S
+            limit = self.queued_layers_full_active if active and self.mode == "full" else self.queued_layers
             ev = torch.cuda.Event()
             ev.record(self._step_stream)
-            self._queued.append((ev, layers if self.idle_for() < AWAY_AFTER_S else 1))
-            while len(self._queued) > 1 and sum(n for _, n in self._queued) > self.queued_layers:
+            self._queued.append((ev, layers if active else 1))
+            while len(self._queued) > 1 and sum(n for _, n in self._queued) > limit:
                 self._queued.popleft()[0].synchronize()  # waits in this thread only, without the GIL
 
     def _forward_boundary(self, layers: int = 1) -> None:
