@@ -206,3 +206,32 @@ def test_the_fast_path_follows_hybrid_switches_and_rollbacks(tmp_path, tiny_mode
     assert svc.weights.mode == "full"
     torch.testing.assert_close(check_served(svc, fast), v2, rtol=1e-4, atol=1e-4)
     svc.close()
+
+
+def test_full_fine_tuning_of_bf16_weights_steps_float32_master_copies(tiny_model_dir):
+    """On a GPU the weights are bf16, whose spacing at 1.0 is 0.0078: full fine-tuning's updates
+    (learning rate 1e-4) to the norms' weights were all lost when AdamW stepped them in bf16."""
+    from idletune.config import LoraConfig, TrainingConfig
+    from idletune.models import load_model
+    from idletune.training.adapters import attach_lora
+    from idletune.training.engine import TrainingEngine
+    from idletune.training.weightsets import FullWeights
+
+    base, tok = load_model(tiny_model_dir, device="cpu", dtype=torch.bfloat16)
+    model = attach_lora(base, LoraConfig())
+    ws = FullWeights(model)
+    eng = TrainingEngine(model, tok, TrainingConfig(max_steps=6, target_loss=0.0), weights=ws)
+    norm = "model.norm.weight"
+    before = ws.clone("candidate")
+    eng.train_round([fact()])
+    after = ws.clone("candidate")
+    masters = ws._master
+    assert masters and all(m.dtype == torch.float32 for m in masters.values())
+    # the updates add up in float32 (a few 1e-4 so far), where bf16 kept 1.0 exactly each step
+    assert (masters[norm] - before[norm].float()).abs().max() > 2e-4
+    assert all(torch.equal(after[n], m.to(torch.bfloat16)) for n, m in masters.items())  # rounded into the weights
+    ws.discard()  # the weights in training written another way: the master copies follow
+    live = ws.clone("live")
+    assert all(torch.equal(live[n], m.to(torch.bfloat16)) for n, m in masters.items())
+    eng.train_round([fact()])  # and training goes on from there, not from the discarded weights
+    assert ws.is_finite()

@@ -275,7 +275,7 @@ class TrainingEngine:
                         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
                         self._optimizer_step(opt, finite)
                     finally:
-                        opt.zero_grad(set_to_none=not self.graphs)
+                        self._zero_grad(opt)
                         self._step_thread = self._step_stream = None  # before the lock is released
                         self._queued.clear()
             except Preempted:
@@ -368,7 +368,11 @@ class TrainingEngine:
         from ..gpu.loss import plain_head
         from ..gpu.training import layers_compiled
 
-        free -= 3 * sum(p.numel() * p.element_size() for p in self._trainable())  # gradient, AdamW's two
+        trainable = self._trainable()
+        free -= sum(p.numel() * p.element_size() for p in trainable)  # gradients
+        for t, p in zip(self.ws.optimized(), trainable):
+            # AdamW's two moments of what it steps; a float32 master copy's gradient too
+            free -= (2 if t is p else 3) * t.numel() * t.element_size()
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
         # the loss builds (N, V) logits unless the output layer is a frozen plain one (data.py)
@@ -447,11 +451,13 @@ class TrainingEngine:
     def _optimizer_step(self, opt, finite: torch.Tensor) -> None:
         """Step unless the loss or gradient norm is not finite. The fused (GPU) AdamW takes the
         verdict as a tensor and skips on the device; elsewhere it is read here."""
+        self.ws.before_step()  # gradients into the master copies, where the weights have them
         if opt.defaults.get("fused"):
             opt.found_inf = (~finite).float()
             opt.step()
         elif bool(finite):
             opt.step()
+        self.ws.after_step()  # the master copies rounded into the weights in training
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -472,7 +478,7 @@ class TrainingEngine:
 
     def _get_optimizer(self):
         if self._optimizer is None:
-            params = self._trainable()
+            params = self.ws.optimized()  # the trainable tensors, or their float32 master copies
             decay = [p for p in params if p.ndim >= 2]
             no_decay = [p for p in params if p.ndim < 2]
             groups = [{"params": decay, "weight_decay": self.config.weight_decay}]
@@ -481,6 +487,18 @@ class TrainingEngine:
             fused = self.device.type == "cuda"
             self._optimizer = torch.optim.AdamW(groups, lr=self.config.learning_rate, fused=fused or None)
         return self._optimizer
+
+    def _zero_grad(self, opt) -> None:
+        """Gradients back to zero: with CUDA graphs kept allocated (``_backward``), else None;
+        the trainable tensors' and, where the optimizer steps master copies, those too."""
+        opt.zero_grad(set_to_none=not self.graphs)
+        params = self._trainable()
+        if any(t is not p for t, p in zip(self.ws.optimized(), params)):
+            if self.graphs:
+                torch._foreach_zero_([p.grad for p in params if p.grad is not None])
+            else:
+                for p in params:
+                    p.grad = None
 
     def reset_optimizer(self) -> None:
         """Forget optimizer state (after a rejected update or a rollback)."""
@@ -691,7 +709,5 @@ class TrainingEngine:
             if self.ws.kind == "lora":
                 adapters.load_adapter_tensors(self.model, TRAIN, tensors)
             else:
-                with torch.no_grad():
-                    for n, t in self.ws._set("candidate").items():
-                        t.copy_(tensors[n])
+                self.ws.load_candidate(tensors)
         self.reset_optimizer()
