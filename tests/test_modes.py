@@ -235,3 +235,48 @@ def test_full_fine_tuning_of_bf16_weights_steps_float32_master_copies(tiny_model
     assert all(torch.equal(live[n], m.to(torch.bfloat16)) for n, m in masters.items())
     eng.train_round([fact()])  # and training goes on from there, not from the discarded weights
     assert ws.is_finite()
+
+
+def test_after_full_fine_tuning_a_lora_publish_never_writes_into_the_base(tmp_path, tiny_model_dir):
+    """In full mode the decoder serves o/down straight from the live weights; back in LoRA with
+    adapters on o/down it must merge them into buffers of its own, not into those weights."""
+    every = ["attention.q", "attention.k", "attention.v", "attention.o", "ffn.gate", "ffn.up", "ffn.down"]
+    svc = make(tmp_path, tiny_model_dir, **{"training.mode": "hybrid", "training.lora.target_modules": every})
+    fast = fast_path(svc)
+    svc.weights.switch_to_full("test")
+    svc.weights.switch_to_lora("test")
+    base = {n: p.detach().clone() for n, p in svc.model.named_parameters() if "lora_" not in n}
+    for i in range(2):
+        svc.engine.train_round([fact(i)])
+        svc.weights.publish()
+        check_served(svc, fast)
+    assert all(torch.equal(p, base[n]) for n, p in svc.model.named_parameters() if "lora_" not in n)
+    svc.close()
+
+
+def test_a_rollback_to_damaged_full_weights_changes_nothing(tmp_path, tiny_model_dir, monkeypatch):
+    import idletune.training.weights as W
+
+    svc = make(tmp_path, tiny_model_dir, **{"training.mode": "full"})
+    fast = fast_path(svc)
+    svc.engine.train_round([fact()])
+    svc.weights.publish()  # v1: full weights
+    svc.weights.rollback(0)  # LoRA on the original weights
+    svc.engine.reset_optimizer()
+    svc.engine.train_round([fact(1)])
+    svc.weights.publish()  # v2: LoRA
+    v2 = check_served(svc, fast)
+    real = W.read_base_weights
+
+    def damaged(path, params):  # what a checksum cannot catch: the weights were written non-finite
+        t = real(path, params)
+        last = sorted(t)[-1]
+        t[last] = t[last].clone()
+        t[last].view(-1)[0] = float("nan")
+        return t
+    monkeypatch.setattr(W, "read_base_weights", damaged)
+    with pytest.raises(ValueError, match="non-finite"):
+        svc.weights.rollback(1)
+    assert svc.weights.version == 2 and svc.weights.mode == "lora"
+    torch.testing.assert_close(check_served(svc, fast), v2, rtol=1e-4, atol=1e-4)
+    svc.close()

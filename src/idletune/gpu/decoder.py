@@ -7,7 +7,7 @@ its memory bandwidth allows. Here:
 - **Merged serving weights.** q/k/v and gate/up are fused into one matrix each, holding
   ``W0 + scale·B·A`` of the *live* adapter (and o/down too when they carry an adapter). Serving
   a live adapter costs nothing per token; :meth:`refresh` recomputes the merged weights from the
-  frozen base after each publish (from ``W0``, never by adding deltas in place, so bf16 rounding
+  base weights after each publish (from ``W0``, never by adding deltas in place, so bf16 rounding
   never accumulates over versions).
 - **Static KV cache** of ``max_len`` positions, and **one CUDA graph per attention-length bucket**
   (256, 512, … positions) for the decode step: a token costs one graph launch. The graph also
@@ -238,6 +238,7 @@ class FastDecoder:
             return
         self._merge_graph = None
         self._served = sv = served or _itself
+        self._model_ptrs = self._model_storage()  # what the decoder must never write into
         lm = self.lm
         old = self.layers
         layers, adapted = [], []
@@ -295,15 +296,21 @@ class FastDecoder:
         w, _, deltas = part
         if not deltas:
             return w  # not adapted: served straight from the base weights
-        if out is None or out.shape != w.shape or out is w:
+        # the previous entry may be a model tensor (served straight, unadapted, in another mode):
+        # merge into a buffer of the decoder's own, never into the weights
+        if out is None or out.shape != w.shape or out.data_ptr() in self._model_ptrs:
             out = torch.empty_like(w, dtype=self.dtype)
         _merge_into(out, w, deltas)
         adapted.append((out, w, deltas))
         return out
 
+    def _model_storage(self) -> set[int]:
+        """Addresses of the model's base weights, as the parameters show them and as served."""
+        return {t.data_ptr() for n, p in self.lm.named_parameters() if "lora_" not in n for t in (p, self._served(p))}
+
     def serving_bytes(self) -> int:
         """Memory held by the serving copies (fused/merged matrices) and the KV cache."""
-        base = {t.data_ptr() for n, p in self.lm.named_parameters() if "lora_" not in n for t in (p, self._served(p))}
+        base = self._model_storage()
         own = {t.data_ptr(): t for e in self.layers for t in e.values() if t is not None and t.data_ptr() not in base}
         total = sum(t.numel() * t.element_size() for t in own.values())
         return total + self.kv_cache.numel() * self.kv_cache.element_size()
@@ -647,7 +654,7 @@ def _event(device) -> torch.cuda.Event | None:
 
 @torch.no_grad()
 def _merge_into(out: torch.Tensor, w: torch.Tensor, deltas) -> None:
-    """out = w + Σ scale·B·A, from the base weights w (never in place: w is frozen).
+    """out = w + Σ scale·B·A, from the base weights w (never in place: ``out`` is the decoder's own).
 
     One matrix product with the base as the addend: the product accumulates in float32 and the
     sum is rounded once to out's dtype, as a float32 merge would be (B and A are rounded to it

@@ -8,8 +8,8 @@ portable path (Hugging Face forward under the model lock). Every training mode i
 copy, while the parameters hold the weights in training), hybrid switching between them.
 
 Concurrency on the GPU path: a request no longer waits for the model lock. The fast decoder
-reads only its own serving copies and frozen base tensors, never the PEFT modules' state that
-training switches, so training (on the low-priority stream) and decoding (on the high-priority
+reads only its own serving copies and the live base tensors (the frozen base in LoRA, the live
+copy in full fine-tuning), never the PEFT modules' state or the weights training writes, so training (on the low-priority stream) and decoding (on the high-priority
 one) overlap on the device; training still stops at its next layer boundary when a request
 arrives (:class:`~idletune.activity.ActivityTracker`), and what it had already queued runs behind
 the request's kernels. What the decoder reads changes only inside :meth:`GpuServing.changing`
@@ -36,13 +36,18 @@ class GpuServing:
 
     Args:
         decoder: the FastDecoder (merged ``live`` adapter).
-        weights: the WeightUpdater (its ``version`` and ``mode`` say what must be served).
-        model_lock: the model lock; taken only to re-merge after the live weights changed.
+        weights: the WeightUpdater (its ``version``, weight set ``ws`` and ``base_id`` say what
+            must be served).
+        model_lock: the model lock; taken only to rebuild the serving copies.
         stream: the high-priority stream decoding runs on.
+        train_stream: the stream training runs on: a change of the weights waits for its work
+            (a rollback from another thread may follow a step whose kernels are still queued).
     """
 
-    def __init__(self, decoder: FastDecoder, weights, model_lock: threading.Lock, stream: torch.cuda.Stream | None):
+    def __init__(self, decoder: FastDecoder, weights, model_lock: threading.Lock, stream: torch.cuda.Stream | None,
+                 train_stream: torch.cuda.Stream | None = None):
         self.decoder, self.weights, self.model_lock, self.stream = decoder, weights, model_lock, stream
+        self.train_stream = train_stream
         self.lock = threading.Lock()  # one KV cache: one sequence at a time
         self.refresh_seconds: list[float] = []
         decoder.version = weights.version
@@ -59,10 +64,20 @@ class GpuServing:
     def sync(self) -> None:
         """Re-merge the serving weights if the live weights changed without :meth:`changing`.
         Lock order: model lock, then this one."""
-        if self.decoder.version == self.weights.version and self._key == self._served_key():
+        if self._current():
             return
         with self.model_lock, self.lock:
-            self._refresh()
+            if not self._current():  # not rebuilt meanwhile
+                self._after_training()
+                self._refresh()
+
+    def _current(self) -> bool:
+        return self.decoder.version == self.weights.version and self._key == self._served_key()
+
+    def _after_training(self) -> None:
+        # the caller holds the model lock: training queues nothing new meanwhile
+        if self.stream is not None and self.train_stream is not None:
+            self.stream.wait_stream(self.train_stream)
 
     @contextmanager
     def changing(self) -> Iterator[None]:
@@ -71,6 +86,7 @@ class GpuServing:
         stream, after the kernels of the request before it, and the serving copies are rebuilt
         before the next request starts. Work the caller queues next (training's) comes after."""
         with self.lock, self._on_stream():
+            self._after_training()
             try:
                 yield
             finally:
@@ -102,7 +118,8 @@ class GpuServing:
         if self.stream is None:
             yield
             return
-        # Work queued by other threads on their default stream (a publish's copy) comes first.
+        # Work queued by other threads on their default stream comes first (and through it, a
+        # training round's: train_round's callers wait for its stream when it returns).
         self.stream.wait_stream(torch.cuda.default_stream(self.stream.device))
         with torch.cuda.stream(self.stream):
             yield
@@ -130,10 +147,11 @@ def _on_stream(fn, stream: torch.cuda.Stream):
     return wrapped
 
 
-def attach(service, decoder: FastDecoder, stream: torch.cuda.Stream | None) -> GpuServing:
+def attach(service, decoder: FastDecoder, stream: torch.cuda.Stream | None,
+           train_stream: torch.cuda.Stream | None = None) -> GpuServing:
     """Serve ``service``'s requests from ``decoder`` (on ``stream``), kept in step with its live
     weights: every publish, rollback and mode switch rebuilds the serving copies at once."""
-    fast = GpuServing(decoder, service.weights, service.engine.lock, stream)
+    fast = GpuServing(decoder, service.weights, service.engine.lock, stream, train_stream)
     service.weights.live_change = fast.changing
     service.inference.fast = fast
     return fast
@@ -165,7 +183,7 @@ def install(service, *, max_len: int | None = None) -> str | None:
     engine = service.engine
     engine.train_round = _on_stream(engine.train_round, lo)
     engine.evaluate = _on_stream(engine.evaluate, lo)
-    attach(service, decoder, hi)
+    attach(service, decoder, hi, lo)
     # A request must not wait for the trainer thread to hand over the GIL: Python's default
     # switch interval (5 ms) would add up to that to a request's first token.
     sys.setswitchinterval(min(sys.getswitchinterval(), float(os.environ.get("IDLETUNE_SWITCH_INTERVAL", "0.0005"))))

@@ -40,8 +40,9 @@ def gpu_micro_batch_tokens(model, free_bytes: float, *, checkpointing: bool = Fa
     layers): within 10 % of what was measured at the Qwen2.5-0.5B, 1.5B and Llama-3-8B shapes
     (docs/BENCHMARKS.md, section 5); 1.5 times that for eager layers (measured 1.43 at 0.5B);
     with gradient checkpointing, each layer's input plus one layer's activations; and where the
-    output layer trains (full fine-tuning), its float32 logits and their gradient, 8 bytes × the
-    vocabulary. A larger batch is split and its gradients accumulated: the same step, in bounded
+    loss builds the whole logits (an output layer that is not a plain bias-free linear one, or
+    that post-processes them), the float32 logits and their gradient, 8 bytes × the vocabulary
+    (a plain one, frozen or trained, computes the loss in chunks: gpu/loss.py). A larger batch is split and its gradients accumulated: the same step, in bounded
     memory."""
     cfg = adapters.text_config(model)
     hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
@@ -375,7 +376,7 @@ class TrainingEngine:
             free -= (2 if t is p else 3) * t.numel() * t.element_size()
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-        # the loss builds (N, V) logits unless the output layer is a frozen plain one (data.py)
+        # the loss builds (N, V) logits unless the output layer is a plain one (data.py)
         tokens = gpu_micro_batch_tokens(lm, free, checkpointing=self.config.gradient_checkpointing,
                                         compiled=layers_compiled(self.model),
                                         head_logits=head is None or plain_head(head) is None)
@@ -615,7 +616,8 @@ class TrainingEngine:
         boundaries): stop if a request waits; and while the user is active (a request in the
         last ``AWAY_AFTER_S``) queue the loss a chunk at a time like the layers, so a request
         that comes during it finds at most ``queued_layers`` chunks ahead instead of the whole
-        loss (the TTFT p99 under a backlog, docs/BENCHMARKS.md run BG). While the user is
+        loss (the TTFT p99 under a backlog, docs/BENCHMARKS.md run BG; in full fine-tuning
+        ``queued_layers_full_active``). While the user is
         away the loss is queued whole, as the host can then run ahead into the backward pass.
         Called in the training thread's forward pass and, where the output layer trains (full
         fine-tuning), in the backward pass, which on a GPU runs in autograd's device thread:

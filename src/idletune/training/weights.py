@@ -172,14 +172,15 @@ class WeightUpdater:
         except (OSError, ValueError, KeyError):
             value = None
         if value is None and self.mode == "lora" and self.base_id == "original":
+            # measured in the candidate's slot (kept aside meanwhile): the live weights, which
+            # requests read, never change outside publish, rollback and mode switches
             with self.lock:
-                saved, candidate = self.ws.clone("live"), self.ws.clone("candidate")
-                self.ws.load(self._zero)
+                candidate = self.ws.clone("candidate")
+                adapters.load_adapter_tensors(self.model, TRAIN, self._zero)
             try:
-                value = engine.evaluate(probes, LIVE)
+                value = engine.evaluate(probes, TRAIN)
             finally:
                 with self.lock:
-                    self.ws.load(saved)
                     adapters.load_adapter_tensors(self.model, TRAIN, candidate)
             _write_atomic(f, json.dumps({"retention_loss": value}))
         if value is None:  # nothing recorded before the base changed: measure against live
@@ -229,9 +230,9 @@ class WeightUpdater:
                 full = FullWeights(self.model, self.base_model_path)
                 merged = full.clone("live")
                 self._set_ws(full, reason)
+                self.base_id = base_name  # written next: a rollback to it before then finds no folder, and says so
             self._write_snapshot(base_name, merged, {"version": self.version, "kind": "full", "base": base_name,
                                                      "created_at": time.time(), "merged_lora": True}, full)
-            self.base_id = base_name
             self._ring.clear()
 
     def switch_to_lora(self, reason: str) -> None:
@@ -286,6 +287,7 @@ class WeightUpdater:
         # Weights are read from disk first: requests on the GPU path wait while the live ones change.
         if kind == "full":
             tensors = read_base_weights(self._verified(name), self._base_params())
+            _check_weights(tensors, self._base_params(), name)  # before anything changes
             with self.lock, self.live_change():
                 ws = self.ws if self.ws.kind == "full" else None
                 if ws is None:
@@ -306,6 +308,8 @@ class WeightUpdater:
             if tensors is None:
                 tensors = self._zero if version == 0 else LoraWeights(self.model).read(self._verified(name))
             base_weights = self._read_base(base) if base != self.base_id else None
+            if base_weights is not None:
+                _check_weights(base_weights, self._base_params(), base)
             with self.lock, self.live_change():
                 if self.ws.kind != "lora":
                     self.ws.close()
@@ -421,6 +425,17 @@ class WeightUpdater:
                 "last_gate_decision": asdict(self.last_decision) if self.last_decision else None,
                 "last_rollback": self.last_rollback, "problems": self.problems,
                 "snapshots_on_disk": len(self.list_snapshots())}
+
+
+def _check_weights(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor], name: str) -> None:
+    """Shapes and finite values, checked before any weight is overwritten (a failure halfway
+    through a copy would leave a model that is neither version)."""
+    for n, p in params.items():
+        t = tensors[n]
+        if t.shape != p.shape:
+            raise ValueError(f"snapshot {name}: weight {n} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"snapshot {name}: weight {n} has non-finite values")
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -3,9 +3,10 @@
 Modes are data: which tensors train, and how the two sets are kept apart.
 
 - :class:`LoraWeights`: two PEFT adapters on one frozen base; switching is a lookup.
-- :class:`FullWeights`: every base weight trains. The live set is a second copy of the base
-  tensors; switching swaps each parameter's storage pointer (no copy), so a request is served
-  from the accepted weights while the candidate weights are mid-training.
+- :class:`FullWeights`: every base weight trains. The candidate set is a second copy of the
+  base tensors (the live set keeps their storage); switching swaps each parameter's storage
+  pointer (no copy), so a request is served from the accepted weights while the candidate
+  weights are mid-training.
 
 Both offer the same small interface, used by the engine (``use``, ``trainable``, ``optimized``,
 ``before_step``, ``after_step``), by the WeightUpdater (``publish``, ``discard``, ``clone``,
