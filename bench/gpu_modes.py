@@ -124,6 +124,7 @@ def main():
             svc.close()
             del svc, ws, copy
             torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()  # the eager run's own peak
             eager = C.service(a.shape, f"{tmp}/eager", **{**base, "training.compile": "off"}, **{"training.mode": "full"})
             res["full_eager"] = train(eager, examples, a.steps)
             eager.close()
