@@ -9,8 +9,9 @@ copy, while the parameters hold the weights in training), hybrid switching betwe
 
 Concurrency on the GPU path: a request no longer waits for the model lock. The fast decoder
 reads only its own serving copies and the live base tensors (the frozen base in LoRA, the live
-copy in full fine-tuning), never the PEFT modules' state or the weights training writes, so training (on the low-priority stream) and decoding (on the high-priority
-one) overlap on the device; training still stops at its next layer boundary when a request
+copy in full fine-tuning), never the PEFT modules' state or the weights training writes, so
+training (on the low-priority stream) and decoding (on the high-priority one) overlap on the
+device; training still stops at its next layer boundary when a request
 arrives (:class:`~idletune.activity.ActivityTracker`), and what it had already queued runs behind
 the request's kernels. What the decoder reads changes only inside :meth:`GpuServing.changing`
 (a publish, a rollback, a mode switch), which requests wait for: none sees a half-changed model.

@@ -42,8 +42,8 @@ def gpu_micro_batch_tokens(model, free_bytes: float, *, checkpointing: bool = Fa
     with gradient checkpointing, each layer's input plus one layer's activations; and where the
     loss builds the whole logits (an output layer that is not a plain bias-free linear one, or
     that post-processes them), the float32 logits and their gradient, 8 bytes × the vocabulary
-    (a plain one, frozen or trained, computes the loss in chunks: gpu/loss.py). A larger batch is split and its gradients accumulated: the same step, in bounded
-    memory."""
+    (a plain one, frozen or trained, computes the loss in chunks: gpu/loss.py). A larger batch
+    is split and its gradients accumulated: the same step, in bounded memory."""
     cfg = adapters.text_config(model)
     hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
     layer = 6 * hidden + 3 * (getattr(cfg, "intermediate_size", None) or 4 * hidden)
@@ -617,8 +617,8 @@ class TrainingEngine:
         last ``AWAY_AFTER_S``) queue the loss a chunk at a time like the layers, so a request
         that comes during it finds at most ``queued_layers`` chunks ahead instead of the whole
         loss (the TTFT p99 under a backlog, docs/BENCHMARKS.md run BG; in full fine-tuning
-        ``queued_layers_full_active``). While the user is
-        away the loss is queued whole, as the host can then run ahead into the backward pass.
+        ``queued_layers_full_active``). While the user is away the loss is queued whole, as the
+        host can then run ahead into the backward pass.
         Called in the training thread's forward pass and, where the output layer trains (full
         fine-tuning), in the backward pass, which on a GPU runs in autograd's device thread:
         only training steps and evaluation compute this loss, never a request."""
