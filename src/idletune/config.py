@@ -97,7 +97,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     compile: str = "auto"
     """Compile the decoder layers for training steps with torch.compile: "auto" (on a CUDA GPU
-    whose requests the GPU fast path serves, i.e. LoRA mode: compiled and replayed as CUDA
+    whose requests the GPU fast path serves, in every mode: compiled and replayed as CUDA
     graphs), "graphs" (the same wherever CUDA is), "on" (compiled, no graphs) or "off". The
     first step compiles (tens of seconds, once per process), then steps run 1.6–2.0× the plain
     PEFT loop with graphs, 1.2–1.6× without (docs/BENCHMARKS.md); evaluation and chat never use

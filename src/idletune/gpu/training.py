@@ -323,7 +323,7 @@ def wanted(setting: str, model, fast_path: bool = True) -> str | None:
 
     "auto" means graphs on a CUDA device when Triton (torch.compile's GPU backend) is there and
     requests are served by the GPU fast path: a compilation runs inside a training step, under
-    the model lock, which requests on the portable path (full/hybrid modes) would wait for.
+    the model lock, which requests on the portable path would wait for.
     "graphs" needs CUDA; on another device it compiles without them. On CUDA, without Triton
     nothing is compiled (with a warning)."""
     if setting == "off":

@@ -40,9 +40,9 @@ def gpu_micro_batch_tokens(model, free_bytes: float, *, checkpointing: bool = Fa
     layers): within 10 % of what was measured at the Qwen2.5-0.5B, 1.5B and Llama-3-8B shapes
     (docs/BENCHMARKS.md, section 5); 1.5 times that for eager layers (measured 1.43 at 0.5B);
     with gradient checkpointing, each layer's input plus one layer's activations; and where the
-    loss builds the whole logits (an output layer that is not a plain bias-free linear one, or
-    that post-processes them), the float32 logits and their gradient, 8 bytes × the vocabulary
-    (a plain one, frozen or trained, computes the loss in chunks: gpu/loss.py). A larger batch
+    output layer is not a plain bias-free linear one (``head_logits``), the float32 logits the
+    loss then builds and their gradient, 8 bytes × the vocabulary (a plain one, frozen or
+    trained, computes the loss in chunks: gpu/loss.py). A larger batch
     is split and its gradients accumulated: the same step, in bounded memory."""
     cfg = adapters.text_config(model)
     hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
