@@ -325,6 +325,9 @@ class TrainingEngine:
             micro = collate(part, self.tokenizer.pad_token_id, self.device, length=length, rows=rows)
             if self.graphs:  # a new iteration: what a preempted pass left in the graphs is dropped
                 torch.compiler.cudagraph_mark_step_begin()
+                if (rows, length) not in self._recorded:  # seconds of work, the interpreter lock mostly held
+                    log.info("training: recording CUDA graphs for micro-batches of %d × %d tokens (user %s)",
+                             rows, length, "away" if self.idle_for() >= AWAY_AFTER_S else "active")
             with self._autocast():
                 # (rows,), (rows,): empty rows add 0
                 s, c = target_token_losses(self.model, micro, self._loss_boundary)
