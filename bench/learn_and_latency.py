@@ -105,7 +105,8 @@ def warm_training(url: str, steps: int, timeout: float = 600) -> dict:
     return {"steps": now - start, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def latency(url: str, n: int, max_tokens: int, gap: float, warm_steps: int = 0) -> dict:
+def latency(url: str, n: int, max_tokens: int, gap: float, warm_steps: int = 0, on_measure=None) -> dict:
+    """``on_measure``: called once the backlog is in and training warmed up, as measuring starts."""
     # A backlog: many pending examples, so the scheduler always has work when allowed. Varied
     # sentences (repetitive text would be screened out before training).
     import random
@@ -128,6 +129,8 @@ def latency(url: str, n: int, max_tokens: int, gap: float, warm_steps: int = 0) 
     pending = HTTP.get(f"{url}/api/status").json()["queue"]["pending"]
     out = {"off": [], "backlog": []}
     chat(url, PROMPT, 4)  # warm-up
+    if on_measure is not None:
+        on_measure()
     for i in range(2 * n):
         cond = "off" if i % 2 == 0 else "backlog"
         if cond == "off":  # no training at all
@@ -183,18 +186,28 @@ def main() -> None:
         proc = start_server(Path(tmp) / "data", args.model, port,
                             ["--set", "scheduler.min_idle_time_ms=500", "--set", "scheduler.check_interval_ms=50"])
         url = f"http://127.0.0.1:{port}"
+        log = Path(tmp) / "server.log"
+        start = {"at": 0}
+
+        def measuring():  # where in the server's log measuring starts
+            start["at"] = log.stat().st_size if log.exists() else 0
         try:
             if not args.skip_learning:
                 res["time_to_learn"] = time_to_learn(url, args.learn_timeout)
                 print("time to learn:", json.dumps(res["time_to_learn"]), flush=True)
-            res["latency"] = latency(url, args.requests, args.max_tokens, args.gap, args.warm_training)
+            res["latency"] = latency(url, args.requests, args.max_tokens, args.gap, args.warm_training, measuring)
         finally:
             proc.terminate()
             proc.wait(30)
-            # the server's last lines (where the GPU path logs how it started, and any warning)
-            log = Path(tmp) / "server.log"
+            # the server's last lines (where the GPU path logs how it started, and any warning),
+            # and what it logged about training while latency was measured (rounds, new shapes)
             if log.exists():
                 res["server_log_tail"] = log.read_text(errors="replace").splitlines()[-40:]
+                if start["at"]:
+                    with open(log, "rb") as f:
+                        f.seek(start["at"])
+                        lines = f.read().decode(errors="replace").splitlines()
+                    res["server_log_while_measuring"] = [x for x in lines if "training" in x][:200]
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
