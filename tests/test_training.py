@@ -554,7 +554,7 @@ def test_heap_settles_after_rounds_that_compiled(svc, monkeypatch):
 def test_new_graph_shapes_wait_for_the_user_to_be_away(svc, monkeypatch):
     """With CUDA-graphed layers a shape not recorded yet is recorded only after
     AWAY_AFTER_S with no request; until then the smallest recorded shape that holds the
-    micro-batch serves it (within PADDED_AREA_LIMIT times its area and the token limit)."""
+    micro-batch serves it (within the token limit, however much larger: run DI)."""
     from idletune.training.data import IGNORE, Encoded
     from idletune.training.engine import AWAY_AFTER_S
 
@@ -569,8 +569,8 @@ def test_new_graph_shapes_wait_for_the_user_to_be_away(svc, monkeypatch):
     monkeypatch.setattr(eng, "_recorded", {(8, 512), (16, 512), (4, 384)})
     assert eng._shape(part(8, 500)) == (8, 512)  # recorded
     assert eng._shape(part(4, 300)) == (4, 384)  # (4, 320) is not: the smallest that holds it
-    assert eng._shape(part(3, 400)) == (8, 512)  # (4, 448) is not: 2.3 × its area
-    assert eng._shape(part(2, 100)) == (2, 128)  # the nearest recorded is 16 × its area: recorded now
+    assert eng._shape(part(3, 400)) == (8, 512)  # (4, 448) is not recorded
+    assert eng._shape(part(2, 100)) == (4, 384)  # 6 × its area: still no recording while the user is active
     eng.micro_batch_tokens = 2048
     assert eng._shape(part(3, 400)) == (4, 448)  # (8, 512) is over the token limit
     eng.micro_batch_tokens = 1024

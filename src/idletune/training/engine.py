@@ -77,10 +77,9 @@ QUEUED_LAYERS = 3
 # (docs/BENCHMARKS.md, run DA). While the user is away QUEUED_LAYERS holds: training's speed.
 QUEUED_LAYERS_FULL_ACTIVE = 1
 # The user counts as away after this long with no request. Until then, with CUDA-graphed layers,
-# a new shape is not recorded (a recorded larger one serves, at most PADDED_AREA_LIMIT times the
-# area), and the output layer's loss is queued a chunk at a time like the layers.
+# a new shape is not recorded while a recorded larger one can serve, and the output layer's loss
+# is queued a chunk at a time like the layers.
 AWAY_AFTER_S = 10.0
-PADDED_AREA_LIMIT = 4
 UNKNOWN_MEMORY_MICRO_BATCH = 4096  # tokens, where the GPU does not say how much memory is free
 
 
@@ -418,16 +417,19 @@ class TrainingEngine:
         ``AWAY_AFTER_S``: a recording takes seconds (at 1.5B, 56 layer graphs in 3–4 s)
         with the interpreter lock mostly held, and requests are served slower meanwhile
         (docs/BENCHMARKS.md, runs AO, AP, AR–AU). Until then the smallest
-        recorded shape that holds the micro-batch is used (empty rows and padding: more compute,
-        the same gradients), if one is within ``PADDED_AREA_LIMIT`` times the area and the
-        micro-batch token limit; else the new shape is recorded now. The cost: each layer's work
-        is up to that many times longer, so a request finds up to ``QUEUED_LAYERS`` longer
-        layers ahead of it (not measured apart: runs AU–AY bound it with the rest). The choice
-        never goes over the token limit the bucket was split by."""
+        recorded shape that holds the micro-batch within the micro-batch token limit is used
+        (empty rows and padding: more compute, the same gradients); only where none does is the
+        new shape recorded now. The cost: a layer's work is that of the larger shape, never more
+        than a micro-batch at the token limit, which a regular step's layers have too. Up to run
+        DI a recorded shape more than 4 times the micro-batch's area was not used: through HTTP
+        a 2 × 128-token micro-batch then started recording its graphs while the user was
+        active four times (an attempt a request preempts is not kept: it starts again), and the slowest
+        requests (10–25 ms) came in one run of consecutive requests, as a recording would make
+        them; their times against the recordings' were not logged (docs/BENCHMARKS.md, run DI)."""
         rows, length = self._bucket(part)
         if not self.graphs or (rows, length) in self._recorded or self.idle_for() >= AWAY_AFTER_S:
             return rows, length
-        most = min(PADDED_AREA_LIMIT * rows * length, max(self.micro_batch_tokens, rows * length))
+        most = max(self.micro_batch_tokens, rows * length)
         held = [(r, n) for r, n in self._recorded if r >= rows and n >= length and r * n <= most]
         return min(held, key=lambda s: (s[0] * s[1], s), default=(rows, length))
 
