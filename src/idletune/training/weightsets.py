@@ -97,8 +97,8 @@ def hf_name(peft_name: str) -> str:
 
 
 class FullWeights:
-    """All base weights train; a second copy holds the live weights (2× the model's memory,
-    plus AdamW's two moments for the candidate). The live weights keep the storage the base
+    """All base weights train; a second copy holds the weights in training (2× the model's
+    memory, plus AdamW's two moments for the candidate). The live weights keep the storage the base
     weights had, and the weights in training get the new copy: what reads the base tensors by
     address (the GPU decoder's CUDA graphs) serves the live weights across the switch into full
     fine-tuning and back without being rebuilt.
