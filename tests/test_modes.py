@@ -45,7 +45,9 @@ def test_full_mode_trains_all_weights_apart_from_the_served_ones(tmp_path, tiny_
     torch.testing.assert_close(logits(svc), cand, rtol=0, atol=0)
     svc.engine.train_round([fact(1)])
     svc.weights.publish()
+    assert svc.engine._optimizer is not None
     assert svc.weights.rollback(1) == 1
+    assert svc.engine._optimizer is None  # AdamW's moments belonged to the trajectory rolled back
     svc.weights._ring.clear()
     torch.testing.assert_close(logits(svc), cand, rtol=0, atol=0)  # bit-exact, from disk
     assert svc.weights.rollback(0) == 0

@@ -90,6 +90,7 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
                             idle_for=activity.idle_for, metrics_path=data_dir / "metrics.jsonl", batch_manager=batches,
                             weights=weights.ws)
     weights.on_mode_change.append(engine.set_weights)
+    weights.on_restore.append(engine.reset_optimizer)  # the moments of a trajectory rolled back
     restored = weights.restore_at_start()
     for problem in weights.problems:
         log.warning(problem)

@@ -73,6 +73,7 @@ class WeightUpdater:
         self.base_id = "original"  # which base weights LoRA adapters sit on
         self.mode_reason = "configured" if mode != "hybrid" else "hybrid: LoRA until the loss plateaus"
         self.on_mode_change: list = []
+        self.on_restore: list = []  # called after a rollback (or a restore) rewrote both weight sets
         self.rejections = 0
         self.rollbacks = 0
         self.last_decision: GateDecision | None = None
@@ -321,6 +322,8 @@ class WeightUpdater:
             if version and not any(v == version for v, _ in self._ring):
                 self._ring.append((version, tensors))
         self._write_pointer(version)
+        for callback in self.on_restore:
+            callback()
 
     def _base_params(self) -> dict[str, torch.nn.Parameter]:
         return {hf_name(n): p for n, p in self.model.named_parameters() if "lora_" not in n}
