@@ -52,6 +52,7 @@ def test_full_mode_trains_all_weights_apart_from_the_served_ones(tmp_path, tiny_
     torch.testing.assert_close(logits(svc), cand, rtol=0, atol=0)  # bit-exact, from disk
     assert svc.weights.rollback(0) == 0
     torch.testing.assert_close(logits(svc), live0, rtol=0, atol=0)
+    assert svc.weights.mode == "full"  # version 0 of full fine-tuning: the original weights, still trained whole
     svc.close()
 
 
@@ -259,8 +260,9 @@ def test_after_full_fine_tuning_a_lora_publish_never_writes_into_the_base(tmp_pa
 def test_a_rollback_to_damaged_full_weights_changes_nothing(tmp_path, tiny_model_dir, monkeypatch):
     import idletune.training.weights as W
 
-    svc = make(tmp_path, tiny_model_dir, **{"training.mode": "full"})
+    svc = make(tmp_path, tiny_model_dir, **{"training.mode": "hybrid"})
     fast = fast_path(svc)
+    svc.weights.switch_to_full("test")
     svc.engine.train_round([fact()])
     svc.weights.publish()  # v1: full weights
     svc.weights.rollback(0)  # LoRA on the original weights
@@ -281,4 +283,30 @@ def test_a_rollback_to_damaged_full_weights_changes_nothing(tmp_path, tiny_model
         svc.weights.rollback(1)
     assert svc.weights.version == 2 and svc.weights.mode == "lora"
     torch.testing.assert_close(check_served(svc, fast), v2, rtol=1e-4, atol=1e-4)
+    svc.close()
+
+
+def test_a_rollback_while_a_round_trains_is_not_undone_by_that_round(tmp_path, tiny_model_dir):
+    """A rollback (the API's thread) replaces the weights a round is training: that round must
+    not then publish them as a new version, and its examples stay pending."""
+    svc = make(tmp_path, tiny_model_dir)
+    svc.weights.gate.max_retention_loss_increase = 10.0
+    svc.queue.add(fact(0))
+    svc.scheduler.run_round(forced=True)
+    assert svc.weights.version == 1
+    svc.queue.add(fact(1))
+    pending = svc.queue.pending_count()
+    evaluate = svc.weights.evaluate
+
+    def rolled_back_meanwhile(*args, **kwargs):
+        svc.weights.rollback(0)
+        return evaluate(*args, **kwargs)
+    svc.weights.evaluate = rolled_back_meanwhile
+    svc.scheduler.run_round(forced=True)
+    assert svc.weights.version == 0 and not svc.scheduler.last_round["accepted"]
+    assert "rollback" in svc.scheduler.last_round["reason"]
+    assert svc.queue.pending_count() == pending
+    svc.weights.evaluate = evaluate
+    svc.scheduler.run_round(forced=True)  # and the next round trains and publishes as usual
+    assert svc.scheduler.last_round["accepted"] and svc.weights.version == 2
     svc.close()

@@ -218,6 +218,7 @@ class TrainingScheduler:
         replay_probes, gate_probes = probes[0::2], probes[1::2]
         self.state = "training"
         replay = self.batches.replay(self.queue, replay_probes)
+        trained_since = self.weights.restores  # a rollback from here on replaces what this round trains
         bs = self.batches.batch_size(self.activity.idle_for())
         deadline = time.monotonic() + (slice_ms or self.config.max_idle_time_ms) / 1000
         result = self.engine.train_round(examples, replay, batch_size=bs, deadline=deadline)
@@ -235,9 +236,20 @@ class TrainingScheduler:
         summary = {"examples": len(ids), "learned": len(result.learned_ids), "steps": result.steps,
                    "seconds": round(result.seconds, 2), "accepted": decision.accepted, "reason": decision.reason,
                    "time": time.time()}
+        version = None
         if decision.accepted:
             metrics = dict(self.engine.get_latest_metrics() or {}, examples=len(ids), learned=len(result.learned_ids))
-            summary["version"] = self.weights.publish(metrics)
+            version = self.weights.publish(metrics, trained_since=trained_since)
+        if decision.accepted and version is None:
+            # rolled back while this round trained or was judged: its weights are gone, and the
+            # examples stay pending for a round on the weights rolled back to
+            summary.update(accepted=False, reason="a rollback replaced the trained weights; nothing published")
+            self.last_training_time = time.time()
+            self.last_round = summary
+            log.info("training round: %s", summary)
+            return True
+        if decision.accepted:
+            summary["version"] = version
             self.engine.lr_scale = 1.0
             # Learned examples are done; the rest get another round, up to max_attempts. A round
             # cut short by its time slice is no attempt: a slow machine must not give up early.

@@ -71,9 +71,11 @@ class WeightUpdater:
         self._ring: deque[tuple[int, dict[str, torch.Tensor]]] = deque(maxlen=max(1, keep_in_memory))
         self._ring.append((0, self._zero))
         self.base_id = "original"  # which base weights LoRA adapters sit on
+        self.configured_mode = mode
         self.mode_reason = "configured" if mode != "hybrid" else "hybrid: LoRA until the loss plateaus"
         self.on_mode_change: list = []
         self.on_restore: list = []  # called after a rollback (or a restore) rewrote both weight sets
+        self.restores = 0  # rollbacks and restores so far: what a round trained from (``publish``)
         self.rejections = 0
         self.rollbacks = 0
         self.last_decision: GateDecision | None = None
@@ -190,11 +192,15 @@ class WeightUpdater:
         return value
 
     # ---- publish / discard / rollback ---------------------------------------------------------
-    def publish(self, metrics: dict | None = None) -> int:
+    def publish(self, metrics: dict | None = None, *, trained_since: int | None = None) -> int | None:
         """Make the trained weights live as a new version. The snapshot and the LIVE pointer
         reach the disk first, then the weights are swapped in: whatever a client was served is
-        what a restart serves."""
+        what a restart serves. ``trained_since``: the :attr:`restores` count when training
+        started; if a rollback came since, it replaced the trained weights, and nothing is
+        published (None)."""
         with self._history:
+            if trained_since is not None and trained_since != self.restores:
+                return None
             with self.lock:
                 tensors = self.ws.clone("candidate")
             version = self._next_version()
@@ -279,16 +285,18 @@ class WeightUpdater:
 
     def _restore(self, version: int) -> None:
         """Serve ``version``: its base (original, merged or full) and its adapter, in both sets."""
-        if version == 0:
-            kind, base, name = "lora", "original", None
+        if version == 0:  # the original weights: as full weights where full fine-tuning is configured
+            full = self.configured_mode == "full" and self.base_model_path is not None
+            kind, base, name = ("full" if full else "lora"), "original", None
         else:
             name = f"v{version:06d}"
             meta = self._meta(name)
             kind, base = meta.get("kind", "lora"), meta.get("base", "original")
         # Weights are read from disk first: requests on the GPU path wait while the live ones change.
         if kind == "full":
-            tensors = read_base_weights(self._verified(name), self._base_params())
-            _check_weights(tensors, self._base_params(), name)  # before anything changes
+            path = self._verified(name) if name else Path(self.base_model_path)
+            tensors = read_base_weights(path, self._base_params())
+            _check_weights(tensors, self._base_params(), name or "original")  # before anything changes
             with self.lock, self.live_change():
                 ws = self.ws if self.ws.kind == "full" else None
                 if ws is None:
@@ -300,9 +308,9 @@ class WeightUpdater:
                     ws = FullWeights(self.model, self.base_model_path)
                 ws.load(tensors)
                 self.version = version
-                self.base_id = name
+                self.base_id = name or "original"
                 if ws is not self.ws:
-                    self._set_ws(ws, f"restored full weights {name}")
+                    self._set_ws(ws, f"restored full weights {name or 'v000000 (the original weights)'}")
             self._ring.clear()
         else:
             tensors = next((t for v, t in self._ring if v == version and base == self.base_id), None)
@@ -322,6 +330,7 @@ class WeightUpdater:
             if version and not any(v == version for v, _ in self._ring):
                 self._ring.append((version, tensors))
         self._write_pointer(version)
+        self.restores += 1
         for callback in self.on_restore:
             callback()
 
