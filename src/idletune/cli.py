@@ -328,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", parents=[common], help="start the server (API and web page)")
     s.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
-    s.add_argument("--mode", choices=["lora", "full", "hybrid"], default=None)
+    s.add_argument("--mode", choices=["lora", "full", "hybrid"], default=None,
+                   help="what trains (training.mode): lora (the default), full fine-tuning, or hybrid "
+                        "(LoRA until its loss plateaus, then full); see docs/CONFIGURATION.md")
     s.add_argument("--api-key", default=os.environ.get("IDLETUNE_API_KEY") or None,
                    help="require this key as 'Authorization: Bearer KEY' on every request "
                         "(default: $IDLETUNE_API_KEY; prefer the variable: arguments are visible to other users)")
