@@ -240,15 +240,12 @@ class TrainingScheduler:
         if decision.accepted:
             metrics = dict(self.engine.get_latest_metrics() or {}, examples=len(ids), learned=len(result.learned_ids))
             version = self.weights.publish(metrics, trained_since=trained_since)
-        if decision.accepted and version is None:
+        rolled_back = decision.accepted and version is None
+        if rolled_back:
             # rolled back while this round trained or was judged: its weights are gone, and the
             # examples stay pending for a round on the weights rolled back to
             summary.update(accepted=False, reason="a rollback replaced the trained weights; nothing published")
-            self.last_training_time = time.time()
-            self.last_round = summary
-            log.info("training round: %s", summary)
-            return True
-        if decision.accepted:
+        elif decision.accepted:
             summary["version"] = version
             self.engine.lr_scale = 1.0
             # Learned examples are done; the rest get another round, up to max_attempts. A round
@@ -268,7 +265,8 @@ class TrainingScheduler:
             self.engine.lr_scale = max(0.125, self.engine.lr_scale / 2)
             summary["retrying"] = len(retry)
             self.rounds_rejected += 1
-        self._maybe_switch_mode(decision)
+        if not rolled_back:
+            self._maybe_switch_mode(decision)
         summary["mode"] = self.weights.mode
         self.last_training_time = time.time()
         self.last_round = summary

@@ -194,6 +194,7 @@ class TrainingEngine:
         self.queued_layers = int(queue or QUEUED_LAYERS)
         self.queued_layers_full_active = int(queue or QUEUED_LAYERS_FULL_ACTIVE)
         self._optimizer = None
+        self._steps_copies = False  # the optimizer steps master copies, not the trainable tensors
         self._modules: list | None = None  # every module of the model, listed at the first step
         # Set when the decoder layers are replayed as CUDA graphs (gpu/training.py): batches are
         # padded to bucketed lengths, each micro-batch is a new graph iteration, and gradient
@@ -492,14 +493,15 @@ class TrainingEngine:
                 groups.append({"params": no_decay, "weight_decay": 0.0})
             fused = self.device.type == "cuda"
             self._optimizer = torch.optim.AdamW(groups, lr=self.config.learning_rate, fused=fused or None)
+            self._steps_copies = any(t is not p for t, p in zip(params, self._trainable()))
         return self._optimizer
 
     def _zero_grad(self, opt) -> None:
         """Gradients back to zero: with CUDA graphs kept allocated (``_backward``), else None;
         the trainable tensors' and, where the optimizer steps master copies, those too."""
         opt.zero_grad(set_to_none=not self.graphs)
-        params = self._trainable()
-        if any(t is not p for t, p in zip(self.ws.optimized(), params)):
+        if self._steps_copies:
+            params = self._trainable()
             if self.graphs:
                 torch._foreach_zero_([p.grad for p in params if p.grad is not None])
             else:

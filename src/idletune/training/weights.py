@@ -294,9 +294,7 @@ class WeightUpdater:
             kind, base = meta.get("kind", "lora"), meta.get("base", "original")
         # Weights are read from disk first: requests on the GPU path wait while the live ones change.
         if kind == "full":
-            path = self._verified(name) if name else Path(self.base_model_path)
-            tensors = read_base_weights(path, self._base_params())
-            _check_weights(tensors, self._base_params(), name or "original")  # before anything changes
+            tensors = self._read_base(name or "original")
             with self.lock, self.live_change():
                 ws = self.ws if self.ws.kind == "full" else None
                 if ws is None:
@@ -317,8 +315,6 @@ class WeightUpdater:
             if tensors is None:
                 tensors = self._zero if version == 0 else LoraWeights(self.model).read(self._verified(name))
             base_weights = self._read_base(base) if base != self.base_id else None
-            if base_weights is not None:
-                _check_weights(base_weights, self._base_params(), base)
             with self.lock, self.live_change():
                 if self.ws.kind != "lora":
                     self.ws.close()
@@ -338,9 +334,19 @@ class WeightUpdater:
         return {hf_name(n): p for n, p in self.model.named_parameters() if "lora_" not in n}
 
     def _read_base(self, base: str) -> dict[str, torch.Tensor]:
-        """Base weights (the original model's, or a merged/full snapshot's), read from disk."""
+        """Base weights (the original model's, or a merged/full snapshot's), read from disk and
+        checked — shapes, finite values — before any weight is overwritten: a failure halfway
+        through a copy would leave a model that is neither version."""
         path = Path(self.base_model_path) if base == "original" else self._verified(base)
-        return read_base_weights(path, self._base_params())
+        params = self._base_params()
+        weights = read_base_weights(path, params)
+        for n, p in params.items():
+            t = weights[n]
+            if t.shape != p.shape:
+                raise ValueError(f"snapshot {base}: weight {n} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"snapshot {base}: weight {n} has non-finite values")
+        return weights
 
     def _put_base(self, base: str, weights: dict[str, torch.Tensor]) -> None:
         """Put base weights under the adapters (the caller holds the model lock)."""
@@ -437,17 +443,6 @@ class WeightUpdater:
                 "last_gate_decision": asdict(self.last_decision) if self.last_decision else None,
                 "last_rollback": self.last_rollback, "problems": self.problems,
                 "snapshots_on_disk": len(self.list_snapshots())}
-
-
-def _check_weights(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor], name: str) -> None:
-    """Shapes and finite values, checked before any weight is overwritten (a failure halfway
-    through a copy would leave a model that is neither version)."""
-    for n, p in params.items():
-        t = tensors[n]
-        if t.shape != p.shape:
-            raise ValueError(f"snapshot {name}: weight {n} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"snapshot {name}: weight {n} has non-finite values")
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -170,9 +170,6 @@ class FullWeights:
     @torch.no_grad()
     def after_step(self) -> None:
         """The stepped master copies rounded into the weights in training."""
-        self._sync_from_master()
-
-    def _sync_from_master(self) -> None:
         if self._master:
             cand = self._set("candidate")
             torch._foreach_copy_([cand[n] for n in self._master], list(self._master.values()))
