@@ -68,7 +68,8 @@ def test_full_weights_save_as_a_hf_folder(tmp_path, tiny_model_dir):
     svc.close()
 
 
-def test_hybrid_switches_on_plateau_keeps_the_function_and_goes_back(tmp_path, tiny_model_dir):
+def test_hybrid_switches_on_plateau_keeps_the_function_and_goes_back(tmp_path, tiny_model_dir, caplog):
+    caplog.set_level("INFO", logger="idletune.training")
     # plateau_min_delta=1: the loss can never improve by 100 %, so the plateau is forced
     svc = make(tmp_path, tiny_model_dir, **{"training.mode": "hybrid", "training.plateau_window": 3,
                                             "training.plateau_min_delta": 1.0})
@@ -80,6 +81,7 @@ def test_hybrid_switches_on_plateau_keeps_the_function_and_goes_back(tmp_path, t
     v1 = logits(svc)
     assert svc.weights.mode == "full" and "plateaued" in svc.weights.mode_reason
     assert svc.engine.mode == "full"
+    assert "training mode switched from lora to full at version 1: LoRA loss plateaued" in caplog.text
     torch.testing.assert_close(logits(svc), v1, rtol=1e-5, atol=1e-5)  # merged: the same function
     assert (svc.data_dir / "snapshots" / "base-v000001" / "model.safetensors").exists()
     # full fine-tuning rejected by the gate → back to LoRA on the merged weights
@@ -88,6 +90,7 @@ def test_hybrid_switches_on_plateau_keeps_the_function_and_goes_back(tmp_path, t
     sched.run_round(forced=True)
     assert not sched.last_round["accepted"]
     assert svc.weights.mode == "lora" and "rejected" in svc.weights.mode_reason
+    assert "training mode switched from full to lora at version 1: full fine-tuning rejected by the gate" in caplog.text
     torch.testing.assert_close(logits(svc), v1, rtol=1e-5, atol=1e-5)
     # LoRA on the merged base trains and publishes; a restart restores base + adapter
     svc.weights.gate.max_retention_loss_increase = 10.0
@@ -102,6 +105,7 @@ def test_hybrid_switches_on_plateau_keeps_the_function_and_goes_back(tmp_path, t
     # and back across the merge, to the plain LoRA version 1 on the original base
     again.weights.rollback(1)
     torch.testing.assert_close(logits(again), v1, rtol=1e-5, atol=1e-5)
+    assert "rolled back from version 2 to version 1 (requested)\n" in caplog.text
     again.weights.rollback(0)
     assert again.weights.base_id == "original"
     again.close()
@@ -257,15 +261,18 @@ def test_after_full_fine_tuning_a_lora_publish_never_writes_into_the_base(tmp_pa
     svc.close()
 
 
-def test_a_rollback_to_damaged_full_weights_changes_nothing(tmp_path, tiny_model_dir, monkeypatch):
+def test_a_rollback_to_damaged_full_weights_changes_nothing(tmp_path, tiny_model_dir, monkeypatch, caplog):
     import idletune.training.weights as W
 
+    caplog.set_level("INFO", logger="idletune.training")
     svc = make(tmp_path, tiny_model_dir, **{"training.mode": "hybrid"})
     fast = fast_path(svc)
     svc.weights.switch_to_full("test")
     svc.engine.train_round([fact()])
     svc.weights.publish()  # v1: full weights
     svc.weights.rollback(0)  # LoRA on the original weights
+    assert ("rolled back from version 1 to version 0 (requested); training mode switched from full to lora"
+            in caplog.text)
     svc.engine.reset_optimizer()
     svc.engine.train_round([fact(1)])
     svc.weights.publish()  # v2: LoRA

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -28,6 +29,8 @@ from ..config import GateConfig
 from . import adapters
 from .adapters import LIVE, TRAIN
 from .weightsets import FullWeights, LoraWeights, hf_name, merge_live_adapter, read_base_weights
+
+log = logging.getLogger("idletune.training")
 
 
 @dataclass
@@ -241,6 +244,7 @@ class WeightUpdater:
             self._write_snapshot(base_name, merged, {"version": self.version, "kind": "full", "base": base_name,
                                                      "created_at": time.time(), "merged_lora": True}, full)
             self._ring.clear()
+        log.info("training mode switched from lora to full at version %d: %s", self.version, reason)
 
     def switch_to_lora(self, reason: str) -> None:
         """Leave full fine-tuning: the live weights become the frozen base for LoRA."""
@@ -254,6 +258,7 @@ class WeightUpdater:
                 self.base_id = live  # full fine-tuning was published: its weights are the new base
             self._set_ws(lora, reason)
         self._ring.clear()
+        log.info("training mode switched from full to lora at version %d: %s", self.version, reason)
 
     def rollback(self, version: int | None = None, reason: str = "requested") -> int:
         """Restore an earlier accepted version exactly (default: the one before the live one)."""
@@ -266,10 +271,12 @@ class WeightUpdater:
         if version not in versions:
             raise ValueError(f"no snapshot v{version:06d}; known versions: {', '.join(map(str, versions))}")
         with self._history:
-            previous = self.version
+            previous, previous_mode = self.version, self.mode
             self._restore(version)
         self.rollbacks += 1
         self.last_rollback = {"from": previous, "to": version, "reason": reason, "time": time.time()}
+        switched = f"; training mode switched from {previous_mode} to {self.mode}" if self.mode != previous_mode else ""
+        log.info("rolled back from version %d to version %d (%s)%s", previous, version, reason, switched)
         return version
 
     def _meta(self, name: str) -> dict:
