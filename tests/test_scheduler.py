@@ -12,13 +12,17 @@ def pair(i):
                                  {"role": "assistant", "content": f"Robot {i} is called Unit-{i}."}])
 
 
-@pytest.fixture
-def svc(tmp_path, tiny_model_dir):
+def make(tmp_path, tiny_model_dir):
     cfg = Config.load(None, {"training.max_steps": 5, "gate.num_retention_probes": 4,
                              "training.target_loss": 50.0,  # a random tiny model: one step counts as learned
                              "scheduler.min_idle_time_ms": 200, "scheduler.check_interval_ms": 50,
                              "scheduler.max_cpu_usage": 100.0})  # tests may run beside other load
-    s = build_service(tmp_path / "data", model=tiny_model_dir, config=cfg)
+    return build_service(tmp_path / "data", model=tiny_model_dir, config=cfg)
+
+
+@pytest.fixture
+def svc(tmp_path, tiny_model_dir):
+    s = make(tmp_path, tiny_model_dir)
     yield s
     s.close()
 
@@ -61,6 +65,42 @@ def test_pause_resume_and_force(svc):
     assert svc.weights.version == 1
     summary = svc.scheduler.force_training(wait=True, timeout=60)
     assert summary["accepted"] and svc.weights.version == 2
+
+
+def test_a_pause_outlasts_a_restart_until_resumed(tmp_path, tiny_model_dir, caplog):
+    """A user who paused to stay on a version finds it still paused after a restart."""
+    svc = make(tmp_path, tiny_model_dir)
+    svc.scheduler.pause()
+    svc.close()
+    caplog.set_level("INFO", logger="idletune")
+    svc = make(tmp_path, tiny_model_dir)
+    try:
+        st = svc.scheduler.get_stats()
+        assert st["paused"] is True and st["state"] == "paused" and not st["is_scheduled"]
+        assert "background training stays paused" in caplog.text
+        svc.queue.add(pair(8))
+        time.sleep(1.0)
+        assert svc.weights.version == 0
+        svc.scheduler.resume()
+        assert wait_for(lambda: svc.weights.version == 1)
+    finally:
+        svc.close()
+    svc = make(tmp_path, tiny_model_dir)  # resumed: so it stays
+    try:
+        assert svc.scheduler.get_stats()["paused"] is False and svc.scheduler.state == "idle"
+    finally:
+        svc.close()
+
+
+def test_a_pause_that_cannot_be_recorded_still_pauses_and_says_so(tmp_path, caplog):
+    from idletune.activity import ActivityTracker
+    from idletune.scheduler import TrainingScheduler
+
+    s = TrainingScheduler(None, None, None, None, activity=ActivityTracker(),
+                          paused_file=tmp_path / "missing" / "PAUSED")
+    s.pause()
+    assert s.get_stats()["paused"] is True
+    assert "could not write" in caplog.text and "after a restart background training will be running" in caplog.text
 
 
 def test_no_training_while_requests_are_in_flight(svc):

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 from .activity import ActivityTracker
@@ -27,7 +28,8 @@ log = logging.getLogger("idletune.scheduler")
 class TrainingScheduler:
     def __init__(self, queue, engine, weights, batches, *, activity: ActivityTracker,
                  config: SchedulerConfig | None = None, probes: Callable[[], list] = list,
-                 heldout_examples: int = 32, max_attempts: int = 3, training_mode: str = "lora"):
+                 heldout_examples: int = 32, max_attempts: int = 3, training_mode: str = "lora",
+                 paused_file: str | Path | None = None):
         self.queue, self.engine, self.weights, self.batches = queue, engine, weights, batches
         self.activity = activity
         self.config = config or SchedulerConfig()
@@ -43,7 +45,9 @@ class TrainingScheduler:
         self.last_training_time: float | None = None
         self.last_round: dict | None = None
         self.last_error: str | None = None
-        self._paused = False
+        # A pause outlasts a restart: recorded by this file's presence (``pause``/``resume``).
+        self.paused_file = Path(paused_file) if paused_file is not None else None
+        self._paused = bool(self.paused_file and self.paused_file.exists())
         self._force = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -69,16 +73,37 @@ class TrainingScheduler:
             self._thread.join(timeout)
         self.state = "stopped"
 
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     def pause(self) -> None:
-        """Stop background training: no new round starts (one in progress finishes)."""
+        """Stop background training: no new round starts (one in progress finishes). The pause
+        is kept in ``paused_file``, so it holds after a restart until :meth:`resume`."""
         self._paused = True
         self.state = "paused"
+        self._record_pause()
 
     def resume(self) -> None:
         self._paused = False
         if self.state == "paused":
             self.state = "idle"
+        self._record_pause()
         self._wake.set()
+
+    def _record_pause(self) -> None:
+        if self.paused_file is None:
+            return
+        try:
+            if self._paused:
+                self.paused_file.write_text(f"background training paused at {time.strftime('%Y-%m-%d %H:%M:%S')}\n",
+                                            encoding="utf-8")
+            else:
+                self.paused_file.unlink(missing_ok=True)
+        except OSError as e:  # the pause itself holds; only a restart would not know of it
+            log.warning("could not %s %s (%s): after a restart background training will be %s",
+                        "write" if self._paused else "remove", self.paused_file, e,
+                        "running" if self._paused else "paused")
 
     def force_training(self, wait: bool = False, timeout: float = 600.0) -> dict:
         """Train on what is pending now, even if background training is off or paused.

@@ -103,9 +103,12 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     _compile_training(config, engine, fast_path=svc.inference.fast is not None)
     svc.scheduler = TrainingScheduler(queue, engine, weights, batches, activity=activity, config=config.scheduler,
                                       probes=svc.probes, heldout_examples=config.gate.heldout_examples,
-                                      training_mode=config.training.mode)
+                                      training_mode=config.training.mode, paused_file=data_dir / "PAUSED")
     if restored:
         log.info("serving weights version %d", restored)
+    if svc.scheduler.paused:
+        log.info("background training stays paused, as it was left (%s): "
+                 "POST /api/training/resume or the web page's Resume starts it again", data_dir / "PAUSED")
     if start_scheduler:
         svc.scheduler.start()
     return svc
