@@ -53,6 +53,22 @@ def test_status_import_snapshots_export(tmp_path, tiny_model_dir):
     assert r.returncode == 0 and "now v0" in r.stdout
 
 
+def test_snapshots_list_rounds_the_loss(tmp_path, capsys):
+    import json
+
+    from idletune.cli import main
+
+    for version, metrics in ((1, {"loss": 2.3456789012}), (2, {})):
+        d = tmp_path / "snapshots" / f"v{version:06d}"
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text(json.dumps({"version": version, "created_at": 1.7e9, "metrics": metrics}))
+    (tmp_path / "snapshots" / "LIVE").write_text("2\n")
+    assert main(["snapshots", "list", "--data-dir", str(tmp_path), "--url", "http://127.0.0.1:9"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("  v000001  ") and lines[0].endswith("  loss=2.3457")
+    assert lines[1].startswith("* v000002  ") and lines[1].endswith("  loss=?")
+
+
 def test_bad_config_is_a_clear_error(tmp_path, tiny_model_dir):
     r = idletune("serve", "--model", tiny_model_dir, "--data-dir", tmp_path, "--set", "training.learning_rate=0.5")
     assert r.returncode == 2

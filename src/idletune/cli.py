@@ -288,6 +288,7 @@ def cmd_snapshots(args) -> int:
     for r in rows:
         when = datetime.datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M:%S") if r.get("created_at") else "?"
         loss = (r.get("metrics") or {}).get("loss", r.get("loss"))
+        loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "?"
         print(f"{'*' if r.get('live') else ' '} {r['id']}  {when}  loss={loss}")
     return 0
 
