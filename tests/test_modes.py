@@ -68,6 +68,25 @@ def test_full_weights_save_as_a_hf_folder(tmp_path, tiny_model_dir):
     svc.close()
 
 
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_snapshot_weights_get_the_mode_of_the_other_files(tmp_path, tiny_model_dir, mode):
+    """safetensors writes through a temporary file of mode 0600: the weights must still get
+    0666 less the umask, like meta.json beside them."""
+    import os
+    import stat
+
+    umask = os.umask(0o027)
+    try:
+        svc = make(tmp_path, tiny_model_dir, **{"training.mode": mode})
+        svc.weights.publish()
+        snap = svc.data_dir / "snapshots" / "v000001"
+        weights = snap / ("model.safetensors" if mode == "full" else "adapter_model.safetensors")
+        assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE((snap / "meta.json").stat().st_mode) == 0o640
+        svc.close()
+    finally:
+        os.umask(umask)
+
+
 def test_hybrid_switches_on_plateau_keeps_the_function_and_goes_back(tmp_path, tiny_model_dir, caplog):
     caplog.set_level("INFO", logger="idletune.training")
     # plateau_min_delta=1: the loss can never improve by 100 %, so the plateau is forced

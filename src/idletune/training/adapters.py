@@ -145,18 +145,12 @@ def write_adapter(tensors: dict[str, torch.Tensor], peft_config, path, base_mode
     weights renamed into place. Returns the sha256 of adapter_model.safetensors."""
     import copy
     import hashlib
-    import os
     from pathlib import Path
-
-    from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    tmp = path / "adapter_model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata={"format": "pt"})
-    _fsync(tmp)
-    os.replace(tmp, path / "adapter_model.safetensors")
+    write_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                      path / "adapter_model.safetensors")
     cfg = copy.deepcopy(peft_config)
     if base_model_path:
         cfg.base_model_name_or_path = str(base_model_path)
@@ -185,6 +179,27 @@ def read_adapter(model, name: str, path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: tensor {k} does not belong to this model's adapter")
         out[key] = v
     return out
+
+
+def write_safetensors(sd: dict[str, torch.Tensor], path) -> None:
+    """Write ``sd`` to ``path``: a temporary file, fsynced, renamed into place. The file gets
+    the mode any other file gets (0666 less the umask), not the 0600 of the temporary file
+    safetensors writes through."""
+    import os
+    import stat
+
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)  # left by a crash: its mode is not the one a new file gets
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o666)  # created as open(..., "w") would: the umask applies
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    os.close(fd)
+    save_file(sd, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, mode)
+    _fsync(tmp)
+    os.replace(tmp, path)
 
 
 def _fsync(path) -> None:

@@ -15,7 +15,6 @@ Both offer the same small interface, used by the engine (``use``, ``trainable``,
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -229,14 +228,9 @@ class FullWeights:
 
     def write(self, tensors: dict[str, torch.Tensor], path: Path) -> str:
         """A Hugging Face model folder: model.safetensors + config (+ tokenizer) from the base."""
-        from safetensors.torch import save_file
-
         path.mkdir(parents=True, exist_ok=True)
-        sd = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
-        tmp = path / "model.safetensors.tmp"
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-        adapters._fsync(tmp)
-        os.replace(tmp, path / "model.safetensors")
+        adapters.write_safetensors({n: t.detach().to("cpu").contiguous() for n, t in tensors.items()},
+                                   path / "model.safetensors")
         if self.base_model_path:
             for f in Path(self.base_model_path).iterdir():
                 if f.is_file() and (f.suffix in (".json", ".jinja", ".txt", ".model")) and "index" not in f.name:
