@@ -106,3 +106,30 @@ def test_feedback_status_force_pause_resume(server):
 def test_unknown_endpoint_is_a_clear_404(server):
     r = httpx.get(f"{server.url}/v1/nothing")
     assert r.status_code == 404 and "no such endpoint" in r.json()["error"]["message"]
+
+
+def test_chat_counts_as_in_flight_from_its_first_byte(tmp_path, tiny_model_dir):
+    """Training yields to a chat from when its request arrives, not from when generation starts:
+    the queue's room is checked (in a worker thread, before generating) with the request in flight."""
+    from fastapi.testclient import TestClient
+
+    from idletune.config import Config
+    from idletune.server import create_app
+    from idletune.service import build_service
+
+    cfg = Config.load(None, {"scheduler.enable_background_training": False})
+    svc = build_service(tmp_path / "data", model=tiny_model_dir, config=cfg)
+    seen = []
+    size = svc.queue.size
+    svc.queue.size = lambda: (seen.append(svc.activity.should_yield()), size())[1]
+    try:
+        with TestClient(create_app(svc), base_url="http://127.0.0.1") as client:
+            for stream in (False, True):
+                r = client.post("/v1/chat/completions", json={"model": svc.model_name, "max_tokens": 3, "stream": stream,
+                                                            "messages": [{"role": "user", "content": "Hi"}]})
+                assert r.status_code == 200, r.text
+                assert svc.activity.in_flight == 0  # and no longer once answered
+            assert client.get("/api/status").status_code == 200
+        assert seen[:2] == [True, True], seen  # both chats; /api/status may read the size unmarked
+    finally:
+        svc.close()

@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 
 from . import auth, errors, limits
+from .activity import MarkChatInFlight
 from .routes_api import make_api_router
 from .routes_chat import make_chat_router
 from .routes_import import make_import_router
@@ -20,6 +21,7 @@ def create_app(svc) -> FastAPI:
     app.state.svc = svc
     errors.install(app)
     limits.install(app, svc.config.server)  # body size (declared or chunked), queue full → 507
+    app.add_middleware(MarkChatInFlight, activity=svc.activity)  # training yields from a chat's first byte
     auth.install(app, svc.config.server)  # added last, so it runs first: Origin check, Bearer key, CORS
 
     app.include_router(make_chat_router(svc))

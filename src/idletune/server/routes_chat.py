@@ -36,7 +36,12 @@ def make_chat_router(svc) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         messages, params = _prepare(req, server_cfg)
-        await run_in_threadpool(check_queue_room, svc.queue)  # 507 before generating, not after
+
+        def admit() -> int:  # one trip to a worker thread: each costs a hand-over of the interpreter lock
+            check_queue_room(svc.queue)  # 507 before generating, not after
+            return svc.inference.count_prompt_tokens(messages) if req.stream else 0  # 400 before a stream
+
+        n_prompt = await run_in_threadpool(admit)
         gen_id = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -64,7 +69,6 @@ def make_chat_router(svc) -> APIRouter:
             return JSONResponse(body, headers={"X-Idletune-Weights-Version": str(c.version)})
 
         # Streaming: generation runs in a worker thread and hands text to the event loop.
-        n_prompt = await run_in_threadpool(svc.inference.count_prompt_tokens, messages)
         if n_prompt > svc.inference.max_prompt_tokens:
             raise APIError(400, f"the prompt is {n_prompt} tokens; the limit is {svc.inference.max_prompt_tokens}",
                            param="messages", code="context_length_exceeded")
