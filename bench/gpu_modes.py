@@ -14,8 +14,14 @@ given: ``auto`` = graphed layers on a GPU):
 - **Training.** Full fine-tuning steps of 8 × 512 tokens as the service runs them (graphed
   layers by default), ms a step and the losses; with ``--compare-eager`` the same steps from the
   same weights in a second service with ``training.compile = off``: both learn alike.
+- **The usual way** (``--compare-plain``): a plain full fine-tuning loop on the same shape, batch
+  and lengths, as one writes it without idletune: the Hugging Face forward with its full-vocabulary
+  loss, ``backward``, clipping and ``torch.optim.AdamW``; once with bf16 weights stepped in bf16
+  ("plain bf16": the least memory, but updates below half a weight's spacing are lost) and once
+  with float32 weights under bf16 autocast (the Trainer's ``bf16=True`` recipe, "plain amp",
+  which keeps every update, as idletune's float32 master copies do).
 
-Usage: python bench/gpu_modes.py [OUT.json] [--shape qwen2.5-0.5b] [--steps 10] [--compare-eager]
+Usage: python bench/gpu_modes.py [OUT.json] [--shape qwen2.5-0.5b] [--steps 10] [--compare-eager] [--compare-plain]
 """
 import argparse
 import tempfile
@@ -80,6 +86,44 @@ def train(svc, examples, steps: int) -> dict:
             "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
 
 
+def plain_full(name: str, steps: int, amp: bool) -> dict:
+    """The usual full fine-tuning loop, 8 × 512 tokens a step (see the module's docstring)."""
+    from gpu_training import BS, SEQ
+
+    m = C.build(name, dtype=torch.float32 if amp else torch.bfloat16)
+    n = sum(p.numel() for p in m.parameters())
+    params = list(m.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    m.train()
+    x = torch.randint(0, 1000, (BS, SEQ), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated()
+    losses = []
+    for i in range(steps + 3):
+        if i == 3:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+        losses.append(step().detach())
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / steps
+    r = {"ms_per_step": round(1e3 * dt, 2), "tok_s": round(BS * SEQ / dt), "mfu_6N": round(6 * n * BS * SEQ / dt / C.PEAK_BF16, 4),
+         "weights_gb": round(base_mem / 1e9, 2), "peak_extra_gb": round((torch.cuda.max_memory_allocated() - base_mem) / 1e9, 2),
+         "losses": [round(float(v), 4) for v in losses[3:8]]}
+    del m, opt, params, step
+    torch.cuda.empty_cache()
+    return r
+
+
 def live_change_ms(svc) -> float:
     return round(1e3 * svc.inference.fast.refresh_seconds[-1], 2)
 
@@ -91,6 +135,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--training-compile", default="auto")
     ap.add_argument("--compare-eager", action="store_true")
+    ap.add_argument("--compare-plain", action="store_true", help="the usual full fine-tuning loop, bf16 and amp")
     a = ap.parse_args()
     res = C.header()
     base = {"training.compile": a.training_compile, "training.target_loss": 0.0, "training.target_loss_text": 0.0}
@@ -158,6 +203,10 @@ def main():
         hy["served"]["rolled_back_to_lora_v1"] = served_check(svc, prompt)
         res["hybrid"] = hy
         svc.close()
+        del svc
+    torch.cuda.empty_cache()
+    if a.compare_plain:
+        res["plain_full"] = {"bf16": plain_full(a.shape, a.steps, amp=False), "amp": plain_full(a.shape, a.steps, amp=True)}
 
     print(f"the GPU path in full and hybrid mode, {a.shape} ({res['device']})")
     rows = [[f"{k}/{stage}", c["mode"], c["version"], c["vs_live"], c["vs_candidate"], c["argmax_as_live"]]
@@ -167,6 +216,12 @@ def main():
     C.table([[("full", "hybrid→full", "full, eager")[i], t["graphs"], t["ms_per_step"], t["warm_up_round_ms"],
               t["peak_gb"], " ".join(map(str, t["losses"][-a.steps:][:5]))] for i, t in enumerate(tr)],
             ["training", "graphs", "ms/step", "warm-up round ms", "peak GB", "losses (first 5 timed)"])
+    if "plain_full" in res:
+        ours = res["full"]["training"]["ms_per_step"]
+        C.table([[k, t["ms_per_step"], round(t["ms_per_step"] / ours, 2), t["mfu_6N"], t["weights_gb"], t["peak_extra_gb"],
+                  " ".join(map(str, t["losses"]))] for k, t in res["plain_full"].items()],
+                ["plain full loop", "ms/step", "idletune full (graphed) speed-up", "MFU (6N)", "weights GB",
+                 "peak extra GB", "losses"])
     print("full publish:", res["full"]["publish"], "; hybrid switch to full:", res["hybrid"]["switch_to_full"],
           "; back to LoRA:", res["hybrid"]["switch_to_lora"])
     C.write(res, "gpu_modes.json")
