@@ -100,19 +100,13 @@ def shipped_compile(pm, variant: str, per_unit: int = 1, recompute_cheap: bool =
 
 
 def parse_variant(v: str) -> tuple[str, int, int, bool, list[str]]:
-    """"mb1024+u8+sg" → ("mb1024", 1024 tokens a micro-batch (0: the automatic size, at most
-    ``AUTO_MICRO_BATCH_TOKENS`` on a GPU), 8 layers a unit (as the service compiles for that
-    micro-batch unless ``+u<K>`` says), cheap activations recomputed (as the service does on a
-    GPU, unless ``+norc``), ["u8", "sg"]). Before the thirteenth session the automatic size
-    filled half the free memory, one layer a unit, every activation kept: "mb16384+norc" on an
-    80 GB card."""
-    from idletune.training.engine import AUTO_MICRO_BATCH_TOKENS
-
+    """"mb1024+u8+sg" → ("mb1024", 1024 tokens a micro-batch (0: unsplit), 8 layers a unit (as
+    the service compiles for that micro-batch unless ``+u<K>`` says), cheap activations
+    recomputed (as the service does where micro-batches are set, unless ``+norc``), ["u8", "sg"])."""
     base, *flags = v.split("+")
     tokens = int(base[2:]) if base.startswith("mb") else 0
     units = [int(f[1:]) for f in flags if f.startswith("u")]
-    per_unit = units[0] if units else layers_per_unit(tokens or AUTO_MICRO_BATCH_TOKENS)
-    return base, tokens, per_unit, "norc" not in flags, flags
+    return base, tokens, units[0] if units else layers_per_unit(tokens), tokens > 0 and "norc" not in flags, flags
 
 
 def make_engine(pm, tok, *, checkpointing=False, steps=20):

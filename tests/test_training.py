@@ -584,10 +584,9 @@ def test_new_graph_shapes_wait_for_the_user_to_be_away(svc, monkeypatch):
 
 
 def test_gpu_micro_batches_are_sized_to_the_free_memory():
-    """training.micro_batch_tokens = 0 on a GPU: 2048 tokens, or as many as half the free memory
-    holds where that is fewer (a power of two, at least 512), so a 32-example batch after long
-    idle cannot run the card out of memory; the estimate per token matches what runs AQ–AT
-    measured (8 × 512 tokens)."""
+    """training.micro_batch_tokens = 0 on a GPU: as many tokens as half the free memory holds
+    (a power of two within 512–16384), so a 32-example batch after long idle cannot run the card
+    out of memory; the estimate per token matches what runs AQ–AT measured (8 × 512 tokens)."""
     from types import SimpleNamespace
 
     from transformers import LlamaConfig, Qwen2Config
@@ -599,23 +598,20 @@ def test_gpu_micro_batches_are_sized_to_the_free_memory():
                                           num_attention_heads=8, num_key_value_heads=2))
 
     q15 = shape(1536, 8960, 28)
-    assert gpu_micro_batch_tokens(q15, 80e9) == 2048  # an H100 with the model loaded: the most it takes
-    assert gpu_micro_batch_tokens(q15, 6e9) == 1024  # a card with 6 GB free: less
+    assert gpu_micro_batch_tokens(q15, 80e9) == 16384  # an H100 with the model loaded: unchanged
+    assert gpu_micro_batch_tokens(q15, 18e9) == 4096  # a 24 GB card: a 32 × 512 batch in 4 parts
     assert gpu_micro_batch_tokens(q15, 1e9) == 512  # never below
-    big = dict(most=16384)  # the estimate, where more is allowed
-    assert gpu_micro_batch_tokens(q15, 80e9, **big) == 16384
-    assert gpu_micro_batch_tokens(q15, 18e9, **big) == 4096  # a 24 GB card: a 32 × 512 batch in 4 parts
-    assert gpu_micro_batch_tokens(q15, 18e9, checkpointing=True, **big) == 16384  # layer inputs only
-    assert gpu_micro_batch_tokens(q15, 18e9, compiled=False, **big) == 2048  # eager layers keep more
-    assert gpu_micro_batch_tokens(q15, 18e9, head_logits=True, **big) == 2048  # a training output layer's logits
+    assert gpu_micro_batch_tokens(q15, 18e9, checkpointing=True) == 16384  # layer inputs only
+    assert gpu_micro_batch_tokens(q15, 18e9, compiled=False) == 2048  # eager layers keep more
+    assert gpu_micro_batch_tokens(q15, 18e9, head_logits=True) == 2048  # a training output layer's logits
     # measured peak from start of a graphed 8 × 512 step (MB) vs the estimate for 4096 tokens
     measured = {(896, 4864, 24): 4045, (1536, 8960, 28): 7864, (4096, 14336, 32): 18600}
     for (h, i, n), mb in measured.items():
         per_token = 2 * n * (6 * h + 3 * i)
         assert abs(4096 * per_token / 2**20 - mb) / mb < 0.1
         m = shape(h, i, n, LlamaConfig)
-        assert gpu_micro_batch_tokens(m, 2 * 4096 * per_token, **big) == 4096  # the step fits in half the free memory
-        assert gpu_micro_batch_tokens(m, 2 * 4096 * per_token - 1, **big) == 2048  # it does not: rounded down
+        assert gpu_micro_batch_tokens(m, 2 * 4096 * per_token) == 4096  # the step fits in half the free memory
+        assert gpu_micro_batch_tokens(m, 2 * 4096 * per_token - 1) == 2048  # it does not: rounded down
 
 
 def test_the_automatic_micro_batch_is_set_once_at_the_first_step(svc, monkeypatch):
@@ -628,7 +624,7 @@ def test_the_automatic_micro_batch_is_set_once_at_the_first_step(svc, monkeypatc
     eng = svc.engine
     cfg = eng.model.get_base_model().config
     per_token = 2 * cfg.num_hidden_layers * (6 * cfg.hidden_size + 3 * cfg.intermediate_size)
-    free = 2 * 2048 * per_token  # 2048 tokens fit exactly, before the state to come is counted
+    free = 2 * 4096 * per_token  # 4096 tokens fit exactly, before the state to come is counted
     calls = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: calls.append(1) or (free - 1000, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3000)
@@ -638,8 +634,8 @@ def test_the_automatic_micro_batch_is_set_once_at_the_first_step(svc, monkeypatc
     batch = [encode(fact(i), eng.tokenizer, 128) for i in range(3)]
     eng._micro_batches(batch)
     eng._micro_batches(batch)
-    assert gpu_micro_batch_tokens(eng.model, free) == 2048
-    assert eng.micro_batch_tokens == 1024 and len(calls) == 1
+    assert gpu_micro_batch_tokens(eng.model, free) == 4096
+    assert eng.micro_batch_tokens == 2048 and len(calls) == 1
     # a switch of weight set (hybrid mode) trains other tensors: sized and recorded again
     monkeypatch.setattr(eng, "device", torch.device("cuda"))
     monkeypatch.setattr(eng, "_recorded", {(2, 64)})
@@ -651,7 +647,7 @@ def test_the_automatic_micro_batch_is_set_once_at_the_first_step(svc, monkeypatc
         raise RuntimeError("not supported")
     monkeypatch.setattr(torch.cuda, "mem_get_info", unknown)
     eng._micro_batches(batch)
-    assert eng.micro_batch_tokens == 2048
+    assert eng.micro_batch_tokens == 4096
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own, compiling
@@ -754,11 +750,9 @@ def test_layers_compiled_in_units_train_the_same_weights_with_a_boundary_per_uni
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's, compiling
 def test_the_automatic_micro_batch_size_regroups_compiled_layers_into_units_before_the_first_pass(
         tmp_path, default_model_dir, caplog):
-    """Layers compiled for one size are regrouped at the first step, once the engine has taken
-    its automatic size (on a GPU the service compiles units for the most it takes, 2048 tokens;
-    a card with little free memory takes less): a smaller size regroups the layers into units
-    as a size set would (2048 tokens from layers compiled one by one here: units of 4 and 1
-    layers), a size with the same units leaves them as they are.
+    """With the automatic size (a GPU's default) the service compiles layer by layer; at the first
+    step, once the engine has taken its size, a small size regroups the layers into units as a
+    size set would (2048 tokens: units of 4 and 1 layers), a large one leaves them one by one.
     The same weights are learned as eagerly. A later re-sizing (after a switch of weight set)
     keeps the units: a compiled pass has run by then. (The size from the free GPU memory is a
     stand-in here.)"""
@@ -886,12 +880,8 @@ def test_service_marks_the_engine_for_graphed_layers(tmp_path, tiny_model_dir, m
     """Where training.compile asks for graphs, the layers are compiled with graphs *and* the
     engine runs in graph mode (padding, iteration marks, its own gradient accumulation): graphs
     without graph mode lost gradient contributions on a GPU (docs/BENCHMARKS.md, runs K, L).
-    With micro_batch_tokens set (bounded memory), and with the automatic size on a GPU (at most
-    2048 tokens), the layers are compiled in units and keep fewer activations; with the automatic
-    size on a CPU (compiled only where asked), one layer a unit and the partitioner's default."""
-    from types import SimpleNamespace
-
-    from idletune.service import _compile_training
+    With micro_batch_tokens set (bounded memory) the layers are compiled in units and keep fewer
+    activations; with the automatic size, one layer a unit and the partitioner's default."""
     import idletune.gpu.training as G
 
     calls = []
@@ -903,9 +893,6 @@ def test_service_marks_the_engine_for_graphed_layers(tmp_path, tiny_model_dir, m
         s = build_service(tmp_path / f"data{tokens}", model=tiny_model_dir, config=cfg, start_scheduler=False)
         try:
             assert calls.pop() == expected and s.engine.graphs
-            gpu = SimpleNamespace(model=s.engine.model, device=torch.device("cuda"), graphs=False)
-            _compile_training(cfg, gpu, fast_path=True)  # the same settings on a GPU
-            assert calls.pop() == (True, 4, True) and gpu.graphs
         finally:
             s.close()
 

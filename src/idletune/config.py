@@ -69,13 +69,12 @@ class TrainingConfig:
     gradient_accumulation_steps: int = 1
     micro_batch_tokens: int = 0
     """Most padded tokens in one forward/backward; a larger batch is split into micro-batches
-    whose gradients add up to the same step (bounds memory). 0: 512 on a CPU; on a GPU 2048, or
-    what half the memory free at the first step holds where that is less (a power of two, at
-    least 512). The compiled layers (``compile``; by default only on a GPU) keep fewer
-    activations, and at 4096 tokens or fewer (and ``max_seq_len`` no longer) run in units of
-    several layers (gpu/training.py: ``RECOMPUTE_CHEAP``, ``layers_per_unit``). Larger sizes
-    train faster in more memory, held for the process's life with CUDA-graphed layers
-    (docs/CONFIGURATION.md)."""
+    whose gradients add up to the same step (bounds memory). 0: 512 on a CPU; on a GPU sized at
+    the first step to half the free memory (a power of two, 512–16384). Set, the compiled
+    layers (``compile``; by default only on a GPU) keep fewer activations, and at 4096 tokens
+    or fewer (and ``max_seq_len`` no longer) run in units of several layers (gpu/training.py:
+    ``RECOMPUTE_CHEAP``, ``layers_per_unit``); an automatic size that small gets the units
+    too, from the first step, but keeps every activation."""
     max_grad_norm: float = 1.0
     weight_decay: float = 0.01
     warmup_steps: int = 3

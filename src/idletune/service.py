@@ -116,20 +116,17 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
 
 def _compile_training(config: Config, engine, fast_path: bool) -> None:
     from .gpu.training import compile_layers, layers_per_unit, wanted
-    from .training.engine import AUTO_MICRO_BATCH_TOKENS
 
     how = wanted(config.training.compile, engine.model, fast_path=fast_path)
     if how:
-        # Bounded memory: parts of at most micro_batch_tokens, kept fast in units of layers, and
-        # fewer activations kept (recomputed in the backward pass). One example alone makes a
-        # part as long as max_seq_len, so units are sized for that too. Automatic (0) on a GPU:
-        # units for the most it takes, regrouped at the first step where it takes less
-        # (TrainingEngine._regroup_units). Automatic on a CPU (compiled only where asked): layer
-        # by layer, every activation kept.
+        # micro_batch_tokens set: the user asks for bounded memory — small parts, kept fast in
+        # units of layers, and fewer activations kept (recomputed in the backward pass). One
+        # example alone makes a part as long as max_seq_len, so units are sized for that too.
+        # Automatic (0): layer by layer here, regrouped into units at the first step once the
+        # engine has taken its size (TrainingEngine._regroup_units); all activations kept.
         tc = config.training
-        tokens = tc.micro_batch_tokens or (AUTO_MICRO_BATCH_TOKENS if engine.device.type == "cuda" else 0)
-        bounded = tokens > 0
-        per_unit = layers_per_unit(tokens, tc.max_seq_len)
+        bounded = tc.micro_batch_tokens > 0
+        per_unit = layers_per_unit(tc.micro_batch_tokens, tc.max_seq_len)
         n = compile_layers(engine.model, graphs=how == "graphs", layers_per_unit=per_unit, recompute_cheap=bounded)
         engine.graphs = how == "graphs"
         log.info("training: %d decoder layers compiled for training steps%s%s%s (the first step compiles)", n,

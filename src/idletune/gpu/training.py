@@ -150,10 +150,10 @@ class _Compilation:
 
 def regroup_units(model, layers_per_unit: int) -> bool:
     """Compile the decoder layers again in units of ``layers_per_unit`` layers, with the other
-    options :func:`compile_layers` had (``recompute_cheap`` included), if that makes other units
-    and no compiled training pass has run yet: until then nothing was compiled, only
-    ``torch.compile``'s wrappers are replaced. For the automatic micro-batch size, known at the
-    first step (``TrainingEngine._micro_batches``). Once a pass has run
+    options :func:`compile_layers` had (``recompute_cheap`` included: not turned on here), if
+    that makes other units and no compiled training pass has run yet: until then nothing was
+    compiled, only ``torch.compile``'s wrappers are replaced. For the automatic micro-batch
+    size, known at the first step (``TrainingEngine._micro_batches``). Once a pass has run
     (compiled code, CUDA graphs) the units stay as they are: a later re-sizing (after a switch
     of weight set) does not regroup them, which would compile and record everything again.
     Returns whether it regrouped (False too where :func:`compile_layers` compiled nothing)."""
@@ -185,9 +185,10 @@ def layers_per_unit(micro_batch_tokens: int, max_seq_len: int = 0) -> int:
     (``training.micro_batch_tokens``), or ``max_seq_len`` tokens where that is more (one example
     alone makes a part that long): ``UNIT_TOKENS`` // that, from 1 to
     ``MOST_LAYERS_PER_UNIT`` — 8 for 1024-token parts, 4 for 2048, 2 for 4096, 1 above that
-    (and for 0). For the automatic size on a GPU the service compiles units for the most it
-    takes (``AUTO_MICRO_BATCH_TOKENS``, 2048), and the engine regroups them at its first step
-    where it takes less (:func:`regroup_units`)."""
+    and for the automatic size (0), which on a GPU takes as many tokens as half the free memory
+    holds (16384 on an 80 GB card at the 0.5B and 1.5B shapes): the service then compiles layer
+    by layer, and the engine sizes the units at its first step, from the size it takes
+    (:func:`regroup_units`)."""
     if micro_batch_tokens <= 0:
         return 1
     return max(1, min(MOST_LAYERS_PER_UNIT, UNIT_TOKENS // max(micro_batch_tokens, max_seq_len)))

@@ -31,21 +31,11 @@ from .data import Encoded, collate, encode, target_token_losses
 log = logging.getLogger("idletune.training")
 
 
-# The most tokens the automatic micro-batch size (training.micro_batch_tokens = 0) takes on a GPU.
-# With CUDA-graphed layers a step's peak is held for the process's life (the graph pool), so it
-# is memory the card's other users never get back. In 2048-token parts, compiled in units of 4
-# layers with cheap activations recomputed, a step of 8 × 512 tokens added 14.0 % / 18.1 % of
-# the plain PEFT loop's memory at 0.5B / 1.5B at 3.96× / 2.00× its speed, against 30 % / 42 % at
-# 4.32× / 2.28× unsplit (docs/BENCHMARKS.md, run CG; 2.02–2.05× at 1.5B in runs BR, BW).
-AUTO_MICRO_BATCH_TOKENS = 2048
-
-
 def gpu_micro_batch_tokens(model, free_bytes: float, *, checkpointing: bool = False, compiled: bool = True,
-                           head_logits: bool = False, most: int = AUTO_MICRO_BATCH_TOKENS, least: int = 512) -> int:
+                           head_logits: bool = False, most: int = 16384, least: int = 512) -> int:
     """The most tokens in one forward/backward on a GPU when ``training.micro_batch_tokens`` is 0:
-    ``most`` (:data:`AUTO_MICRO_BATCH_TOKENS`), or as many as fit in half of ``free_bytes`` where
-    that is fewer (the other half stays for chat and anything else on the card), rounded down
-    to a power of two, at least ``least``. A token's activations
+    as many as fit in half of ``free_bytes`` (the other half stays for chat and anything else on
+    the card), rounded down to a power of two, within ``least``–``most``. A token's activations
     are estimated at 2 bytes × layers × (6 × hidden + 3 × intermediate size) (bf16, compiled
     layers): within 10 % of what was measured at the Qwen2.5-0.5B, 1.5B and Llama-3-8B shapes
     (docs/BENCHMARKS.md, section 5); 1.5 times that for eager layers (measured 1.43 at 0.5B);
@@ -90,7 +80,7 @@ QUEUED_LAYERS_FULL_ACTIVE = 1
 # a new shape is not recorded while a recorded larger one can serve, and the output layer's loss
 # is queued a chunk at a time like the layers.
 AWAY_AFTER_S = 10.0
-UNKNOWN_MEMORY_MICRO_BATCH = 2048  # tokens, where the GPU does not say how much memory is free
+UNKNOWN_MEMORY_MICRO_BATCH = 4096  # tokens, where the GPU does not say how much memory is free
 
 
 class Preempted(Exception):
@@ -196,8 +186,8 @@ class TrainingEngine:
         # layers of work it closes (1 while the user is away: _boundary)
         self._queued: deque[tuple[object, int]] = deque()
         # Tokens in one forward/backward: bounds a step's activation memory (about 2.6 MB per
-        # token for the default model in float32 on a CPU). 0 on a GPU: 2048, or what half the
-        # memory free at the first step holds where that is less (:func:`gpu_micro_batch_tokens`).
+        # token for the default model in float32 on a CPU). 0 on a GPU: sized to the memory
+        # free at the first step (:func:`gpu_micro_batch_tokens`).
         self.micro_batch_tokens = config.micro_batch_tokens or (0 if self.device.type == "cuda" else 512)
         self.max_wait_s: float | None = None  # evaluation waits at most this long for a gap (None: forever)
         queue = os.environ.get("IDLETUNE_TRAIN_QUEUE_LAYERS")  # set: for every mode, user active or away
@@ -397,11 +387,10 @@ class TrainingEngine:
         return tokens
 
     def _regroup_units(self) -> None:
-        """Compiled layers (``compile_layers``: for the automatic size, in units for
-        :data:`AUTO_MICRO_BATCH_TOKENS`) in units for the size just taken where that is smaller
-        (a card with little free memory: longer units, by ``layers_per_unit``); unless a compiled
-        pass has run: a re-sizing after a switch of weight set keeps the units as they are
-        (gpu/training.py: ``regroup_units``)."""
+        """Compiled layers (``compile_layers``: one by one for the automatic size) in units for
+        the size just taken, by the rule for a size set (``layers_per_unit``) but with every
+        activation kept as before; unless a compiled pass has run: a re-sizing after a switch of
+        weight set keeps the units as they are (gpu/training.py: ``regroup_units``)."""
         from ..gpu.training import layers_per_unit, regroup_units
 
         tokens = self.micro_batch_tokens
