@@ -103,6 +103,17 @@ def test_a_pause_that_cannot_be_recorded_still_pauses_and_says_so(tmp_path, capl
     assert "could not write" in caplog.text and "after a restart background training will be running" in caplog.text
 
 
+def test_a_round_forced_while_paused_leaves_the_state_paused(svc):
+    """Status says "paused" after a round that ran while paused (forced), not the round's last stage."""
+    svc.scheduler.pause()
+    svc.queue.add(pair(9))
+    summary = svc.scheduler.force_training(wait=True, timeout=60)
+    assert summary.get("steps"), summary
+    assert wait_for(lambda: svc.scheduler.state == "paused", timeout=5), svc.scheduler.state
+    svc.scheduler.resume()
+    assert svc.scheduler.state == "idle"
+
+
 def test_no_training_while_requests_are_in_flight(svc):
     with svc.activity.request():
         svc.queue.add(pair(4))

@@ -108,9 +108,11 @@ def test_unknown_endpoint_is_a_clear_404(server):
     assert r.status_code == 404 and "no such endpoint" in r.json()["error"]["message"]
 
 
-def test_chat_counts_as_in_flight_from_its_first_byte(tmp_path, tiny_model_dir):
-    """Training yields to a chat from when its request arrives, not from when generation starts:
-    the queue's room is checked (in a worker thread, before generating) with the request in flight."""
+def test_chat_counts_as_in_flight_once_its_body_is_in(tmp_path, tiny_model_dir):
+    """Training yields to a chat from when its request has arrived, not from when generation
+    starts: the queue's room is checked (in a worker thread, before generating) with the request
+    in flight. It counts once (the engine does not count it again), and no longer once answered,
+    refused or not."""
     from fastapi.testclient import TestClient
 
     from idletune.config import Config
@@ -119,17 +121,57 @@ def test_chat_counts_as_in_flight_from_its_first_byte(tmp_path, tiny_model_dir):
 
     cfg = Config.load(None, {"scheduler.enable_background_training": False})
     svc = build_service(tmp_path / "data", model=tiny_model_dir, config=cfg)
-    seen = []
-    size = svc.queue.size
-    svc.queue.size = lambda: (seen.append(svc.activity.should_yield()), size())[1]
+    checked, generating = [], []
+    size, serving = svc.queue.size, svc.weights.serving
+    svc.queue.size = lambda: (checked.append(svc.activity.in_flight), size())[1]
+    svc.weights.serving = lambda: (generating.append(svc.activity.in_flight), serving())[1]
+    chat = {"model": svc.model_name, "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]}
     try:
         with TestClient(create_app(svc), base_url="http://127.0.0.1") as client:
             for stream in (False, True):
-                r = client.post("/v1/chat/completions", json={"model": svc.model_name, "max_tokens": 3, "stream": stream,
-                                                            "messages": [{"role": "user", "content": "Hi"}]})
+                r = client.post("/v1/chat/completions", json={**chat, "stream": stream})
                 assert r.status_code == 200, r.text
-                assert svc.activity.in_flight == 0  # and no longer once answered
-            assert client.get("/api/status").status_code == 200
-        assert seen[:2] == [True, True], seen  # both chats; /api/status may read the size unmarked
+                assert svc.activity.in_flight == 0
+            assert checked == [1, 1] and generating == [1, 1], (checked, generating)
+            for bad in ({**chat, "max_tokens": 10**6}, {"messages": []}, "not json"):
+                r = client.post("/v1/chat/completions", **({"content": bad} if isinstance(bad, str) else {"json": bad}))
+                assert r.status_code in (400, 422), r.text
+                assert svc.activity.in_flight == 0
+            assert client.get("/api/status").json()["requests_in_flight"] == 0
     finally:
         svc.close()
+
+
+def test_a_chat_whose_body_never_comes_does_not_hold_training_back():
+    """A client that sends a chat's headers and stalls (a laptop gone to sleep mid-request) is
+    not in flight: training would otherwise wait as long as the connection stays open."""
+    import asyncio
+
+    from idletune.activity import ActivityTracker
+    from idletune.server.inflight import MarkChatInFlight
+
+    activity, seen = ActivityTracker(), []
+    body = asyncio.Queue()
+
+    async def app(scope, receive, send):  # reads the body as a framework does, then answers
+        while (await receive()).get("more_body"):
+            seen.append(activity.in_flight)
+        seen.append(activity.in_flight)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def run():
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+        task = asyncio.create_task(MarkChatInFlight(app, activity)(scope, body.get, send))
+        await body.put({"type": "http.request", "body": b'{"mess', "more_body": True})
+        await asyncio.sleep(0.05)
+        assert activity.in_flight == 0 and not task.done()  # stalled mid-body: not in flight
+        await body.put({"type": "http.request", "body": b'ages": []}', "more_body": False})
+        await task
+        return sent
+
+    sent = asyncio.run(run())
+    assert seen == [0, 1] and sent and activity.in_flight == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -140,8 +141,10 @@ class InferenceEngine:
 
     def generate(self, messages: list[dict], params: GenerationParams,
                  on_text: Callable[[str], None] | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> Completion:
-        """Generate a reply to ``messages``. ``on_text`` receives each new piece of text."""
+                 cancelled: Callable[[], bool] | None = None, marked: bool = False) -> Completion:
+        """Generate a reply to ``messages``. ``on_text`` receives each new piece of text.
+        ``marked``: the caller has already counted this request in flight (the HTTP server
+        does, from when the request arrives: server/inflight.py); else it counts from here."""
         prompt = self.encode_chat(messages)
         if len(prompt) > self.max_prompt_tokens:
             raise PromptTooLong(f"the prompt is {len(prompt)} tokens; the limit is {self.max_prompt_tokens}")
@@ -154,7 +157,7 @@ class InferenceEngine:
         counts: dict[int, int] = {}
         greedy = params.temperature <= 0 and not (params.presence_penalty or params.frequency_penalty)
         pick = None if greedy else (lambda logits: self._pick(logits.float(), params, gen, counts))
-        with self.activity.request():
+        with nullcontext() if marked else self.activity.request():
             t0 = time.perf_counter()
             fast = self.fast
             if fast is not None and fast.usable(len(prompt) + max_new):

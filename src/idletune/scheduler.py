@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .activity import ActivityTracker
+from .durable import remove_durably, write_atomic
 from .config import SchedulerConfig
 from .examples import Status
 from .training.engine import Preempted
@@ -86,7 +87,7 @@ class TrainingScheduler:
 
     def resume(self) -> None:
         self._paused = False
-        if self.state == "paused":
+        if self.state != "stopped" and not self._busy:  # a round in progress sets its own state
             self.state = "idle"
         self._record_pause()
         self._wake.set()
@@ -94,12 +95,11 @@ class TrainingScheduler:
     def _record_pause(self) -> None:
         if self.paused_file is None:
             return
-        try:
+        try:  # durably: a pause made just before a power cut still holds after it
             if self._paused:
-                self.paused_file.write_text(f"background training paused at {time.strftime('%Y-%m-%d %H:%M:%S')}\n",
-                                            encoding="utf-8")
+                write_atomic(self.paused_file, f"background training paused at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
             else:
-                self.paused_file.unlink(missing_ok=True)
+                remove_durably(self.paused_file)
         except OSError as e:  # the pause itself holds; only a restart would not know of it
             log.warning("could not %s %s (%s): after a restart background training will be %s",
                         "write" if self._paused else "remove", self.paused_file, e,
@@ -165,8 +165,8 @@ class TrainingScheduler:
                 self._last_chance = time.monotonic()
             with self._round_done:
                 self._round_done.notify_all()
-            if not self._paused and self.state != "stopped":
-                self.state = "idle"
+            if self.state != "stopped":
+                self.state = "paused" if self._paused else "idle"  # paused during the round: say so
 
     def _due(self) -> bool:
         c = self.config

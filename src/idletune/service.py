@@ -69,7 +69,7 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
                   cache_dir: str | Path | None = None, start_scheduler: bool = True) -> Service:
     config = config or Config()
     data_dir = Path(data_dir).expanduser()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # new: private (chats and what they trained)
     model_dir = resolve_model_dir(model, cache_dir)
     _check_same_model(data_dir, model_dir)
     base, tokenizer = load_model(model_dir)
@@ -106,7 +106,7 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
                                       training_mode=config.training.mode, paused_file=data_dir / "PAUSED")
     if restored:
         log.info("serving weights version %d", restored)
-    if svc.scheduler.paused:
+    if svc.scheduler.paused and start_scheduler:
         log.info("background training stays paused, as it was left (%s): "
                  "POST /api/training/resume or the web page's Resume starts it again", data_dir / "PAUSED")
     if start_scheduler:

@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 
 from . import auth, errors, limits
-from .activity import MarkChatInFlight
+from .inflight import MarkChatInFlight
 from .routes_api import make_api_router
 from .routes_chat import make_chat_router
 from .routes_import import make_import_router

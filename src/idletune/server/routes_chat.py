@@ -54,7 +54,7 @@ def make_chat_router(svc) -> APIRouter:
 
         if not req.stream:
             try:
-                c = await run_in_threadpool(svc.inference.generate, messages, params)
+                c = await run_in_threadpool(svc.inference.generate, messages, params, marked=True)
             except PromptTooLong as e:
                 raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
             await run_in_threadpool(finish, c)
@@ -80,7 +80,7 @@ def make_chat_router(svc) -> APIRouter:
             try:
                 c = svc.inference.generate(messages, params,
                                            on_text=lambda t: loop.call_soon_threadsafe(pieces.put_nowait, ("text", t)),
-                                           cancelled=cancelled.is_set)
+                                           cancelled=cancelled.is_set, marked=True)
                 finish(c)
                 loop.call_soon_threadsafe(pieces.put_nowait, ("done", c))
             except Exception as e:  # reported in the stream; the server stays up

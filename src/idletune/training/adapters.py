@@ -190,10 +190,12 @@ def write_safetensors(sd: dict[str, torch.Tensor], path) -> None:
 
     from safetensors.torch import save_file
 
-    tmp = f"{path}.tmp"
+    import threading
+
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"  # this writer's own: two never share one
     if os.path.lexists(tmp):
         os.unlink(tmp)  # left by a crash: its mode is not the one a new file gets
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o666)  # created as open(..., "w") would: the umask applies
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # as open(..., "w"): the umask applies
     mode = stat.S_IMODE(os.fstat(fd).st_mode)
     os.close(fd)
     save_file(sd, tmp, metadata={"format": "pt"})

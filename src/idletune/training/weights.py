@@ -26,6 +26,7 @@ from typing import Iterator
 import torch
 
 from ..config import GateConfig
+from ..durable import fsync_dir, write_atomic
 from . import adapters
 from .adapters import LIVE, TRAIN
 from .weightsets import FullWeights, LoraWeights, hf_name, merge_live_adapter, read_base_weights
@@ -188,7 +189,7 @@ class WeightUpdater:
             finally:
                 with self.lock:
                     adapters.load_adapter_tensors(self.model, TRAIN, candidate)
-            _write_atomic(f, json.dumps({"retention_loss": value}))
+            write_atomic(f, json.dumps({"retention_loss": value}))
         if value is None:  # nothing recorded before the base changed: measure against live
             value = engine.evaluate(probes, LIVE)
         self._baselines[key] = value
@@ -241,15 +242,15 @@ class WeightUpdater:
                 merged = full.clone("live")
                 self._set_ws(full, reason)
                 self.base_id = base_name  # written next: a rollback to it before then finds no folder, and says so
+            log.info("training mode switched from lora to full at version %d: %s", self.version, reason)
             self._write_snapshot(base_name, merged, {"version": self.version, "kind": "full", "base": base_name,
                                                      "created_at": time.time(), "merged_lora": True}, full)
             self._ring.clear()
-        log.info("training mode switched from lora to full at version %d: %s", self.version, reason)
 
     def switch_to_lora(self, reason: str) -> None:
         """Leave full fine-tuning: the live weights become the frozen base for LoRA."""
-        live = f"v{self.version:06d}"
-        with self.lock, self.live_change():
+        with self._history, self.lock, self.live_change():  # one publish, rollback or switch at a time
+            live = f"v{self.version:06d}"
             self.ws.discard()
             self.ws.close()
             lora = LoraWeights(self.model, self.base_model_path)
@@ -257,8 +258,8 @@ class WeightUpdater:
             if self.version and (self.dir / live).exists() and self._meta(live).get("kind") == "full":
                 self.base_id = live  # full fine-tuning was published: its weights are the new base
             self._set_ws(lora, reason)
-        self._ring.clear()
-        log.info("training mode switched from full to lora at version %d: %s", self.version, reason)
+            log.info("training mode switched from full to lora at version %d: %s", self.version, reason)
+            self._ring.clear()
 
     def rollback(self, version: int | None = None, reason: str = "requested") -> int:
         """Restore an earlier accepted version exactly (default: the one before the live one)."""
@@ -273,10 +274,13 @@ class WeightUpdater:
         with self._history:
             previous, previous_mode = self.version, self.mode
             self._restore(version)
+            switched = f"; training mode switched from {previous_mode} to {self.mode}" if self.mode != previous_mode else ""
         self.rollbacks += 1
         self.last_rollback = {"from": previous, "to": version, "reason": reason, "time": time.time()}
-        switched = f"; training mode switched from {previous_mode} to {self.mode}" if self.mode != previous_mode else ""
-        log.info("rolled back from version %d to version %d (%s)%s", previous, version, reason, switched)
+        if version == previous:
+            log.info("restored version %d as it was saved (%s)%s", version, reason, switched)
+        else:
+            log.info("rolled back from version %d to version %d (%s)%s", previous, version, reason, switched)
         return version
 
     def _meta(self, name: str) -> dict:
@@ -377,14 +381,14 @@ class WeightUpdater:
         pause = os.environ.get("IDLETUNE_FAULT_SNAPSHOT_PAUSE_S")  # fault injection: the crash test kills here
         if pause:
             time.sleep(float(pause))
-        _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
+        write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         return final
 
     def _write_pointer(self, version: int) -> None:
-        _write_atomic(self.dir / "LIVE", f"{version}\n")
+        write_atomic(self.dir / "LIVE", f"{version}\n")
 
     def list_snapshots(self) -> list[dict]:
         """Accepted versions on disk, oldest first (only complete folders with a meta.json)."""
@@ -450,21 +454,3 @@ class WeightUpdater:
                 "last_gate_decision": asdict(self.last_decision) if self.last_decision else None,
                 "last_rollback": self.last_rollback, "problems": self.problems,
                 "snapshots_on_disk": len(self.list_snapshots())}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
