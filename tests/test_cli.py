@@ -65,8 +65,13 @@ def test_snapshots_list_rounds_the_loss(tmp_path, capsys):
     (tmp_path / "snapshots" / "LIVE").write_text("2\n")
     assert main(["snapshots", "list", "--data-dir", str(tmp_path), "--url", "http://127.0.0.1:9"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("  v000001  ") and lines[0].endswith("  loss=2.3457")
-    assert lines[1].startswith("* v000002  ") and lines[1].endswith("  loss=?")
+    assert lines[0].startswith("  v0  the base model")  # always listed: a rollback can go there
+    assert lines[1].startswith("  v000001  ") and lines[1].endswith("  loss=2.3457")
+    assert lines[2].startswith("* v000002  ") and lines[2].endswith("  loss=?")
+    (tmp_path / "snapshots" / "LIVE").write_text("0\n")  # rolled back to the base model
+    assert main(["snapshots", "list", "--data-dir", str(tmp_path), "--url", "http://127.0.0.1:9"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("* v0  ") and not any(x.startswith("* v00") for x in lines)
 
 
 def test_bad_config_is_a_clear_error(tmp_path, tiny_model_dir):
@@ -75,3 +80,12 @@ def test_bad_config_is_a_clear_error(tmp_path, tiny_model_dir):
     assert "training.learning_rate" in r.stderr and "Traceback" not in r.stderr
     r = idletune("serve", "--model", tmp_path / "nope", "--data-dir", tmp_path / "d")
     assert r.returncode == 2 and "not a Hugging Face model folder" in r.stderr
+
+
+def test_the_converted_default_model_files_share_one_mode(default_model_dir):
+    """The first start's conversion writes the cache folder's files with one mode (0666 less the
+    umask): safetensors' weights file had been 0600 beside 0644 for the rest."""
+    import stat
+
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in default_model_dir.iterdir()}
+    assert len(set(modes.values())) == 1, modes

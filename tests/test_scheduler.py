@@ -103,8 +103,10 @@ def test_a_pause_that_cannot_be_recorded_still_pauses_and_says_so(tmp_path, capl
     assert "could not write" in caplog.text and "after a restart background training will be running" in caplog.text
 
 
-def test_a_round_forced_while_paused_leaves_the_state_paused(svc):
-    """Status says "paused" after a round that ran while paused (forced), not the round's last stage."""
+def test_a_round_forced_while_paused_leaves_the_state_paused(svc, caplog):
+    """Status says "paused" after a round that ran while paused (forced), not the round's last
+    stage; the log says when training was paused and resumed, and what the round did."""
+    caplog.set_level("INFO", logger="idletune")
     svc.scheduler.pause()
     svc.queue.add(pair(9))
     summary = svc.scheduler.force_training(wait=True, timeout=60)
@@ -112,6 +114,9 @@ def test_a_round_forced_while_paused_leaves_the_state_paused(svc):
     assert wait_for(lambda: svc.scheduler.state == "paused", timeout=5), svc.scheduler.state
     svc.scheduler.resume()
     assert svc.scheduler.state == "idle"
+    assert "background training paused" in caplog.text and "background training resumed" in caplog.text
+    line = next(x for x in caplog.messages if x.startswith("training round: "))
+    assert line.startswith("training round: 1 examples (1 learned), ") and "(lora): accepted, version 1 (" in line, line
 
 
 def test_no_training_while_requests_are_in_flight(svc):

@@ -262,7 +262,7 @@ def cmd_export(args) -> int:
 
 def _snapshot_dir_list(data_dir: Path) -> list[dict]:
     out = []
-    live = None
+    live = 0  # no pointer yet: the base model
     pointer = data_dir / "snapshots" / "LIVE"
     if pointer.exists():
         live = int(pointer.read_text().strip() or 0)
@@ -280,16 +280,18 @@ def cmd_snapshots(args) -> int:
     import datetime
 
     if _server_up(args.url):
-        rows = _http("GET", f"{args.url}/api/snapshots").json()["data"]
+        body = _http("GET", f"{args.url}/api/snapshots").json()
+        rows, live = body["data"], body["live_version"]
     else:
         rows = _snapshot_dir_list(Path(args.data_dir))
-    if not rows:
-        print("no snapshots yet (version 0, the base model, is live)")
+        live = next((r["version"] for r in rows if r["live"]), 0)
+    print(f"{'*' if live == 0 else ' '} v0  the base model (always there to roll back to)")
     for r in rows:
         when = datetime.datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M:%S") if r.get("created_at") else "?"
         loss = (r.get("metrics") or {}).get("loss", r.get("loss"))
         loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "?"
         print(f"{'*' if r.get('live') else ' '} {r['id']}  {when}  loss={loss}")
+    print("* = live")
     return 0
 
 

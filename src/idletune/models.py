@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,9 @@ def default_model_dir(cache_dir: str | Path | None = None, say: Callable[[str], 
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    mode = stat.S_IMODE((tmp / "config.json").stat().st_mode)  # a plain file's: 0666 less the umask
+    for f in tmp.iterdir():
+        f.chmod(mode)  # safetensors writes the weights through a temporary file of mode 0600
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)  # atomic: a half-written folder is never picked up
     say(f"converted in {time.time() - t0:.0f} s")

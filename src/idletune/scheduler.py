@@ -84,12 +84,14 @@ class TrainingScheduler:
         self._paused = True
         self.state = "paused"
         self._record_pause()
+        log.info("background training paused (no new round starts; resume to go on)")
 
     def resume(self) -> None:
         self._paused = False
         if self.state != "stopped" and not self._busy:  # a round in progress sets its own state
             self.state = "idle"
         self._record_pause()
+        log.info("background training resumed")
         self._wake.set()
 
     def _record_pause(self) -> None:
@@ -295,7 +297,7 @@ class TrainingScheduler:
         summary["mode"] = self.weights.mode
         self.last_training_time = time.time()
         self.last_round = summary
-        log.info("training round: %s", summary)
+        log.info("training round: %s", _describe(summary))
         return True
 
     def _maybe_switch_mode(self, decision) -> None:
@@ -330,3 +332,18 @@ class TrainingScheduler:
             "starved_rounds": self.starved_rounds,
             "config": dataclasses.asdict(self.config),
         }
+
+
+def _describe(summary: dict) -> str:
+    """A round's summary as the server log says it: "4 examples (4 learned), 15 steps in 21.1 s
+    (lora): accepted, version 1 (retention and held-out loss within limits)"."""
+    s = summary
+    out = (f"{s['examples']} examples ({s['learned']} learned), {s['steps']} steps in {s['seconds']:.1f} s "
+           f"({s.get('mode', '?')}): ")
+    if s.get("version") is not None:
+        out += f"accepted, version {s['version']}"
+    else:
+        out += "not published"
+        if "retrying" in s:
+            out += f", {s['retrying']} to retry more gently"
+    return out + f" ({s['reason']})"
