@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from .activity import ActivityTracker
-from .durable import remove_durably, write_atomic
 from .config import SchedulerConfig
+from .durable import remove_durably, write_atomic
 from .examples import Status
 from .training.engine import Preempted
 from .training.screen import screen

@@ -21,7 +21,7 @@ def create_app(svc) -> FastAPI:
     app.state.svc = svc
     errors.install(app)
     limits.install(app, svc.config.server)  # body size (declared or chunked), queue full → 507
-    app.add_middleware(MarkChatInFlight, activity=svc.activity)  # training yields from a chat's first byte
+    app.add_middleware(MarkChatInFlight, activity=svc.activity)  # training yields once a chat's body is in
     auth.install(app, svc.config.server)  # added last, so it runs first: Origin check, Bearer key, CORS
 
     app.include_router(make_chat_router(svc))
