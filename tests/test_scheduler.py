@@ -116,7 +116,7 @@ def test_a_round_forced_while_paused_leaves_the_state_paused(svc, caplog):
     assert svc.scheduler.state == "idle"
     assert "background training paused" in caplog.text and "background training resumed" in caplog.text
     line = next(x for x in caplog.messages if x.startswith("training round: "))
-    assert line.startswith("training round: 1 examples (1 learned), ") and "(lora): accepted, version 1 (" in line, line
+    assert line.startswith("training round: 1 example (1 learned), ") and "(lora): accepted, version 1 (" in line, line
 
 
 def test_no_training_while_requests_are_in_flight(svc):

@@ -338,8 +338,9 @@ def _describe(summary: dict) -> str:
     """A round's summary as the server log says it: "4 examples (4 learned), 15 steps in 21.1 s
     (lora): accepted, version 1 (retention and held-out loss within limits)"."""
     s = summary
-    out = (f"{s['examples']} examples ({s['learned']} learned), {s['steps']} steps in {s['seconds']:.1f} s "
-           f"({s.get('mode', '?')}): ")
+    n, steps = s["examples"], s["steps"]
+    out = (f"{n} example{'' if n == 1 else 's'} ({s['learned']} learned), {steps} step{'' if steps == 1 else 's'} "
+           f"in {s['seconds']:.1f} s ({s.get('mode', '?')}): ")
     if s.get("version") is not None:
         out += f"accepted, version {s['version']}"
     else:
