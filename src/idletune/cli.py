@@ -260,9 +260,10 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _snapshot_dir_list(data_dir: Path) -> list[dict]:
+def _snapshot_dir_list(data_dir: Path) -> tuple[list[dict], int]:
+    """The snapshots on disk, and the live version (0, the base model, before any pointer)."""
     out = []
-    live = 0  # no pointer yet: the base model
+    live = 0
     pointer = data_dir / "snapshots" / "LIVE"
     if pointer.exists():
         live = int(pointer.read_text().strip() or 0)
@@ -272,8 +273,8 @@ def _snapshot_dir_list(data_dir: Path) -> list[dict]:
         except (OSError, json.JSONDecodeError):
             continue
         out.append({"id": p.name, "version": meta["version"], "created_at": meta.get("created_at"),
-                    "loss": (meta.get("metrics") or {}).get("loss"), "live": meta["version"] == live})
-    return out
+                    "loss": (meta.get("metrics") or {}).get("loss")})
+    return out, live
 
 
 def cmd_snapshots(args) -> int:
@@ -283,14 +284,13 @@ def cmd_snapshots(args) -> int:
         body = _http("GET", f"{args.url}/api/snapshots").json()
         rows, live = body["data"], body["live_version"]
     else:
-        rows = _snapshot_dir_list(Path(args.data_dir))
-        live = next((r["version"] for r in rows if r["live"]), 0)
+        rows, live = _snapshot_dir_list(Path(args.data_dir))
     print(f"{'*' if live == 0 else ' '} v0  the base model (always there to roll back to)")
     for r in rows:
         when = datetime.datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M:%S") if r.get("created_at") else "?"
         loss = (r.get("metrics") or {}).get("loss", r.get("loss"))
         loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "?"
-        print(f"{'*' if r.get('live') else ' '} {r['id']}  {when}  loss={loss}")
+        print(f"{'*' if r['version'] == live else ' '} {r['id']}  {when}  loss={loss}")
     print("* = live")
     return 0
 

@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from ..config import ConfigError, LoraConfig
+from ..durable import fsync, temporary
 
 TRAIN, LIVE = "candidate", "live"  # "train" would clash with nn.Module.train
 
@@ -156,7 +157,7 @@ def write_adapter(tensors: dict[str, torch.Tensor], peft_config, path, base_mode
         cfg.base_model_name_or_path = str(base_model_path)
     cfg.inference_mode = True
     cfg.save_pretrained(str(path))
-    _fsync(path / "adapter_config.json")
+    fsync(path / "adapter_config.json")
     return hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
 
 
@@ -190,9 +191,7 @@ def write_safetensors(sd: dict[str, torch.Tensor], path) -> None:
 
     from safetensors.torch import save_file
 
-    import threading
-
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"  # this writer's own: two never share one
+    tmp = temporary(path)
     if os.path.lexists(tmp):
         os.unlink(tmp)  # left by a crash: its mode is not the one a new file gets
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # as open(..., "w"): the umask applies
@@ -200,15 +199,5 @@ def write_safetensors(sd: dict[str, torch.Tensor], path) -> None:
     os.close(fd)
     save_file(sd, tmp, metadata={"format": "pt"})
     os.chmod(tmp, mode)
-    _fsync(tmp)
+    fsync(tmp)
     os.replace(tmp, path)
-
-
-def _fsync(path) -> None:
-    import os
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

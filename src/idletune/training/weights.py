@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 
 from ..config import GateConfig
-from ..durable import fsync_dir, write_atomic
+from ..durable import fsync, write_atomic
 from . import adapters
 from .adapters import LIVE, TRAIN
 from .weightsets import FullWeights, LoraWeights, hf_name, merge_live_adapter, read_base_weights
@@ -384,7 +384,7 @@ class WeightUpdater:
         write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        fsync_dir(self.dir)
+        fsync(self.dir)
         return final
 
     def _write_pointer(self, version: int) -> None:
