@@ -4,8 +4,8 @@ The added time to first token under a backlog has a tail that runs with the mach
 requests wait for the interpreter lock, which serving shares with training's Python (the
 engine's layer calls, autograd's device thread; docs/BENCHMARKS.md, "What is left"). A trainer
 in another process shares no lock with serving, but it is another CUDA context, which the GPU
-runs in time slices beside serving's instead of side by side (``gpu_process_split.py`` measured
-that part alone: +0.25 ms at p50 against a thread, run DV). This measures the whole: the same
+runs in time slices beside serving's instead of side by side (``gpu_process_split.py`` measures
+that part alone; run DV saw no slice-sized wait). This measures the whole: the same
 service, the same engine and settings, training in one of two places, gated in both by the
 request in flight as the scheduler does (the engine stops at its next layer boundary).
 
@@ -16,11 +16,20 @@ service's ``generate``, 256 prompt tokens, 128 new, greedy, one client; with ``-
 ``POST /v1/chat/completions`` to the real server (uvicorn on loopback, in the serving process) from
 a client in a process of its own, with the time to the first content chunk.
 
+Changed after runs DW–DZ (fourteenth session), from a review: a chat is told to the training
+process where the serving process's tracker marks it, also without ``--http`` (DW marked it
+just before ``generate``, microseconds earlier than the thread's mark); ``--first`` picks the
+condition round 0 starts with (it was always off, thread, process, so the thread always trained
+first in a process); both trainers start the blocks with the user active and train alone with
+the user away (in DZ the thread's engine counted the user active for its first 7 s alone); the
+step counts are taken before the training-alone phase (DZ's printed ones included it).
+
 Usage: python bench/gpu_trainer_process.py [OUT.json] [--shape qwen2.5-0.5b] [--rounds 10] [--per-block 16] [--http]
 """
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing as mp
 import random
 import tempfile
@@ -131,6 +140,8 @@ def main():
     ap.add_argument("--per-block", type=int, default=16)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--warmup-steps", type=int, default=3)
+    ap.add_argument("--first", default="off", choices=CONDITIONS, help="the condition the first round starts "
+                    "with (the rounds then alternate forwards and backwards from there)")
     ap.add_argument("--alone-s", type=float, default=10.0, help="seconds of training alone (no requests) per place")
     ap.add_argument("--http", action="store_true", help="requests over HTTP to the real server, from a client process")
     a = ap.parse_args()
@@ -184,28 +195,32 @@ def main():
         while tstats["steps"] < a.warmup_steps and time.perf_counter() - t0 < 300:
             time.sleep(0.05)
         tgo.clear()
-        if not pready.wait(600):
-            raise SystemExit("the training process did not start")
+        end = time.monotonic() + 600
+        while not pready.wait(1.0):
+            if not proc.is_alive() or time.monotonic() > end:
+                raise SystemExit(f"the training process did not start (exit code {proc.exitcode})")
         time.sleep(1.0)
-        if a.http:
-            # in the "process" condition a chat in flight is also told to the training process
-            tracked, cond_now = svc.activity.request, {"c": "off"}
+        # A chat in flight is told to the training process in the "process" condition, where the
+        # serving process's own tracker marks it: the same moment for both trainers (over HTTP
+        # once the body is in, MarkChatInFlight; else when generate starts).
+        tracked, cond_now = svc.activity.request, {"c": "off"}
 
-            @contextlib.contextmanager
-            def request_told():
-                told = cond_now["c"] == "process"
+        @contextlib.contextmanager
+        def request_told():
+            told = cond_now["c"] == "process"
+            if told:
+                in_flight.value += 1
+            try:
+                with tracked():
+                    yield
+            finally:
                 if told:
-                    in_flight.value += 1
-                try:
-                    with tracked():
-                        yield
-                finally:
-                    if told:
-                        last_request.value = time.monotonic()
-                        in_flight.value -= 1
-                    with ended:
-                        ended.notify_all()
-            svc.activity.request = request_told
+                    last_request.value = time.monotonic()
+                    in_flight.value -= 1
+                with ended:
+                    ended.notify_all()
+        svc.activity.request = request_told
+        if a.http:
             url, server = serve_http(svc)
             here, there = ctx.Pipe()
             client = ctx.Process(target=_client_main, args=(url, there), daemon=True)
@@ -219,27 +234,23 @@ def main():
             out.extend(here.recv())
 
         def one_request(out, cond):
+            cond_now["c"] = cond
             times.tokens = []
             time.sleep(random.uniform(0.02, 0.08))  # an idle gap: training resumes in it
             t0 = time.perf_counter()
-            if cond == "process":
-                in_flight.value = 1
-            try:
-                inf.generate([{"role": "user", "content": "x"}], GenerationParams(max_tokens=a.new))
-            finally:
-                if cond == "process":
-                    last_request.value = time.monotonic()
-                    in_flight.value = 0
-                with ended:
-                    ended.notify_all()
+            inf.generate([{"role": "user", "content": "x"}], GenerationParams(max_tokens=a.new))
             tt = times.tokens
             out.append({"ttft": tt[0] - t0, "gaps": [y - x for x, y in zip(tt, tt[1:])]})
 
         data = {c: [] for c in CONDITIONS}
         random.seed(0)
         tstats.update(steps=0, rounds=0, preempted=0)
+        p0 = psteps.value
+        last_request.value = time.monotonic()  # both trainers start the blocks with the user active
+        k = CONDITIONS.index(a.first)
+        first = list(CONDITIONS[k:] + CONDITIONS[:k])
         for rnd in range(a.rounds):
-            order = list(CONDITIONS) if rnd % 2 == 0 else list(reversed(CONDITIONS))
+            order = first if rnd % 2 == 0 else list(reversed(first))
             for cond in order:
                 (tgo.set if cond == "thread" else tgo.clear)()
                 (pgo.set if cond == "process" else pgo.clear)()
@@ -253,7 +264,11 @@ def main():
         tgo.clear()
         pgo.clear()
         time.sleep(0.7)
-        # training alone, no requests: a step's own speed in a thread and in the other process
+        in_blocks = {"thread": tstats["steps"], "process": psteps.value - p0}
+        # training alone, no requests: a step's own speed in a thread and in the other process,
+        # both with the user away
+        eng.idle_for = lambda: math.inf
+        last_request.value = 0.0
         alone = {}
         for cond, go_, count in (("thread", tgo, lambda: tstats["steps"]), ("process", pgo, lambda: psteps.value)):
             go_.set()
@@ -287,8 +302,9 @@ def main():
         out[cond] = {"requests": len(rs), "ttft_p50_ms": C.med(ttft), "ttft_p99_ms": C.pct(ttft, 99),
                      "ttft_max_ms": max(ttft), "token_p50_ms": 1e3 * C.med(gaps), "token_p99_ms": 1e3 * C.pct(gaps, 99),
                      "decode_tok_s": len(gaps) / sum(gaps), "ttft_ms": [round(x, 2) for x in ttft]}
-    out["thread"]["training_steps"] = tstats
+    out["thread"]["training_steps"] = tstats  # the blocks and the training-alone phase
     out["process"]["training_steps"] = pstats
+    res["training_steps_in_blocks"] = in_blocks
     for cond in CONDITIONS:
         d, o = out[cond], out["off"]
         rows.append([cond, d["requests"], f"{d['ttft_p50_ms']:.2f}", f"{d['ttft_p99_ms']:.2f}", f"{d['ttft_max_ms']:.1f}",
@@ -296,7 +312,7 @@ def main():
                      f"{d['token_p50_ms']:.3f}", f"{d['token_p99_ms']:.3f}", f"×{d['decode_tok_s'] / o['decode_tok_s']:.3f}"])
     print(f"chat beside the engine in a thread vs a process, {a.shape}{', over HTTP' if a.http else ''}, "
           f"256 prompt + {a.new} new ({res['device']}); "
-          f"training steps while measuring: thread {tstats}, process {pstats}; training alone, steps/s: "
+          f"training steps in the blocks: {in_blocks}; training alone, steps/s: "
           f"{ {k: round(v, 2) for k, v in res['training_alone_steps_per_s'].items()} }")
     C.table(rows, ["condition", "n", "TTFT p50", "p99", "max", "p50 added", "p99 added", "token p50", "token p99",
                    "decode"])
