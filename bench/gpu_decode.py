@@ -33,9 +33,10 @@ VARIANTS = {
 }
 
 
-def one_request(dec, prompt, new=128):
-    """(time to first token, per-token time) of one greedy request, in seconds."""
-    torch.cuda.synchronize()
+def one_request(dec, prompt, new=128, stream=None):
+    """(time to first token, per-token time) of one greedy request, in seconds; the clock starts
+    once the device (or only ``stream``, where given) is idle."""
+    (stream.synchronize if stream is not None else torch.cuda.synchronize)()
     t0 = time.perf_counter()
     it = dec.tokens(prompt, new)
     next(it)

@@ -32,6 +32,7 @@ import time
 import torch
 
 import gpu_common as C
+from gpu_decode import one_request  # given the serving stream (see the docstring: run DV)
 
 CONDITIONS = ("off", "thread", "process", "thread_ungated", "process_ungated")
 
@@ -111,18 +112,6 @@ def _process_main(pairs, go, stop, ready, q):
     info = {}
     train_loop(pairs, go, stop, ready, info)
     q.put(info)
-
-
-def one_request(dec, prompt, new, stream):
-    # the serving stream only: a device-wide synchronize would also wait for a trainer thread's
-    # graph in flight (same context) but not another process's, favouring the thread (run DV)
-    stream.synchronize()
-    t0 = time.perf_counter()
-    it = dec.tokens(prompt, new)
-    next(it)
-    t1 = time.perf_counter()
-    n = 1 + sum(1 for _ in it)
-    return t1 - t0, (time.perf_counter() - t1) / (n - 1)
 
 
 def main():
