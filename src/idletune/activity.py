@@ -2,7 +2,9 @@
 
 Inference marks each request with :meth:`request`; the scheduler reads :meth:`idle_for` and the
 training engine polls :meth:`should_yield` at every layer boundary, so a request that arrives
-mid-step preempts training within about one layer's compute.
+mid-step preempts training within about one layer's compute. A trainer in a process of its own
+(``training.trainer = "process"``) reads the same state from shared memory
+(:meth:`ActivityTracker.shared`, :class:`SharedActivity`).
 """
 from __future__ import annotations
 
@@ -18,22 +20,50 @@ class ActivityTracker:
         self._in_flight = 0
         self._last_activity = time.monotonic()
         self._turn = False
-        self.preempt_training = True  # scheduler.pause_on_inference
+        self._preempt = True
         self._no_turn = threading.Event()
         self._no_turn.set()
         self.preemptions = 0
+        self._shared = None  # [in flight, last activity, turn, preempt], once a trainer process reads them
+
+    @property
+    def preempt_training(self) -> bool:
+        """Whether a request preempts training (``scheduler.pause_on_inference``)."""
+        return self._preempt
+
+    @preempt_training.setter
+    def preempt_training(self, value: bool) -> None:
+        self._preempt = bool(value)
+        self._share()
+
+    def shared(self):
+        """This tracker's state in shared memory, kept up to date from this call on, for a
+        trainer process (:class:`SharedActivity` reads it there)."""
+        if self._shared is None:
+            import multiprocessing
+
+            self._shared = multiprocessing.get_context("spawn").RawArray("d", 4)
+            self._share()
+        return self._shared
+
+    def _share(self) -> None:
+        s = self._shared
+        if s is not None:  # each entry one aligned 8-byte store: a reader never sees half of one
+            s[0], s[1], s[2], s[3] = self._in_flight, self._last_activity, float(self._turn), float(self._preempt)
 
     @contextmanager
     def request(self) -> Iterator[None]:
         with self._lock:
             self._in_flight += 1
             self._last_activity = time.monotonic()
+            self._share()
         try:
             yield
         finally:
             with self._lock:
                 self._in_flight -= 1
                 self._last_activity = time.monotonic()
+                self._share()
 
     @property
     def in_flight(self) -> int:
@@ -44,7 +74,7 @@ class ActivityTracker:
         except during a training turn granted under sustained load, or when preemption is off
         (``scheduler.pause_on_inference = false``: a step then finishes before a request waiting
         for the model lock gets it)."""
-        return self._in_flight > 0 and not self._turn and self.preempt_training
+        return self._in_flight > 0 and not self._turn and self._preempt
 
     @contextmanager
     def training_turn(self) -> Iterator[None]:
@@ -53,11 +83,13 @@ class ActivityTracker:
         (:meth:`wait_for_training_turn`) instead of competing with each training step for it —
         a lock is not fair, and 16 waiting requests would otherwise starve the turn."""
         self._turn = True
+        self._share()
         self._no_turn.clear()
         try:
             yield
         finally:
             self._turn = False
+            self._share()
             self._no_turn.set()
 
     def wait_for_training_turn(self, timeout: float = 120.0) -> None:
@@ -71,3 +103,20 @@ class ActivityTracker:
             if self._in_flight:
                 return 0.0
             return time.monotonic() - self._last_activity
+
+
+class SharedActivity:
+    """:meth:`ActivityTracker.should_yield` and :meth:`~ActivityTracker.idle_for` in a trainer
+    process, read from the serving process's tracker (:meth:`ActivityTracker.shared`) without a
+    lock. ``time.monotonic`` is one clock for every process of the machine."""
+
+    def __init__(self, state) -> None:
+        self._state = state
+
+    def should_yield(self) -> bool:
+        s = self._state
+        return s[0] > 0 and not s[2] and bool(s[3])
+
+    def idle_for(self) -> float:
+        s = self._state
+        return 0.0 if s[0] > 0 else time.monotonic() - s[1]

@@ -87,7 +87,7 @@ def resolve_model_dir(model: str | Path | None, cache_dir: str | Path | None = N
 def load_model(model_dir: str | Path, *, device: str | None = None, dtype=None):
     """Load (model, tokenizer) from a local folder, for training and serving."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,10 +95,20 @@ def load_model(model_dir: str | Path, *, device: str | None = None, dtype=None):
         # Master weights stay float32 on CPU; on CUDA, bf16 weights (training uses autocast).
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the model from {model_dir}: {e}") from None
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The model's tokenizer, with a pad token and a chat template where it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
@@ -106,6 +116,4 @@ def load_model(model_dir: str | Path, *, device: str | None = None, dtype=None):
         tokenizer.chat_template = (
             "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    model.to(device)
-    model.eval()
-    return model, tokenizer
+    return tokenizer

@@ -16,9 +16,10 @@ from .queue import TrainingQueue
 from .recovery import check_sqlite
 from .scheduler import TrainingScheduler
 from .training import probes as probes_mod
-from .training.adapters import attach_lora
+from .training.adapters import attach_lora, decoder_layers
 from .training.batching import BatchManager
 from .training.engine import TrainingEngine
+from .training.remote import RemoteEngine
 from .training.weights import WeightUpdater
 
 log = logging.getLogger("idletune")
@@ -33,7 +34,7 @@ class Service:
     tokenizer: object
     queue: TrainingQueue
     collector: DataCollector
-    engine: TrainingEngine
+    engine: TrainingEngine | RemoteEngine
     weights: WeightUpdater
     batches: BatchManager
     scheduler: TrainingScheduler
@@ -59,6 +60,8 @@ class Service:
 
     def close(self) -> None:
         self.scheduler.stop()
+        if isinstance(self.engine, RemoteEngine):
+            self.engine.close()
         if self.import_jobs is not None:
             self.import_jobs.shutdown(wait=False)
         self.queue.close()
@@ -77,7 +80,8 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
 
     torch.manual_seed(config.training.seed)  # the same adapters' initial weights, run after run
     peft_model = attach_lora(base, config.training.lora)
-    lock = threading.Lock()
+    in_process = config.training.trainer == "process"
+    lock = RemoteEngine.make_lock() if in_process else threading.Lock()
     activity = ActivityTracker()
     problems = [p for p in (check_sqlite(data_dir / "queue.db"), check_sqlite(data_dir / "chatlog.db")) if p]
     queue = TrainingQueue(data_dir / "queue.db", max_examples=config.queue.max_examples)
@@ -86,9 +90,14 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     batches = BatchManager(config.training)
     weights = WeightUpdater(peft_model, data_dir, lock=lock, gate=config.gate, base_model_path=str(model_dir),
                             mode=config.training.mode)
-    engine = TrainingEngine(peft_model, tokenizer, config.training, lock=lock, should_yield=activity.should_yield,
-                            idle_for=activity.idle_for, metrics_path=data_dir / "metrics.jsonl", batch_manager=batches,
-                            weights=weights.ws)
+    weights.lora_only = in_process
+    if in_process:  # the engine in a trainer process of its own, on this model's tensors
+        engine = RemoteEngine(peft_model, tokenizer, config.training, model_dir=model_dir, lock=lock,
+                              activity=activity, metrics_path=data_dir / "metrics.jsonl", weights=weights.ws)
+    else:
+        engine = TrainingEngine(peft_model, tokenizer, config.training, lock=lock, should_yield=activity.should_yield,
+                                idle_for=activity.idle_for, metrics_path=data_dir / "metrics.jsonl",
+                                batch_manager=batches, weights=weights.ws)
     weights.on_mode_change.append(engine.set_weights)
     weights.on_restore.append(engine.reset_optimizer)  # the moments of a trajectory rolled back
     restored = weights.restore_at_start()
@@ -101,6 +110,8 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
                   problems + list(weights.problems))
     _gpu_path(svc)
     _compile_training(config, engine, fast_path=svc.inference.fast is not None)
+    if in_process:
+        engine.start()  # before any request: on a CPU, sending the tensors moves them to shared memory
     svc.scheduler = TrainingScheduler(queue, engine, weights, batches, activity=activity, config=config.scheduler,
                                       probes=svc.probes, heldout_examples=config.gate.heldout_examples,
                                       training_mode=config.training.mode, paused_file=data_dir / "PAUSED")
@@ -127,7 +138,12 @@ def _compile_training(config: Config, engine, fast_path: bool) -> None:
         tc = config.training
         bounded = tc.micro_batch_tokens > 0
         per_unit = layers_per_unit(tc.micro_batch_tokens, tc.max_seq_len)
-        n = compile_layers(engine.model, graphs=how == "graphs", layers_per_unit=per_unit, recompute_cheap=bounded)
+        args = {"graphs": how == "graphs", "layers_per_unit": per_unit, "recompute_cheap": bounded}
+        if isinstance(engine, RemoteEngine):  # compiled there, on its copy of the structure
+            engine.compile_layers = args
+            n = len(decoder_layers(engine.model))
+        else:
+            n = compile_layers(engine.model, **args)
         engine.graphs = how == "graphs"
         log.info("training: %d decoder layers compiled for training steps%s%s%s (the first step compiles)", n,
                  f", {per_unit} layers a unit" if per_unit > 1 else "",

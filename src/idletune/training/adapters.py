@@ -15,8 +15,12 @@ from ..durable import fsync, temporary
 TRAIN, LIVE = "candidate", "live"  # "train" would clash with nn.Module.train
 
 
-def attach_lora(model, cfg: LoraConfig):
-    """Wrap ``model`` with the two adapters. Returns the PeftModel."""
+def attach_lora(model, cfg: LoraConfig, structure_only: bool = False):
+    """Wrap ``model`` with the two adapters. Returns the PeftModel.
+
+    ``structure_only``: ``model`` is on the meta device (a trainer process's copy of the
+    structure, whose tensors :func:`bind_tensors` then takes from the serving process): the
+    adapters' modules are made, but no values are copied between them."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     targets = cfg.module_names()
@@ -34,9 +38,49 @@ def attach_lora(model, cfg: LoraConfig):
         peft_model.add_adapter(LIVE, pcfg)
     for name, p in peft_model.named_parameters():
         p.requires_grad_(f".{TRAIN}." in name or name.endswith(f".{TRAIN}"))
-    copy_adapter(peft_model, TRAIN, LIVE)
+    if not structure_only:
+        copy_adapter(peft_model, TRAIN, LIVE)
     activate(peft_model, LIVE)
     return peft_model
+
+
+def shared_tensors(model) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model`` a copy of its structure needs, by name: parameters (a tied one
+    under each of its names), buffers, and tensors modules keep as plain attributes (rotary
+    embeddings' tables). What :func:`bind_tensors` takes."""
+    out = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
+    out.update(dict(model.named_buffers(remove_duplicate=False)))
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        for k, v in vars(mod).items():
+            if torch.is_tensor(v) and not k.startswith("_"):
+                out.setdefault(f"{prefix}.{k}" if prefix else k, v)
+    return out
+
+
+def bind_tensors(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Point each of ``model``'s parameters, buffers and tensor attributes named in ``tensors`` at
+    that tensor (a parameter stays a parameter, with its ``requires_grad``). ``model``'s own
+    tensors are dropped: built on the meta device, it then computes with, and trains, the
+    tensors of the model they came from. Raises ValueError naming a tensor ``model`` lacks, or
+    one of its own left unbound."""
+    for name, t in tensors.items():
+        prefix, _, leaf = name.rpartition(".")
+        try:
+            mod = model.get_submodule(prefix) if prefix else model
+        except AttributeError:
+            raise ValueError(f"the model has no module {prefix!r} (tensor {name!r})") from None
+        if mod._parameters.get(leaf) is not None:
+            mod._parameters[leaf] = torch.nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
+        elif leaf in mod._buffers:
+            mod._buffers[leaf] = t
+        elif torch.is_tensor(getattr(mod, leaf, None)):
+            setattr(mod, leaf, t)
+        else:
+            raise ValueError(f"the model has no tensor {name!r}")
+    model.__dict__.pop("_idletune_cache", None)  # the adapters' lists, made before binding
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{len(left)} tensors not bound, e.g. {left[0]!r}")
 
 
 def _lora_layer_types():

@@ -690,16 +690,7 @@ class TrainingEngine:
         return asdict(self._latest) if self._latest else None
 
     def metrics_history(self, limit: int = 500) -> list[dict]:
-        if self.metrics_path is None or not self.metrics_path.exists():
-            return []
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()[-limit:]
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-        return out
+        return read_metrics(self.metrics_path, limit)
 
     # ---- save / load --------------------------------------------------------------------------
     def save_model(self, path: str | Path) -> Path:
@@ -720,3 +711,16 @@ class TrainingEngine:
             else:
                 self.ws.load_candidate(tensors)
         self.reset_optimizer()
+
+
+def read_metrics(path: Path | None, limit: int = 500) -> list[dict]:
+    """The last ``limit`` steps' metrics from the JSONL file the engine appends to."""
+    if path is None or not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines()[-limit:]:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    return out

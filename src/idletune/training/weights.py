@@ -76,6 +76,8 @@ class WeightUpdater:
         self._ring.append((0, self._zero))
         self.base_id = "original"  # which base weights LoRA adapters sit on
         self.configured_mode = mode
+        # set where the engine trains LoRA only (a trainer process): versions of full weights are refused
+        self.lora_only = False
         self.mode_reason = "configured" if mode != "hybrid" else "hybrid: LoRA until the loss plateaus"
         self.on_mode_change: list = []
         self.on_restore: list = []  # called after a rollback (or a restore) rewrote both weight sets
@@ -303,6 +305,10 @@ class WeightUpdater:
             name = f"v{version:06d}"
             meta = self._meta(name)
             kind, base = meta.get("kind", "lora"), meta.get("base", "original")
+            if kind == "full" and self.lora_only:
+                raise ValueError(f"version {version} holds fully fine-tuned weights, and a trainer process "
+                                 '(training.trainer = "process") trains LoRA adapters only; to serve it, '
+                                 'start with training.trainer = "thread"')
         # Weights are read from disk first: requests on the GPU path wait while the live ones change.
         if kind == "full":
             tensors = self._read_base(name or "original")

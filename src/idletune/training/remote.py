@@ -1,0 +1,323 @@
+"""The training engine in a process of its own (``training.trainer = "process"``, LoRA only).
+
+Why: in a thread of the serving process, training's Python (its layer calls, autograd's thread,
+the optimizer) takes the interpreter lock in turns with every request. On a GPU, over HTTP, a
+trainer in a process of its own left chat as fast as with no training at all, where the thread
+added about 0.8 ms to the median time to first token and brought a once-per-process request of
+25–30 ms (docs/BENCHMARKS.md, "Fourteenth session").
+
+How:
+- The serving process keeps the model and everything that uses it (inference, the
+  WeightUpdater, snapshots, the scheduler). :class:`RemoteEngine` stands in for
+  :class:`~idletune.training.engine.TrainingEngine` there: the same methods, each call sent to
+  the trainer process over a pipe and its result (or the error's text) sent back.
+- The trainer process (started with the service) builds the PEFT model's structure on the meta
+  device and binds each of its tensors to the serving process's (shared memory on a CPU, CUDA
+  IPC on a GPU: no second copy). It trains the candidate adapter in place; the serving
+  process's WeightUpdater publishes it from there, as in one process.
+- The model lock is a lock of both processes: a training step, a generation on the CPU path, a
+  publish and a rollback exclude each other as before. A trainer process that dies holding it
+  has it released.
+- Requests reach the trainer through the ActivityTracker's state in shared memory
+  (:class:`~idletune.activity.SharedActivity`): it stops at its next layer boundary, as before.
+- A trainer process that exits is reported (the round fails with the reason) and started again
+  at the next call.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+
+from ..config import TrainingConfig
+from .engine import Preempted, read_metrics
+
+log = logging.getLogger("idletune.trainer")
+RETRY_START_S = 60.0  # after a trainer process failed to start, calls fail at once for this long
+
+
+class TrainerProcessError(RuntimeError):
+    """The trainer process failed a call, could not start, or exited."""
+
+
+class RemoteEngine:
+    """TrainingEngine's interface, for a TrainingEngine in a trainer process.
+
+    Args:
+        model: the serving process's PeftModel; its tensors are shared with the trainer process.
+        tokenizer: the model's tokenizer (the trainer process loads its own from ``model_dir``).
+        config: a validated TrainingConfig (``trainer = "process"``, ``mode = "lora"``).
+        model_dir: the model's folder (its config.json gives the trainer the model's structure).
+        lock: the model lock, a lock of both processes (:meth:`make_lock`).
+        activity: the serving process's ActivityTracker.
+        metrics_path: where the trainer appends each step's metrics.
+        weights: the WeightUpdater's weight set (LoRA), for :meth:`save_model` / :meth:`load_model`.
+    """
+
+    def __init__(self, model, tokenizer, config: TrainingConfig, *, model_dir, lock, activity,
+                 metrics_path=None, weights=None):
+        self.model, self.tokenizer, self.config, self.lock = model, tokenizer, config, lock
+        self.ws = weights
+        self.mode = getattr(weights, "kind", "lora")
+        self.metrics_path = Path(metrics_path) if metrics_path else None
+        self.lr_scale = 1.0
+        self.max_wait_s: float | None = None
+        self.graphs = False
+        # set by the service: how the trainer process compiles its decoder layers
+        # (gpu/training.py's compile_layers arguments), or None
+        self.compile_layers: dict | None = None
+        self._model_dir = str(model_dir)
+        self._activity = activity
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc = None
+        self._conn = None
+        self._holding = None  # set by the trainer process while it holds the model lock
+        self._calls = threading.Lock()  # one call at a time on the pipe
+        self._latest: dict | None = None
+        self._reset_optimizer = False  # asked for while a call ran: done before the next one
+        self._failed: tuple[float, str] | None = None  # (when, why) the trainer process last failed to start
+
+    @staticmethod
+    def make_lock():
+        """A model lock both processes can take."""
+        return multiprocessing.get_context("spawn").Lock()
+
+    # ---- the trainer process ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the trainer process (it gets ready in the background; the first call waits).
+        Call before the model serves requests: on a CPU, sending the model's tensors moves
+        them into shared memory."""
+        with self._calls:
+            if self._proc is None:
+                self._start()
+
+    def _start(self) -> None:
+        import torch.multiprocessing  # noqa: F401  (registers how tensors are sent: shared, not copied)
+
+        from .adapters import shared_tensors
+
+        if next(self.model.parameters()).device.type == "cpu":
+            # by name, not by open file descriptor: a model's hundreds of tensors would each keep one
+            torch.multiprocessing.set_sharing_strategy("file_system")
+        here, there = self._ctx.Pipe()
+        self._holding = self._ctx.RawValue("b", 0)
+        proc = self._ctx.Process(
+            target=_trainer_main, name="idletune-trainer", daemon=True,
+            args=(there, self._model_dir, self.config, shared_tensors(self.model), self.lock,
+                  self._activity.shared(), self._holding, str(self.metrics_path) if self.metrics_path else None,
+                  self.compile_layers))
+        proc.start()
+        there.close()
+        self._proc, self._conn, self._ready = proc, here, False
+        log.info("trainer process started (pid %d)", proc.pid)
+
+    def _wait_ready(self) -> None:
+        ok, value = self._receive()
+        if not ok:
+            self._lost()
+            self._failed = (time.monotonic(), value)
+            raise TrainerProcessError(value)
+        self._failed = None
+        self._ready = True
+        self.graphs = bool(value.get("graphs"))
+        log.info("trainer process ready: %s", value.get("summary", ""))
+
+    def _receive(self):
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError):
+            self._proc.join(5)
+            code = self._proc.exitcode
+            self._lost()
+            raise TrainerProcessError(f"the trainer process exited (exit code {code}); it starts again at "
+                                      "the next call") from None
+
+    def _lost(self) -> None:
+        """The trainer process is gone: release the model lock if it held it."""
+        if self._holding is not None and self._holding.value:
+            self._holding.value = 0
+            try:
+                self.lock.release()
+            except ValueError:
+                pass
+        if self._conn is not None:
+            self._conn.close()
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+        self._proc = self._conn = None
+
+    def _call(self, name: str, *args, **kwargs):
+        with self._calls:
+            if self._proc is None:
+                if self._failed and time.monotonic() - self._failed[0] < RETRY_START_S:
+                    raise TrainerProcessError(f"{self._failed[1]} (tried again {RETRY_START_S:.0f} s after)")
+                self._start()
+            if not self._ready:
+                self._wait_ready()
+            state = {"lr_scale": self.lr_scale, "max_wait_s": self.max_wait_s, "reset_optimizer": self._reset_optimizer}
+            try:
+                self._conn.send((name, args, kwargs, state))
+            except (OSError, ValueError):
+                self._lost()
+                raise TrainerProcessError("the trainer process is gone; it starts again at the next call") from None
+            self._reset_optimizer = False
+            ok, value = self._receive()
+        if ok:
+            result, self._latest = value
+            return result
+        if value == "Preempted":
+            raise Preempted()
+        raise TrainerProcessError(f"in the trainer process: {value}")
+
+    def close(self) -> None:
+        with self._calls:
+            if self._proc is None:
+                return
+            try:
+                self._conn.send(("stop",))
+            except (OSError, ValueError):
+                pass
+            self._proc.join(10)
+            self._lost()
+
+    # ---- TrainingEngine's interface ----------------------------------------------------------------
+    def train_round(self, examples, replay=(), *, batch_size=None, deadline=None):
+        return self._call("train_round", examples, list(replay), batch_size=batch_size, deadline=deadline)
+
+    def evaluate(self, examples, which: str, batch_size: int = 4) -> float:
+        return self._call("evaluate", examples, which, batch_size)
+
+    def example_losses(self, examples, which: str, batch_size: int = 4) -> list[float]:
+        return self._call("example_losses", examples, which, batch_size)
+
+    def plateaued(self) -> bool:
+        return self._call("plateaued")
+
+    def reset_optimizer(self) -> None:
+        """Done before the trainer's next call (a rollback during a round must not wait for it)."""
+        self._reset_optimizer = True
+
+    def set_weights(self, ws) -> None:
+        raise TrainerProcessError("a trainer process trains LoRA adapters only; use training.trainer = \"thread\" "
+                                  "for full fine-tuning")
+
+    def get_latest_metrics(self) -> dict | None:
+        return self._latest
+
+    def metrics_history(self, limit: int = 500) -> list[dict]:
+        return read_metrics(self.metrics_path, limit)
+
+    def save_model(self, path) -> Path:
+        """As TrainingEngine.save_model: the trained adapter, in PEFT's format (the tensors are
+        this process's too)."""
+        path = Path(path)
+        with self.lock:
+            tensors = self.ws.clone("candidate")
+        self.ws.write(tensors, path)
+        return path
+
+    def load_model(self, path) -> None:
+        from . import adapters
+
+        tensors = self.ws.read(Path(path))
+        with self.lock:
+            adapters.load_adapter_tensors(self.model, adapters.TRAIN, tensors)
+        self.reset_optimizer()
+
+
+class _HeldFlag:
+    """The model lock in the trainer process, flagging while it holds it (for :meth:`RemoteEngine._lost`)."""
+
+    def __init__(self, lock, flag) -> None:
+        self._lock, self._flag = lock, flag
+
+    def acquire(self, *args, **kwargs) -> bool:
+        got = self._lock.acquire(*args, **kwargs)
+        if got:
+            self._flag.value = 1
+        return got
+
+    def release(self) -> None:
+        self._flag.value = 0
+        self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, lock, activity_state, holding,
+                  metrics_path: str | None, compile_layers: dict | None) -> None:
+    """The trainer process: the model's structure bound to the serving process's tensors, a
+    TrainingEngine on it, and a loop answering :class:`RemoteEngine`'s calls until "stop" or
+    until the serving process goes away."""
+    import contextlib
+
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from ..activity import SharedActivity
+        from ..models import load_tokenizer
+        from .adapters import attach_lora, bind_tensors
+        from .engine import TrainingEngine
+        from .weightsets import LoraWeights
+
+        torch.manual_seed(config.seed)
+        first = next(iter(tensors.values()))
+        if first.is_cuda:
+            torch.cuda.set_device(first.device)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=first.dtype)
+        model = attach_lora(skeleton, config.lora, structure_only=True)
+        bind_tensors(model, tensors)
+        model.eval()
+        activity = SharedActivity(activity_state)
+        engine = TrainingEngine(model, load_tokenizer(model_dir), config, lock=_HeldFlag(lock, holding),
+                                should_yield=activity.should_yield, idle_for=activity.idle_for,
+                                metrics_path=metrics_path, weights=LoraWeights(model))
+        if compile_layers:
+            from ..gpu.training import compile_layers as compile_them
+
+            compile_them(model, **compile_layers)
+            engine.graphs = bool(compile_layers.get("graphs"))
+        stream = contextlib.nullcontext
+        if first.is_cuda:
+            low = torch.cuda.Stream(device=first.device, priority=0)  # lower number = higher priority
+            stream = lambda: torch.cuda.stream(low)  # noqa: E731
+        summary = f"{len(tensors)} tensors shared with the serving process" + (
+            f", decoder layers compiled{' and graphed' if engine.graphs else ''}" if compile_layers else "")
+        conn.send((True, {"graphs": engine.graphs, "summary": summary}))
+    except Exception as e:  # the serving process reports it, and tries again at the next call
+        conn.send((False, f"the trainer process could not start: {type(e).__name__}: {e}"[:1000]))
+        return
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the serving process is gone
+        if msg[0] == "stop":
+            return
+        name, args, kwargs, state = msg
+        engine.lr_scale, engine.max_wait_s = state["lr_scale"], state["max_wait_s"]
+        try:
+            if state["reset_optimizer"]:
+                engine.reset_optimizer()
+            with stream():
+                result = getattr(engine, name)(*args, **kwargs)
+                if first.is_cuda:
+                    torch.cuda.current_stream().synchronize()  # its writes done before the other process reads
+            reply = (True, (result, engine.get_latest_metrics()))
+        except Preempted:
+            reply = (False, "Preempted")
+        except Exception as e:
+            reply = (False, f"{name}: {type(e).__name__}: {e}"[:1000])
+        try:
+            conn.send(reply)
+        except (OSError, ValueError):
+            return

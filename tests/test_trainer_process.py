@@ -1,0 +1,121 @@
+"""training.trainer = "process": the engine in a process of its own, on the serving process's tensors."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from idletune.config import Config, ConfigError
+from idletune.examples import TrainingExample
+from idletune.service import build_service
+from idletune.training import adapters
+from idletune.training.remote import RemoteEngine, TrainerProcessError
+
+
+def pair(i):
+    return TrainingExample.chat([{"role": "user", "content": f"Name of robot {i}?"},
+                                 {"role": "assistant", "content": f"Robot {i} is called Unit-{i}."}])
+
+
+def make(tmp_path, tiny_model_dir, **overrides):
+    cfg = Config.load(None, {"training.trainer": "process", "training.max_steps": 5, "gate.num_retention_probes": 4,
+                             "training.target_loss": 50.0,  # a random tiny model: one step counts as learned
+                             "scheduler.min_idle_time_ms": 200, "scheduler.check_interval_ms": 50,
+                             "scheduler.max_cpu_usage": 100.0, **overrides})
+    return build_service(tmp_path / "data", model=tiny_model_dir, config=cfg)
+
+
+@pytest.fixture
+def svc(tmp_path, tiny_model_dir):
+    s = make(tmp_path, tiny_model_dir)
+    yield s
+    s.close()
+
+
+def wait_for(cond, timeout=90):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_trains_in_its_own_process_on_the_served_tensors_and_publishes(svc):
+    assert isinstance(svc.engine, RemoteEngine)
+    before = adapters.clone_adapter(svc.model, adapters.LIVE)
+    svc.queue.add(pair(1))
+    assert wait_for(lambda: svc.scheduler.training_count == 1), svc.scheduler.last_error
+    pid = svc.engine._proc.pid
+    assert pid != os.getpid()
+    # trained there, in this process's tensors: the gate passed it and the live adapter here changed
+    after = adapters.adapter_tensors(svc.model, adapters.LIVE)
+    assert any(not torch.equal(after[k], before[k]) for k in before), "published weights did not change"
+    assert svc.scheduler.last_round["accepted"] is True
+    assert svc.queue.get_stats()["by_status"]["trained"] == 1
+    m = svc.engine.get_latest_metrics()
+    assert m is not None and m["step"] >= 1 and svc.engine.metrics_history()[-1]["step"] == m["step"]
+
+
+def test_a_request_stops_the_trainer_process_at_its_next_layer(tmp_path, tiny_model_dir):
+    s = make(tmp_path, tiny_model_dir, **{"training.max_steps": 100_000, "training.target_loss": 0.0,
+                                          "scheduler.enable_background_training": False})
+    try:
+        eng = s.engine
+        eng.evaluate([pair(0)], "live")  # started and ready
+        out = {}
+        th = threading.Thread(target=lambda: out.update(r=eng.train_round([pair(1), pair(2)], batch_size=2,
+                                                                        deadline=time.monotonic() + 120)))
+        th.start()
+        assert wait_for(lambda: len(eng.metrics_history()) >= 2, 60), "the trainer process took no steps"
+        with s.activity.request():  # a request in this process: the trainer process yields
+            th.join(60)
+            assert not th.is_alive(), "the round did not stop for the request"
+        r = out["r"]
+        assert r.preempted and r.steps >= 2
+    finally:
+        s.close()
+
+
+def test_a_trainer_process_that_dies_is_reported_then_started_again(svc):
+    eng = svc.engine
+    assert eng.evaluate([pair(1)], "live") > 0
+    os.kill(eng._proc.pid, signal.SIGKILL)
+    with pytest.raises(TrainerProcessError, match="exited"):
+        eng.evaluate([pair(1)], "live")
+    assert eng.evaluate([pair(1)], "live") > 0  # a new trainer process
+    svc.queue.add(pair(2))
+    assert svc.scheduler.force_training(wait=True, timeout=90)["accepted"]
+
+
+def test_the_model_lock_held_by_a_lost_trainer_process_is_released(svc):
+    eng = svc.engine
+    eng.evaluate([pair(1)], "live")
+    assert eng.lock.acquire(timeout=5)
+    eng._holding.value = 1  # as the trainer process flags while it holds the lock
+    eng._lost()
+    assert eng.lock.acquire(timeout=5), "the lock stayed held"
+    eng.lock.release()
+
+
+def test_save_and_load_the_trained_adapter(svc, tmp_path):
+    svc.queue.add(pair(1))
+    assert svc.scheduler.force_training(wait=True, timeout=90)["accepted"]
+    saved = adapters.clone_adapter(svc.model, adapters.TRAIN)
+    path = svc.engine.save_model(tmp_path / "adapter")
+    assert (path / "adapter_model.safetensors").is_file()
+    with torch.no_grad():
+        for t in adapters.adapter_tensors(svc.model, adapters.TRAIN).values():
+            t.zero_()
+    svc.engine.load_model(path)
+    now = adapters.adapter_tensors(svc.model, adapters.TRAIN)
+    assert all(torch.equal(now[k], saved[k]) for k in saved)
+
+
+def test_a_process_trainer_trains_lora_only():
+    with pytest.raises(ConfigError, match="training.trainer"):
+        Config.load(None, {"training.trainer": "process", "training.mode": "hybrid"})
+    with pytest.raises(ConfigError, match="thread or process"):
+        Config.load(None, {"training.trainer": "elsewhere"})
