@@ -71,10 +71,26 @@ def cmd_serve(args) -> int:
     print(f"[idletune] serving {svc.model_name} (weights v{svc.weights.version}) on http://{host}:{port}"
           + (" (API key required)" if config.server.api_key else ""), file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        _serve(uvicorn, app, host, port)
     finally:
         svc.close()
     return 0
+
+
+def _serve(uvicorn, app, host: str, port: int) -> None:
+    """uvicorn's server until SIGTERM or Ctrl-C, then a graceful shutdown that returns here.
+    uvicorn itself raises the signal again once it has shut down, which ends the process before
+    the service closes (a trainer process left to notice on its own, make's "Terminated")."""
+    import contextlib
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                getattr(self, "_captured_signals", []).clear()  # shut down already: not raised again
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
 
 
 def _auth_headers() -> dict:

@@ -290,7 +290,7 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
         if first.is_cuda:
             low = torch.cuda.Stream(device=first.device, priority=0)  # lower number = higher priority
             stream = lambda: torch.cuda.stream(low)  # noqa: E731
-        summary = f"{len(tensors)} tensors shared with the serving process" + (
+        summary = f"{len(tensors)} tensors shared with the serving process, threads {torch.get_num_threads()}" + (
             f", decoder layers compiled{' and graphed' if engine.graphs else ''}" if compile_layers else "")
         conn.send((True, {"graphs": engine.graphs, "summary": summary}))
     except Exception as e:  # the serving process reports it, and tries again at the next call
