@@ -119,3 +119,17 @@ def test_a_process_trainer_trains_lora_only():
         Config.load(None, {"training.trainer": "process", "training.mode": "hybrid"})
     with pytest.raises(ConfigError, match="thread or process"):
         Config.load(None, {"training.trainer": "elsewhere"})
+
+
+def test_a_stopped_server_stops_its_trainer_process(start_server, tiny_model_dir):
+    import psutil
+
+    server = start_server(model=tiny_model_dir, extra=["--set", "training.trainer=process"])
+    trainers = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                if "spawn_main" in " ".join(p.cmdline())]
+    assert len(trainers) == 1
+    server.stop()  # SIGTERM: a graceful shutdown, the service closed
+    assert server.proc.returncode == 0
+    assert wait_for(lambda: not trainers[0].is_running() or trainers[0].status() == psutil.STATUS_ZOMBIE, 30)
+    log = server.log_path.read_text()
+    assert "leaked" not in log and "Traceback" not in log, log[-2000:]
