@@ -13,7 +13,7 @@
    it, a fresh machine's first minute of measuring includes that compilation.
 
 Usage:
-    python bench/learn_and_latency.py [--model DIR] [--requests 40] [--out results.json]
+    python bench/learn_and_latency.py [--model DIR] [--requests 40] [--set section.field=value] [--out results.json]
 """
 from __future__ import annotations
 
@@ -173,6 +173,8 @@ def main() -> None:
     ap.add_argument("--skip-learning", action="store_true")
     ap.add_argument("--warm-training", type=int, default=0, metavar="STEPS",
                     help="train this many steps before measuring latency (0: measure from the start)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="passed to the server, e.g. --set training.trainer=process")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -184,7 +186,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         proc = start_server(Path(tmp) / "data", args.model, port,
-                            ["--set", "scheduler.min_idle_time_ms=500", "--set", "scheduler.check_interval_ms=50"])
+                            ["--set", "scheduler.min_idle_time_ms=500", "--set", "scheduler.check_interval_ms=50"]
+                            + [a for kv in args.set for a in ("--set", kv)])
         url = f"http://127.0.0.1:{port}"
         log = Path(tmp) / "server.log"
         start = {"at": 0}

@@ -907,3 +907,24 @@ def test_training_compile_setting_on_the_cpu():
     assert wanted("on", model) == "compile" and wanted("graphs", model) == "compile"
     with pytest.raises(ValueError, match="training.compile"):
         Config.load(None, {"training.compile": "fast"})
+
+
+def test_retention_probes_never_set_the_shared_tokenizer_padding(tiny_model_dir):
+    """A fast tokenizer keeps its padding setting on the one object every thread uses: a batch
+    padded by it while a request's or an import's call turned padding off came out ragged
+    ("expected sequence of length 37 at dim 1 (got 40)"). The probes pad themselves."""
+    from idletune.models import load_model
+    from idletune.training.probes import record_probes
+
+    model, tok = load_model(tiny_model_dir)
+    calls = []
+    real_call = type(tok).__call__
+
+    class Spy(type(tok)):
+        def __call__(self, *args, **kwargs):
+            calls.append(kwargs)
+            return real_call(self, *args, **kwargs)
+    tok.__class__ = Spy
+    probes = record_probes(model, tok, 4, max_new_tokens=4)
+    assert calls and not any(kw.get("padding") for kw in calls)
+    assert len(probes) == 4 and tok.padding_side == "right"

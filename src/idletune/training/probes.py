@@ -49,12 +49,13 @@ def record_probes(model, tokenizer, n: int, max_new_tokens: int = 48) -> list[di
     device = next(model.parameters()).device
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                            tokenize=False) for p in prompts]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    finally:
-        tokenizer.padding_side = side
+    # Padded here (on the left, for generation), not by the tokenizer: a fast tokenizer keeps its
+    # padding setting on the one object every thread uses, and a request's or an import's call
+    # meanwhile turned it off mid-batch ("expected sequence of length 37 at dim 1 (got 40)").
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(r) for r in rows)
+    enc = {"input_ids": torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device),
+           "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)}
     ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad()
     with ctx, torch.inference_mode():
         model.eval()
