@@ -133,3 +133,26 @@ def test_a_stopped_server_stops_its_trainer_process(start_server, tiny_model_dir
     assert wait_for(lambda: not trainers[0].is_running() or trainers[0].status() == psutil.STATUS_ZOMBIE, 30)
     log = server.log_path.read_text()
     assert "leaked" not in log and "Traceback" not in log, log[-2000:]
+
+
+def test_closing_in_the_middle_of_a_round_stops_the_trainer_process(tmp_path, tiny_model_dir):
+    s = make(tmp_path, tiny_model_dir, **{"training.max_steps": 100_000, "training.target_loss": 0.0,
+                                          "scheduler.enable_background_training": False})
+    eng = s.engine
+    eng.evaluate([pair(0)], "live")
+    proc = eng._proc
+    errors = []
+
+    def round_():
+        try:
+            eng.train_round([pair(1)], batch_size=1, deadline=time.monotonic() + 120)
+        except TrainerProcessError as e:
+            errors.append(e)
+    th = threading.Thread(target=round_)
+    th.start()
+    assert wait_for(lambda: len(eng.metrics_history()) >= 1, 60)
+    s.close()  # does not wait for the round
+    th.join(30)
+    assert not th.is_alive() and errors and "exited" in str(errors[0])
+    assert not proc.is_alive()
+    assert eng.lock.acquire(timeout=5), "the model lock stayed held"

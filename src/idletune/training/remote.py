@@ -73,6 +73,7 @@ class RemoteEngine:
         self._ctx = multiprocessing.get_context("spawn")
         self._proc = None
         self._conn = None
+        self._ready = False
         self._holding = None  # set by the trainer process while it holds the model lock
         self._calls = threading.Lock()  # one call at a time on the pipe
         self._latest: dict | None = None
@@ -125,14 +126,15 @@ class RemoteEngine:
         log.info("trainer process ready: %s", value.get("summary", ""))
 
     def _receive(self):
+        conn, proc = self._conn, self._proc
         try:
-            return self._conn.recv()
+            return conn.recv()
         except (EOFError, OSError):
-            self._proc.join(5)
-            code = self._proc.exitcode
-            self._lost()
-            raise TrainerProcessError(f"the trainer process exited (exit code {code}); it starts again at "
-                                      "the next call") from None
+            proc.join(5)
+            if self._proc is proc:
+                self._lost()
+            raise TrainerProcessError(f"the trainer process exited (exit code {proc.exitcode}); it starts "
+                                      "again at the next call") from None
 
     def _lost(self) -> None:
         """The trainer process is gone: release the model lock if it held it."""
@@ -142,10 +144,10 @@ class RemoteEngine:
                 self.lock.release()
             except ValueError:
                 pass
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()  # first: a call waiting on the pipe then reads its end
         if self._conn is not None:
             self._conn.close()
-        if self._proc is not None and self._proc.is_alive():
-            self._proc.kill()
         self._proc = self._conn = None
 
     def _call(self, name: str, *args, **kwargs):
@@ -172,15 +174,22 @@ class RemoteEngine:
         raise TrainerProcessError(f"in the trainer process: {value}")
 
     def close(self) -> None:
-        with self._calls:
+        """Stop the trainer process: asked to, between calls; stopped at once in the middle of
+        one (a round cut short at a stop, as with a thread)."""
+        idle = self._calls.acquire(timeout=1.0)
+        try:
             if self._proc is None:
                 return
-            try:
-                self._conn.send(("stop",))
-            except (OSError, ValueError):
-                pass
-            self._proc.join(10)
+            if idle:
+                try:
+                    self._conn.send(("stop",))
+                except (OSError, ValueError):
+                    pass
+                self._proc.join(10)
             self._lost()
+        finally:
+            if idle:
+                self._calls.release()
 
     # ---- TrainingEngine's interface ----------------------------------------------------------------
     def train_round(self, examples, replay=(), *, batch_size=None, deadline=None):
