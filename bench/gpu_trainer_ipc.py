@@ -15,7 +15,9 @@ trainer map them: the frozen base (no second copy) and both adapters, which the 
    serving process's own model, whose live adapter the trainer wrote.
 
 The trainer process builds the model on the meta device, attaches the two adapters as the service
-does, and binds every parameter and buffer to the serving process's tensor of the same name.
+does, and binds every parameter and buffer to the serving process's tensor of the same name
+(``adapters.bind_tensors``, which ``training.trainer = "process"`` uses too, through its own
+calls: ``training/remote.py``; this bench times the pieces apart).
 
 Status: not yet seen working on a GPU. Its first run (EA, fourteenth session) printed nothing
 within 420 s; run on the CPU afterwards, the binding left the adapters' cached tensor lists
@@ -38,39 +40,6 @@ import gpu_common as C
 from gpu_training import fixed_batch
 
 
-def bind(model, tensors: dict) -> int:
-    """Point every parameter and buffer of ``model`` named in ``tensors`` at that tensor; returns
-    how many were bound."""
-    n = 0
-    for name, t in tensors.items():
-        prefix, _, leaf = name.rpartition(".")
-        mod = model.get_submodule(prefix) if prefix else model
-        if leaf in mod._parameters and mod._parameters[leaf] is not None:
-            mod._parameters[leaf] = torch.nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
-        elif leaf in mod._buffers:
-            mod._buffers[leaf] = t
-        else:
-            raise KeyError(name)
-        n += 1
-    # the adapters' tensor lists, cached when the adapters were made (adapters._cache), still hold
-    # the meta tensors: listed again at first use, they are the bound ones
-    model.__dict__.pop("_idletune_cache", None)
-    return n
-
-
-def structure_only(attach, base, lora_cfg):
-    """The service's ``attach_lora`` on a model on the meta device: the adapters' modules, without
-    its copy of one adapter's (not yet existing) values into the other."""
-    from idletune.training import adapters
-
-    real = adapters.copy_adapter
-    adapters.copy_adapter = lambda *args, **kwargs: None
-    try:
-        return attach(base, lora_cfg)
-    finally:
-        adapters.copy_adapter = real
-
-
 def _trainer_main(model_dir, tensors, go, stop, publish_now, out_q, steps_v, warmup_steps):
     """The trainer process: the model's structure on the meta device, its tensors the serving
     process's; idletune's engine with its layers compiled and graphed; publishes on request."""
@@ -78,7 +47,7 @@ def _trainer_main(model_dir, tensors, go, stop, publish_now, out_q, steps_v, war
 
     from idletune.config import Config
     from idletune.gpu.training import compile_layers, wanted
-    from idletune.training.adapters import attach_lora, copy_adapter, LIVE, TRAIN
+    from idletune.training.adapters import attach_lora, bind_tensors, copy_adapter, LIVE, TRAIN
     from idletune.training.engine import TrainingEngine
     from idletune.training.weightsets import LoraWeights
 
@@ -87,8 +56,9 @@ def _trainer_main(model_dir, tensors, go, stop, publish_now, out_q, steps_v, war
     cfg = Config()
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16)
-    model = structure_only(attach_lora, base, cfg.training.lora)
-    bound = bind(model, tensors)
+    model = attach_lora(base, cfg.training.lora, structure_only=True)
+    bind_tensors(model, tensors)
+    bound = len(tensors)
     left_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     tok = AutoTokenizer.from_pretrained(model_dir)
     eng = TrainingEngine(model, tok, cfg.training, weights=LoraWeights(model), idle_for=lambda: math.inf)
@@ -155,9 +125,7 @@ def main():
         if fast is None:
             raise SystemExit("GPU path not installed")
         model = svc.model
-        # every tensor by every name it has (tied embeddings: both names)
-        tensors = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
-        tensors.update({n: b for n, b in model.named_buffers(remove_duplicate=False)})
+        tensors = adapters.shared_tensors(model)  # every tensor by every name it has
         go, stop, publish_now = ctx.Event(), ctx.Event(), ctx.Event()
         out_q, steps_v = ctx.Queue(), ctx.Value("i", 0, lock=False)
         # the thread trainer (as shipped) warms up first: both train the same candidate tensors,
