@@ -19,11 +19,11 @@ does, and binds every parameter and buffer to the serving process's tensor of th
 (``adapters.bind_tensors``, which ``training.trainer = "process"`` uses too, through its own
 calls: ``training/remote.py``; this bench times the pieces apart).
 
-Status: not yet seen working on a GPU. Its first run (EA, fourteenth session) printed nothing
-within 420 s; run on the CPU afterwards, the binding left the adapters' cached tensor lists
-pointing at the meta tensors (the engine would have trained those, and the first publish
-failed), now listed again after binding, and a trainer process that died was waited for
-for 900 s, now noticed at once.
+Status: not yet seen working on a GPU. Its first run (EA, fourteenth session) did not finish
+within 420 s, its output (piped through tail) lost. Run on the CPU afterwards: the binding left
+the adapters' cached tensor lists holding the meta tensors (the engine would have trained
+those, and the first publish failed), now made again after binding; and the bench waited 900 s
+for a trainer process that had died, now noticed at once. Likely what happened; not shown.
 
 Usage: python bench/gpu_trainer_ipc.py [OUT.json] [--shape qwen2.5-0.5b] [--alone-s 15] [--publishes 20]
 """
