@@ -210,6 +210,16 @@ def test_imports_show_progress_and_results(open_page, server, site, tmp_path):
     }""")
     expect(jobs.filter(has_text="faq.csv")).to_have_attribute("data-status", "done")
 
+    # An import that left something out is done, and lists what (the API sends {what, why} objects).
+    page.set_input_files("#files", files=[{"name": "chats.jsonl", "mimeType": "application/json", "buffer": (
+        b'{"messages": [{"role": "user", "content": "What do Zorbians drink?"}, '
+        b'{"role": "assistant", "content": "Zorbians drink goat milk."}]}\n{"unknown": 1}\n')}])
+    card = jobs.filter(has_text="chats.jsonl")
+    expect(card).to_have_attribute("data-status", "done")
+    expect(card.locator(".job-result")).to_contain_text("1 skipped")
+    card.locator(".job-result summary").click()
+    expect(card.locator(".job-result li")).to_contain_text("line 2")
+
     page.fill("#paste", "Zorbian wool is dyed blue with the leaves of the zorb tree.")
     page.fill("#paste-name", "wool note")
     page.click("#text-form button[type=submit]")

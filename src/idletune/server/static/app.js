@@ -506,7 +506,7 @@ function showJob(node, job) {
       `${r.duplicates} already queued` + (meta.format ? ` · ${meta.format}` : "") + (meta.title ? ` · “${meta.title}”` : ""))];
     if (r.skipped && r.skipped.length) {
       lines.push(el("details", {}, el("summary", {}, `${r.skipped.length} skipped`),
-        el("ul", {}, ...r.skipped.map(([what, why]) => el("li", {}, `${what}: ${why}`)))));
+        el("ul", {}, ...r.skipped.map(({what, why}) => el("li", {}, `${what}: ${why}`)))));
     }
     for (const w of r.warnings || []) lines.push(el("p", { class: "warn" }, w));
     out.replaceChildren(...lines);
