@@ -175,3 +175,36 @@ def test_a_chat_whose_body_never_comes_does_not_hold_training_back():
 
     sent = asyncio.run(run())
     assert seen == [0, 1] and sent and activity.in_flight == 0
+
+
+def test_a_server_with_a_status_stream_open_still_stops(start_server, tiny_model_dir):
+    """The web page's status stream never ends on its own; SIGTERM stopped the server only once
+    the page went away. Now the shutdown waits a few seconds for it, then closes it."""
+    import subprocess
+    import threading
+    import time
+
+    s = start_server(model=tiny_model_dir)
+    events = []
+
+    def listen():
+        try:
+            with httpx.stream("GET", f"{s.url}/api/events?interval=0.2", timeout=60) as r:
+                for line in r.iter_lines():
+                    events.append(line)
+        except httpx.HTTPError:
+            pass
+    th = threading.Thread(target=listen, daemon=True)
+    th.start()
+    end = time.monotonic() + 30
+    while not any(e.startswith("event: status") for e in events) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert events, "no status event"
+    s.proc.terminate()
+    try:
+        code = s.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the server did not stop with a status stream open")
+    assert code == 0
+    th.join(10)
+    assert not th.is_alive(), "the stream was not closed"

@@ -80,7 +80,9 @@ def cmd_serve(args) -> int:
 def _serve(uvicorn, app, host: str, port: int) -> None:
     """uvicorn's server until SIGTERM or Ctrl-C, then a graceful shutdown that returns here.
     uvicorn itself raises the signal again once it has shut down, which ends the process before
-    the service closes (a trainer process left to notice on its own, make's "Terminated")."""
+    the service closes (a trainer process left to notice on its own, make's "Terminated"). The
+    shutdown waits at most ``SHUTDOWN_GRACE_S`` for open responses: the web page's status
+    stream (``/api/events``) never ends on its own, and kept the server up while a page was open."""
     import contextlib
 
     class Server(uvicorn.Server):
@@ -90,7 +92,11 @@ def _serve(uvicorn, app, host: str, port: int) -> None:
                 yield
                 getattr(self, "_captured_signals", []).clear()  # shut down already: not raised again
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                          timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
+
+
+SHUTDOWN_GRACE_S = 3  # seconds a stopping server lets responses in progress finish
 
 
 def _auth_headers() -> dict:
