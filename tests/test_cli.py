@@ -30,6 +30,7 @@ def test_chat_through_a_running_server(start_server, tiny_model_dir):
     r = idletune("chat", "--url", server.url, "--max-tokens", "4", input="Hello there\n/quit\n")
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"connected to {server.url}" in r.stdout and "[idletune-v0]" in r.stdout
+    assert "HTTP Request" not in r.stdout + r.stderr  # the HTTP client's log lines stay out of the chat
 
 
 def test_status_import_snapshots_export(tmp_path, tiny_model_dir):

@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[idletune] %(message)s")
-    for noisy in ("httpx", "transformers", "peft"):
+    for noisy in ("httpx", "httpx2", "httpcore", "openai", "transformers", "peft"):  # httpx2: what openai's client logs as
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
