@@ -261,9 +261,11 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; export writes a folder: name a new or an existing folder")
     svc = _service(args, start_scheduler=False)
     try:
-        out = Path(args.out)
         # An adapter alone only makes sense on the original base; otherwise write the full model.
         merged = args.merged or svc.weights.mode == "full" or svc.weights.base_id != "original"
         if merged:
@@ -396,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ConfigError, ValueError, OSError, RuntimeError) as e:  # OSError: a path that cannot be written, …
         print(f"idletune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
