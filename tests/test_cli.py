@@ -27,10 +27,11 @@ def test_chat_locally_with_correction_and_training(tmp_path, tiny_model_dir):
 
 def test_chat_through_a_running_server(start_server, tiny_model_dir):
     server = start_server(model=tiny_model_dir, extra=["--set", "scheduler.enable_background_training=false"])
-    r = idletune("chat", "--url", server.url, "--max-tokens", "4", input="Hello there\n/quit\n")
+    r = idletune("chat", "--url", server.url, "--max-tokens", "4", input="/help\nHello there\n/quit\n")
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"connected to {server.url}" in r.stdout and "[idletune-v0]" in r.stdout
     assert "HTTP Request" not in r.stdout + r.stderr  # the HTTP client's log lines stay out of the chat
+    assert "/correct TEXT    the right answer" in r.stdout and r.stdout.count("bot>") == 1  # /help: not a message
 
 
 def test_status_import_snapshots_export(tmp_path, tiny_model_dir):

@@ -126,6 +126,14 @@ def _server_up(url: str) -> bool:
         return False
 
 
+CHAT_HELP = """commands:
+  /new             start a new conversation (the model keeps what it learned)
+  /correct TEXT    the right answer to the model's last one: queued to train first
+  /train           train now on what is pending, and wait for the round
+  /status          the live version, the queue and the latest training step
+  /quit            leave (also /exit, Ctrl-D)"""
+
+
 def cmd_chat(args) -> int:
     """A terminal chat: through a running server if there is one, else in-process."""
     history: list[dict] = []
@@ -136,7 +144,7 @@ def cmd_chat(args) -> int:
         from openai import OpenAI
 
         client = OpenAI(base_url=f"{args.url}/v1", api_key=os.environ.get("IDLETUNE_API_KEY", "none"))
-        print(f"connected to {args.url}. Commands: /new, /correct TEXT, /train, /status, /quit", flush=True)
+        print(f"connected to {args.url}. Commands: /new, /correct TEXT, /train, /status, /help, /quit", flush=True)
 
         def reply(msgs):
             stream = client.chat.completions.create(model="idletune", messages=msgs, stream=True,
@@ -153,7 +161,7 @@ def cmd_chat(args) -> int:
 
         svc = _service(args, start_scheduler=True)
         print(f"{svc.model_name} loaded locally (weights v{svc.weights.version}); it trains while you think. "
-              "Commands: /new, /correct TEXT, /train, /status, /quit", flush=True)
+              "Commands: /new, /correct TEXT, /train, /status, /help, /quit", flush=True)
 
         def reply(msgs):
             import uuid
@@ -177,6 +185,9 @@ def cmd_chat(args) -> int:
             continue
         if line in ("/quit", "/exit"):
             break
+        if line in ("/help", "/?"):
+            print(CHAT_HELP)
+            continue
         if line == "/new":
             history = [m for m in history if m["role"] == "system"]
             print("(new conversation)")
