@@ -93,3 +93,20 @@ def test_the_converted_default_model_files_share_one_mode(default_model_dir):
 
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in default_model_dir.iterdir()}
     assert len(set(modes.values())) == 1, modes
+
+
+def test_one_server_per_data_directory_and_it_says_serving_once_bound(start_server, tiny_model_dir, tmp_path):
+    from conftest import ServerProcess
+
+    data = tmp_path / "data"
+    first = start_server(model=tiny_model_dir, data_dir=data, extra=["--set", "scheduler.enable_background_training=false"])
+    assert f"(weights v0) on http://127.0.0.1:{first.port}" in first.log_path.read_text()
+    second = ServerProcess(data, tiny_model_dir, ["--set", "scheduler.enable_background_training=false"])
+    with pytest.raises(RuntimeError, match="another idletune server is using"):
+        second.start(timeout=120)
+    assert f"(pid {first.proc.pid})" in second.log_path.read_text()
+    # a port already taken: refused, and no line claims it is serving there
+    r = idletune("serve", "--data-dir", tmp_path / "other", "--model", tiny_model_dir, "--port", first.port,
+                 "--set", "scheduler.enable_background_training=false", timeout=180)
+    assert r.returncode != 0 and "address already in use" in r.stderr, r.stderr[-1500:]
+    assert "[idletune] serving" not in r.stderr, r.stderr[-1500:]

@@ -62,22 +62,51 @@ def cmd_serve(args) -> int:
     if insecure:
         logging.getLogger("idletune").warning("WARNING: %s", insecure)
     print(f"[idletune] data directory: {args.data_dir}", file=sys.stderr, flush=True)
+    held = _hold_data_dir(Path(args.data_dir).expanduser())
     print("[idletune] loading the model…", file=sys.stderr, flush=True)
     from .service import build_service
 
     svc = build_service(args.data_dir, model=args.model, config=config)
     app = create_app(svc)
     host, port = config.server.host, config.server.port
-    print(f"[idletune] serving {svc.model_name} (weights v{svc.weights.version}) on http://{host}:{port}"
-          + (" (API key required)" if config.server.api_key else ""), file=sys.stderr, flush=True)
+    serving = (f"[idletune] serving {svc.model_name} (weights v{svc.weights.version}) on http://{host}:{port}"
+               + (" (API key required)" if config.server.api_key else ""))
     try:
-        _serve(uvicorn, app, host, port)
+        _serve(uvicorn, app, host, port, lambda: print(serving, file=sys.stderr, flush=True))
     finally:
         svc.close()
+        if held is not None:
+            held.close()  # the lock goes with it
     return 0
 
 
-def _serve(uvicorn, app, host: str, port: int) -> None:
+def _hold_data_dir(data_dir: Path):
+    """An exclusive lock on ``DATA_DIR/serve.lock`` for as long as this server runs: a second
+    server on the same data directory trained the same queue and published versions over the
+    first one's, which went on serving its own. Refused with the holder's pid. (No lock where
+    the platform has no ``fcntl``.)"""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    f = open(data_dir / "serve.lock", "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip()
+        f.close()
+        raise ValueError(f"another idletune server is using {data_dir}{f' (pid {pid})' if pid else ''}: "
+                         "stop it first, or give this one another --data-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _serve(uvicorn, app, host: str, port: int, on_started=None) -> None:
     """uvicorn's server until SIGTERM or Ctrl-C, then a graceful shutdown that returns here.
     uvicorn itself raises the signal again once it has shut down, which ends the process before
     the service closes (a trainer process left to notice on its own, make's "Terminated"). The
@@ -91,6 +120,11 @@ def _serve(uvicorn, app, host: str, port: int) -> None:
             with super().capture_signals():
                 yield
                 getattr(self, "_captured_signals", []).clear()  # shut down already: not raised again
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started and on_started is not None:  # the port is bound: now say where
+                on_started()
 
     Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                           timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
