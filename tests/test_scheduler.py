@@ -12,11 +12,12 @@ def pair(i):
                                  {"role": "assistant", "content": f"Robot {i} is called Unit-{i}."}])
 
 
-def make(tmp_path, tiny_model_dir):
+def make(tmp_path, tiny_model_dir, **overrides):
     cfg = Config.load(None, {"training.max_steps": 5, "gate.num_retention_probes": 4,
                              "training.target_loss": 50.0,  # a random tiny model: one step counts as learned
                              "scheduler.min_idle_time_ms": 200, "scheduler.check_interval_ms": 50,
-                             "scheduler.max_cpu_usage": 100.0})  # tests may run beside other load
+                             "scheduler.max_cpu_usage": 100.0,  # tests may run beside other load
+                             **overrides})
     return build_service(tmp_path / "data", model=tiny_model_dir, config=cfg)
 
 
@@ -27,7 +28,7 @@ def svc(tmp_path, tiny_model_dir):
     s.close()
 
 
-def wait_for(cond, timeout=60):
+def wait_for(cond, timeout=90):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if cond():

@@ -7,24 +7,15 @@ import time
 import pytest
 import torch
 
+from test_scheduler import make as make_service, pair, wait_for
+
 from idletune.config import Config, ConfigError
-from idletune.examples import TrainingExample
-from idletune.service import build_service
 from idletune.training import adapters
 from idletune.training.remote import RemoteEngine, TrainerProcessError
 
 
-def pair(i):
-    return TrainingExample.chat([{"role": "user", "content": f"Name of robot {i}?"},
-                                 {"role": "assistant", "content": f"Robot {i} is called Unit-{i}."}])
-
-
 def make(tmp_path, tiny_model_dir, **overrides):
-    cfg = Config.load(None, {"training.trainer": "process", "training.max_steps": 5, "gate.num_retention_probes": 4,
-                             "training.target_loss": 50.0,  # a random tiny model: one step counts as learned
-                             "scheduler.min_idle_time_ms": 200, "scheduler.check_interval_ms": 50,
-                             "scheduler.max_cpu_usage": 100.0, **overrides})
-    return build_service(tmp_path / "data", model=tiny_model_dir, config=cfg)
+    return make_service(tmp_path, tiny_model_dir, **{"training.trainer": "process", **overrides})
 
 
 @pytest.fixture
@@ -32,15 +23,6 @@ def svc(tmp_path, tiny_model_dir):
     s = make(tmp_path, tiny_model_dir)
     yield s
     s.close()
-
-
-def wait_for(cond, timeout=90):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_trains_in_its_own_process_on_the_served_tensors_and_publishes(svc):
