@@ -123,18 +123,44 @@ def test_closing_in_the_middle_of_a_round_stops_the_trainer_process(tmp_path, ti
     eng = s.engine
     eng.evaluate([pair(0)], "live")
     proc = eng._proc
-    errors = []
+    out = []
 
     def round_():
         try:
-            eng.train_round([pair(1)], batch_size=1, deadline=time.monotonic() + 120)
+            out.append(eng.train_round([pair(1)], batch_size=1, deadline=time.monotonic() + 120))
         except TrainerProcessError as e:
-            errors.append(e)
+            out.append(e)
     th = threading.Thread(target=round_)
     th.start()
     assert wait_for(lambda: len(eng.metrics_history()) >= 1, 60)
-    s.close()  # does not wait for the round
+    s.close()  # does not wait for the round: it stops at its next layer, or with the process
     th.join(30)
-    assert not th.is_alive() and errors and "exited" in str(errors[0])
+    assert not th.is_alive() and out
+    assert isinstance(out[0], TrainerProcessError) or out[0].preempted, out
     assert not proc.is_alive()
+    with pytest.raises(TrainerProcessError, match="closing"):  # and nothing starts it again
+        eng.evaluate([pair(1)], "live")
     assert eng.lock.acquire(timeout=5), "the model lock stayed held"
+
+
+def test_ctrl_c_is_left_to_the_serving_process(svc):
+    """Ctrl-C reaches every process of the terminal's group: the trainer process ignores it (the
+    serving process stops it when it stops)."""
+    eng = svc.engine
+    eng.evaluate([pair(1)], "live")
+    os.kill(eng._proc.pid, signal.SIGINT)
+    time.sleep(1.0)
+    assert eng._proc.is_alive()
+    assert eng.evaluate([pair(1)], "live") > 0
+
+
+def test_too_little_shared_memory_is_refused_clearly(monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from idletune.training import remote
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 << 20, 0, 64 << 20))
+    with pytest.raises(TrainerProcessError, match=r"1024 MB, and /dev/shm has 64 MB free"):
+        remote._check_shared_memory({"w": torch.zeros(256, 1 << 20)})

@@ -8,6 +8,7 @@ mid-step preempts training within about one layer's compute. A trainer in a proc
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -24,7 +25,8 @@ class ActivityTracker:
         self._no_turn = threading.Event()
         self._no_turn.set()
         self.preemptions = 0
-        self._shared = None  # [in flight, last activity, turn, preempt], once a trainer process reads them
+        self._stopping = False
+        self._shared = None  # [in flight, last activity, turn, preempt, stopping], once a trainer process reads them
 
     @property
     def preempt_training(self) -> bool:
@@ -33,8 +35,16 @@ class ActivityTracker:
 
     @preempt_training.setter
     def preempt_training(self, value: bool) -> None:
-        self._preempt = bool(value)
-        self._share()
+        with self._lock:
+            self._preempt = bool(value)
+            self._share()
+
+    def stopping(self) -> None:
+        """The service is closing: a trainer process yields from now on, as to a request that
+        never ends (its thread counterpart is stopped with the scheduler)."""
+        with self._lock:
+            self._stopping = True
+            self._share()
 
     def shared(self):
         """This tracker's state in shared memory, kept up to date from this call on, for a
@@ -42,14 +52,17 @@ class ActivityTracker:
         if self._shared is None:
             import multiprocessing
 
-            self._shared = multiprocessing.get_context("spawn").RawArray("d", 4)
-            self._share()
+            with self._lock:
+                self._shared = multiprocessing.get_context("spawn").RawArray("d", 5)
+                self._share()
         return self._shared
 
     def _share(self) -> None:
+        # called with self._lock held: two writers never interleave their stores
         s = self._shared
         if s is not None:  # each entry one aligned 8-byte store: a reader never sees half of one
-            s[0], s[1], s[2], s[3] = self._in_flight, self._last_activity, float(self._turn), float(self._preempt)
+            s[0], s[1], s[2], s[3], s[4] = (self._in_flight, self._last_activity, float(self._turn),
+                                            float(self._preempt), float(self._stopping))
 
     @contextmanager
     def request(self) -> Iterator[None]:
@@ -82,14 +95,16 @@ class ActivityTracker:
         training share), and requests that need the model lock wait for the block to end
         (:meth:`wait_for_training_turn`) instead of competing with each training step for it —
         a lock is not fair, and 16 waiting requests would otherwise starve the turn."""
-        self._turn = True
-        self._share()
+        with self._lock:
+            self._turn = True
+            self._share()
         self._no_turn.clear()
         try:
             yield
         finally:
-            self._turn = False
-            self._share()
+            with self._lock:
+                self._turn = False
+                self._share()
             self._no_turn.set()
 
     def wait_for_training_turn(self, timeout: float = 120.0) -> None:
@@ -112,10 +127,13 @@ class SharedActivity:
 
     def __init__(self, state) -> None:
         self._state = state
+        self._parent = os.getppid()
 
     def should_yield(self) -> bool:
+        """Also once the serving process is gone (this process then has another parent): a
+        trainer process left behind stops at its next layer boundary, and exits at the pipe's end."""
         s = self._state
-        return s[0] > 0 and not s[2] and bool(s[3])
+        return bool(s[4]) or (s[0] > 0 and not s[2] and bool(s[3])) or os.getppid() != self._parent
 
     def idle_for(self) -> float:
         s = self._state

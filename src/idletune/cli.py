@@ -66,7 +66,12 @@ def cmd_serve(args) -> int:
     print("[idletune] loading the model…", file=sys.stderr, flush=True)
     from .service import build_service
 
-    svc = build_service(args.data_dir, model=args.model, config=config)
+    try:
+        svc = build_service(args.data_dir, model=args.model, config=config)
+    except BaseException:
+        if held is not None:
+            held.close()
+        raise
     app = create_app(svc)
     host, port = config.server.host, config.server.port
     serving = (f"[idletune] serving {svc.model_name} (weights v{svc.weights.version}) on http://{host}:{port}"
@@ -93,12 +98,17 @@ def _hold_data_dir(data_dir: Path):
     f = open(data_dir / "serve.lock", "a+", encoding="utf-8")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         f.seek(0)
         pid = f.read().strip()
         f.close()
         raise ValueError(f"another idletune server is using {data_dir}{f' (pid {pid})' if pid else ''}: "
                          "stop it first, or give this one another --data-dir") from None
+    except OSError as e:  # a file system without locks (some network mounts): serve unguarded
+        logging.getLogger("idletune").warning("could not lock %s (%s): make sure no other server uses it",
+                                              data_dir, e)
+        f.close()
+        return None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")

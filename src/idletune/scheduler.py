@@ -156,8 +156,11 @@ class TrainingScheduler:
                 else:
                     finished = self.run_round(forced=forced)
             except Exception as e:  # keep serving; report the failure in the status
-                log.exception("training round failed")
-                self.last_error = f"{type(e).__name__}: {e}"
+                if self._stop.is_set():  # stopped under it (a trainer process ends with the service)
+                    log.info("training round cut short: the service is stopping")
+                else:
+                    log.exception("training round failed")
+                    self.last_error = f"{type(e).__name__}: {e}"
                 finished = True
             finally:
                 self._busy = False

@@ -59,9 +59,12 @@ class Service:
         return self.model_dir.name
 
     def close(self) -> None:
-        self.scheduler.stop()
         if isinstance(self.engine, RemoteEngine):
-            self.engine.close()
+            self.activity.stopping()  # a round in the trainer process stops at its next layer
+            self.scheduler.stop(timeout=5)
+            self.engine.close()  # and whatever it still does is stopped with it
+        else:
+            self.scheduler.stop()
         if self.import_jobs is not None:
             self.import_jobs.shutdown(wait=False)
         self.queue.close()
@@ -110,8 +113,10 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
                   problems + list(weights.problems))
     _gpu_path(svc)
     _compile_training(config, engine, fast_path=svc.inference.fast is not None)
-    if in_process:
-        engine.start()  # before any request: on a CPU, sending the tensors moves them to shared memory
+    if in_process and start_scheduler:
+        # before any request: on a CPU, sending the tensors moves them into shared memory (a
+        # command that trains without serving starts it at its first call instead)
+        engine.start()
     svc.scheduler = TrainingScheduler(queue, engine, weights, batches, activity=activity, config=config.scheduler,
                                       probes=svc.probes, heldout_examples=config.gate.heldout_examples,
                                       training_mode=config.training.mode, paused_file=data_dir / "PAUSED")

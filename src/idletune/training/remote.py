@@ -77,7 +77,8 @@ class RemoteEngine:
         self._holding = None  # set by the trainer process while it holds the model lock
         self._calls = threading.Lock()  # one call at a time on the pipe
         self._latest: dict | None = None
-        self._reset_optimizer = False  # asked for while a call ran: done before the next one
+        self._resets = 0  # reset_optimizer() calls so far; the trainer resets when it sees a new count
+        self._closed = False
         self._failed: tuple[float, str] | None = None  # (when, why) the trainer process last failed to start
 
     @staticmethod
@@ -99,14 +100,16 @@ class RemoteEngine:
 
         from .adapters import shared_tensors
 
+        tensors = shared_tensors(self.model)
         if next(self.model.parameters()).device.type == "cpu":
             # by name, not by open file descriptor: a model's hundreds of tensors would each keep one
             torch.multiprocessing.set_sharing_strategy("file_system")
+            _check_shared_memory(tensors)
         here, there = self._ctx.Pipe()
         self._holding = self._ctx.RawValue("b", 0)
         proc = self._ctx.Process(
             target=_trainer_main, name="idletune-trainer", daemon=True,
-            args=(there, self._model_dir, self.config, shared_tensors(self.model), self.lock,
+            args=(there, self._model_dir, self.config, tensors, self.lock,
                   self._activity.shared(), self._holding, str(self.metrics_path) if self.metrics_path else None,
                   self.compile_layers))
         proc.start()
@@ -137,34 +140,43 @@ class RemoteEngine:
                                       "again at the next call") from None
 
     def _lost(self) -> None:
-        """The trainer process is gone: release the model lock if it held it."""
+        """The trainer process is gone, or is to be: stopped first (a call waiting on the pipe
+        then reads its end, and it can no longer take or give up the model lock), then the lock
+        released if it held it."""
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc.join(10)
         if self._holding is not None and self._holding.value:
             self._holding.value = 0
             try:
                 self.lock.release()
             except ValueError:
                 pass
-        if self._proc is not None and self._proc.is_alive():
-            self._proc.kill()  # first: a call waiting on the pipe then reads its end
         if self._conn is not None:
             self._conn.close()
         self._proc = self._conn = None
 
     def _call(self, name: str, *args, **kwargs):
         with self._calls:
+            if self._closed:
+                raise TrainerProcessError("the trainer process was stopped (the service is closing)")
             if self._proc is None:
                 if self._failed and time.monotonic() - self._failed[0] < RETRY_START_S:
-                    raise TrainerProcessError(f"{self._failed[1]} (tried again {RETRY_START_S:.0f} s after)")
+                    raise TrainerProcessError(f"{self._failed[1]} (not tried again for {RETRY_START_S:.0f} s)")
                 self._start()
             if not self._ready:
                 self._wait_ready()
-            state = {"lr_scale": self.lr_scale, "max_wait_s": self.max_wait_s, "reset_optimizer": self._reset_optimizer}
+            if next(self.model.parameters()).is_cuda:
+                import torch
+
+                torch.cuda.current_stream().synchronize()  # what this process queued (a discard, a load) lands first
+            state = {"lr_scale": self.lr_scale, "max_wait_s": self.max_wait_s, "resets": self._resets}
             try:
                 self._conn.send((name, args, kwargs, state))
             except (OSError, ValueError):
                 self._lost()
-                raise TrainerProcessError("the trainer process is gone; it starts again at the next call") from None
-            self._reset_optimizer = False
+                raise TrainerProcessError("the trainer process exited; it starts again at the next call") from None
             ok, value = self._receive()
         if ok:
             result, self._latest = value
@@ -175,7 +187,8 @@ class RemoteEngine:
 
     def close(self) -> None:
         """Stop the trainer process: asked to, between calls; stopped at once in the middle of
-        one (a round cut short at a stop, as with a thread)."""
+        one (a round cut short at a stop, as with a thread). No call starts it again."""
+        self._closed = True
         idle = self._calls.acquire(timeout=1.0)
         try:
             if self._proc is None:
@@ -206,7 +219,7 @@ class RemoteEngine:
 
     def reset_optimizer(self) -> None:
         """Done before the trainer's next call (a rollback during a round must not wait for it)."""
-        self._reset_optimizer = True
+        self._resets += 1
 
     def set_weights(self, ws) -> None:
         raise TrainerProcessError("a trainer process trains LoRA adapters only; use training.trainer = \"thread\" "
@@ -236,11 +249,32 @@ class RemoteEngine:
         self.reset_optimizer()
 
 
-class _HeldFlag:
-    """The model lock in the trainer process, flagging while it holds it (for :meth:`RemoteEngine._lost`)."""
+def _check_shared_memory(tensors: dict, where: str = "/dev/shm") -> None:
+    """On a CPU the model's tensors move into shared memory (``where``): refuse clearly where it
+    cannot hold them (a container's default /dev/shm is 64 MB) rather than fail mid-copy."""
+    import shutil
 
-    def __init__(self, lock, flag) -> None:
-        self._lock, self._flag = lock, flag
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return  # no such folder here: the platform shares memory another way
+    need = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()
+                if not t.is_shared()}.values())
+    if need > free:
+        raise TrainerProcessError(
+            f'training.trainer = "process" on a CPU keeps the model in shared memory: {need / 2**20:.0f} MB, '
+            f"and {where} has {free / 2**20:.0f} MB free (a container's default is 64 MB: docker run "
+            '--shm-size=…); or use training.trainer = "thread"')
+
+
+class _HeldFlag:
+    """The model lock in the trainer process, flagging while it holds it (for :meth:`RemoteEngine._lost`).
+    On a GPU its work is done before it lets go: the serving process's stream does not wait for
+    this process's (another CUDA context), so a rollback's or a discard's writes could otherwise
+    meet the tail of a step still running here."""
+
+    def __init__(self, lock, flag, device=None) -> None:
+        self._lock, self._flag, self._device = lock, flag, device
 
     def acquire(self, *args, **kwargs) -> bool:
         got = self._lock.acquire(*args, **kwargs)
@@ -249,6 +283,10 @@ class _HeldFlag:
         return got
 
     def release(self) -> None:
+        if self._device is not None:
+            import torch
+
+            torch.cuda.synchronize(self._device)
         self._flag.value = 0
         self._lock.release()
 
@@ -266,7 +304,9 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
     TrainingEngine on it, and a loop answering :class:`RemoteEngine`'s calls until "stop" or
     until the serving process goes away."""
     import contextlib
+    import signal
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the serving process's to handle; it stops this one
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -287,7 +327,8 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
         bind_tensors(model, tensors)
         model.eval()
         activity = SharedActivity(activity_state)
-        engine = TrainingEngine(model, load_tokenizer(model_dir), config, lock=_HeldFlag(lock, holding),
+        engine = TrainingEngine(model, load_tokenizer(model_dir), config,
+                                lock=_HeldFlag(lock, holding, first.device if first.is_cuda else None),
                                 should_yield=activity.should_yield, idle_for=activity.idle_for,
                                 metrics_path=metrics_path, weights=LoraWeights(model))
         if compile_layers:
@@ -302,6 +343,7 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
         summary = f"{len(tensors)} tensors shared with the serving process, threads {torch.get_num_threads()}" + (
             f", decoder layers compiled{' and graphed' if engine.graphs else ''}" if compile_layers else "")
         conn.send((True, {"graphs": engine.graphs, "summary": summary}))
+        resets = 0
     except Exception as e:  # the serving process reports it, and tries again at the next call
         conn.send((False, f"the trainer process could not start: {type(e).__name__}: {e}"[:1000]))
         return
@@ -315,7 +357,8 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
         name, args, kwargs, state = msg
         engine.lr_scale, engine.max_wait_s = state["lr_scale"], state["max_wait_s"]
         try:
-            if state["reset_optimizer"]:
+            if state["resets"] != resets:
+                resets = state["resets"]
                 engine.reset_optimizer()
             with stream():
                 result = getattr(engine, name)(*args, **kwargs)

@@ -34,6 +34,10 @@ from .weightsets import FullWeights, LoraWeights, hf_name, merge_live_adapter, r
 log = logging.getLogger("idletune.training")
 
 
+class LoraOnlyError(ValueError):
+    """A version of full weights asked of a process that trains LoRA adapters only."""
+
+
 @dataclass
 class GateDecision:
     accepted: bool
@@ -306,9 +310,9 @@ class WeightUpdater:
             meta = self._meta(name)
             kind, base = meta.get("kind", "lora"), meta.get("base", "original")
             if kind == "full" and self.lora_only:
-                raise ValueError(f"version {version} holds fully fine-tuned weights, and a trainer process "
-                                 '(training.trainer = "process") trains LoRA adapters only; to serve it, '
-                                 'start with training.trainer = "thread"')
+                raise LoraOnlyError(f"version {version} holds fully fine-tuned weights, and a trainer process "
+                                    '(training.trainer = "process") trains LoRA adapters only; to serve it, '
+                                    'start with training.trainer = "thread"')
         # Weights are read from disk first: requests on the GPU path wait while the live ones change.
         if kind == "full":
             tensors = self._read_base(name or "original")
@@ -448,6 +452,8 @@ class WeightUpdater:
             try:
                 self._restore(v)
                 return v
+            except LoraOnlyError:
+                raise  # not damaged: this process cannot serve it; falling back would move LIVE
             except Exception as e:  # a damaged snapshot: report it and try the one before
                 self.problems.append(f"snapshot v{v:06d} could not be loaded ({e}); falling back")
         if wanted:
