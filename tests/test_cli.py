@@ -53,6 +53,8 @@ def test_status_import_snapshots_export(tmp_path, tiny_model_dir):
     assert r.returncode == 0 and (out / "adapter_config.json").exists(), r.stderr[-2000:]
     r = idletune("export", "--out", notes, "--model", tiny_model_dir, "--data-dir", data, "--url", "http://127.0.0.1:9")
     assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = idletune("rollback", "banana", "--data-dir", data, "--url", "http://127.0.0.1:9")
+    assert r.returncode == 2 and "'banana' is not a version" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = idletune("rollback", "--model", tiny_model_dir, "--data-dir", data, "--url", "http://127.0.0.1:9")
     assert r.returncode == 0 and "now v0" in r.stdout
 

@@ -97,6 +97,9 @@ def test_feedback_status_force_pause_resume(server):
     assert {"step", "loss", "learning_rate", "grad_norm", "examples_processed"} <= set(st["training"])
     snaps = httpx.get(f"{url}/api/snapshots").json()
     assert snaps["live_version"] == 1 and snaps["data"][0]["id"] == "v000001"
+    bad = httpx.post(f"{url}/api/snapshots/rollback", json={"version": True})
+    assert bad.status_code == 400 and "version" in bad.text  # true is not version 1
+    assert httpx.get(f"{url}/api/status").json()["live_version"] == 1
     rb = httpx.post(f"{url}/api/snapshots/rollback", json={}).json()
     assert rb["live_version"] == 0
     chat = httpx.post(f"{url}/v1/chat/completions", json={"messages": conv, "max_tokens": 2}, timeout=60).json()

@@ -375,7 +375,10 @@ def cmd_snapshots(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    version = int(args.id.lstrip("v")) if args.id else None
+    try:
+        version = int(args.id.lstrip("v")) if args.id else None
+    except ValueError:
+        raise ValueError(f"{args.id!r} is not a version: give a number like 3 or a snapshot id like v000003") from None
     if _server_up(args.url):
         r = _http("POST", f"{args.url}/api/snapshots/rollback", json={"version": version})
         body = r.json()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 
 class ContentPart(BaseModel):
@@ -71,7 +71,7 @@ class FeedbackRequest(BaseModel):
 
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int | None = Field(default=None, ge=0)
+    version: StrictInt | None = Field(default=None, ge=0)  # strict: true is not version 1
     id: str | None = None
 
 
