@@ -62,6 +62,7 @@ class RemoteEngine:
         self.ws = weights
         self.mode = getattr(weights, "kind", "lora")
         self.metrics_path = Path(metrics_path) if metrics_path else None
+        self._cuda = next(model.parameters()).is_cuda  # the model's device, for the whole process's life
         self.lr_scale = 1.0
         self.max_wait_s: float | None = None
         self.graphs = False
@@ -101,7 +102,7 @@ class RemoteEngine:
         from .adapters import shared_tensors
 
         tensors = shared_tensors(self.model)
-        if next(self.model.parameters()).device.type == "cpu":
+        if not self._cuda:
             # by name, not by open file descriptor: a model's hundreds of tensors would each keep one
             torch.multiprocessing.set_sharing_strategy("file_system")
             _check_shared_memory(tensors)
@@ -167,7 +168,7 @@ class RemoteEngine:
                 self._start()
             if not self._ready:
                 self._wait_ready()
-            if next(self.model.parameters()).is_cuda:
+            if self._cuda:
                 import torch
 
                 torch.cuda.current_stream().synchronize()  # what this process queued (a discard, a load) lands first
