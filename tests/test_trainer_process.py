@@ -99,8 +99,30 @@ def test_save_and_load_the_trained_adapter(svc, tmp_path):
 def test_a_process_trainer_trains_lora_only():
     with pytest.raises(ConfigError, match="training.trainer"):
         Config.load(None, {"training.trainer": "process", "training.mode": "hybrid"})
-    with pytest.raises(ConfigError, match="thread or process"):
+    with pytest.raises(ConfigError, match="auto, thread or process"):
         Config.load(None, {"training.trainer": "elsewhere"})
+    assert Config.load(None, {"training.mode": "hybrid"}).training.trainer == "auto"  # auto takes a thread there
+
+
+def test_auto_takes_a_trainer_process_on_a_gpu_for_lora_only(tmp_path):
+    from idletune.service import choose_trainer
+
+    def where(on_cuda=True, **overrides):
+        return choose_trainer(Config.load(None, overrides).training, on_cuda=on_cuda, data_dir=tmp_path)[0]
+    assert where() == "process"
+    assert where(on_cuda=False) == "thread"
+    assert where(**{"training.mode": "hybrid"}) == where(**{"training.mode": "full"}) == "thread"
+    assert where(on_cuda=False, **{"training.trainer": "process"}) == "process"  # asked for: as asked
+    assert where(**{"training.trainer": "thread"}) == "thread"
+    # a data directory that keeps a version of full weights (a process could not roll back to it)
+    snap = tmp_path / "snapshots" / "v000003"
+    snap.mkdir(parents=True)
+    (snap / "meta.json").write_text('{"version": 3, "kind": "lora"}')
+    assert where() == "process"
+    (tmp_path / "snapshots" / "base-v000002").mkdir()
+    (tmp_path / "snapshots" / "base-v000002" / "meta.json").write_text('{"version": 2, "kind": "full"}')
+    trainer, why = choose_trainer(Config.load(None).training, on_cuda=True, data_dir=tmp_path)
+    assert trainer == "thread" and "full weights" in why
 
 
 def test_a_stopped_server_stops_its_trainer_process(start_server, tiny_model_dir):

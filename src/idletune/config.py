@@ -102,13 +102,14 @@ class TrainingConfig:
     first step compiles (tens of seconds, once per process), then steps run 1.6–2.0× the plain
     PEFT loop with graphs, 1.2–1.6× without (docs/BENCHMARKS.md); evaluation and chat never use
     the compiled layers."""
-    trainer: str = "thread"
-    """Where training runs: "thread" (a thread of the serving process) or "process" (a process of
-    its own, sharing the model's tensors with the serving process: no second copy). In a process
-    training no longer shares Python's interpreter lock with chat; on a GPU, over HTTP, that left
-    chat as fast as with no training at all, where a thread added about 0.8 ms to the median
-    time to first token (docs/BENCHMARKS.md, "Fourteenth session"). Experimental: LoRA only
-    (``mode = "lora"``), and not yet measured as built."""
+    trainer: str = "auto"
+    """Where training runs: "thread" (a thread of the serving process), "process" (a process of its
+    own, sharing the model's tensors with the serving process: no second copy; LoRA only), or
+    "auto": a process on a CUDA GPU in ``mode = "lora"`` when no version of full weights is kept,
+    a thread otherwise. In a process training no longer shares Python's interpreter lock with
+    chat; on an H100, over HTTP, it added 0.0–0.3 ms to the median time to first token where a
+    thread added 0.8–0.9 ms, trained as fast, and took 0.8 GB more GPU memory (a second CUDA
+    context; docs/BENCHMARKS.md, "Fifteenth session")."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -132,9 +133,9 @@ class TrainingConfig:
         _check(_int(self.plateau_window) and self.plateau_window >= 2, "training.plateau_window", "must be ≥ 2")
         _check(self.compile in ("auto", "graphs", "on", "off"), "training.compile",
                f"must be auto, graphs, on or off, got {self.compile!r}")
-        _check(self.trainer in ("thread", "process"), "training.trainer",
-               f"must be thread or process, got {self.trainer!r}")
-        _check(self.trainer == "thread" or self.mode == "lora", "training.trainer",
+        _check(self.trainer in ("auto", "thread", "process"), "training.trainer",
+               f"must be auto, thread or process, got {self.trainer!r}")
+        _check(self.trainer != "process" or self.mode == "lora", "training.trainer",
                f'"process" trains LoRA adapters only; training.mode is {self.mode!r} (use trainer = "thread")')
 
 

@@ -20,7 +20,7 @@ from .training.adapters import attach_lora, decoder_layers
 from .training.batching import BatchManager
 from .training.engine import TrainingEngine
 from .training.remote import RemoteEngine
-from .training.weights import WeightUpdater
+from .training.weights import WeightUpdater, holds_full_weights
 
 log = logging.getLogger("idletune")
 
@@ -83,7 +83,9 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
 
     torch.manual_seed(config.training.seed)  # the same adapters' initial weights, run after run
     peft_model = attach_lora(base, config.training.lora)
-    in_process = config.training.trainer == "process"
+    trainer, why = choose_trainer(config.training, on_cuda=next(base.parameters()).is_cuda, data_dir=data_dir)
+    in_process = trainer == "process"
+    log.info("training: in a %s (%s)", "trainer process of its own" if in_process else "trainer thread", why)
     lock = RemoteEngine.make_lock() if in_process else threading.Lock()
     activity = ActivityTracker()
     problems = [p for p in (check_sqlite(data_dir / "queue.db"), check_sqlite(data_dir / "chatlog.db")) if p]
@@ -128,6 +130,26 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     if start_scheduler:
         svc.scheduler.start()
     return svc
+
+
+def choose_trainer(config, *, on_cuda: bool, data_dir: Path) -> tuple[str, str]:
+    """Where training runs ("thread" or "process") for ``training.trainer``, and why.
+
+    "auto" takes a trainer process where it was measured to help and can serve: on a CUDA GPU
+    (where a trainer thread's Python added to chat's time to first token), training LoRA
+    adapters (a process trains nothing else yet), with no version of full weights kept (which a
+    process could not roll back to). A CPU keeps the thread: there the model would move into
+    shared memory, which containers often keep small, for no measured gain."""
+    if config.trainer != "auto":
+        return config.trainer, f'training.trainer = "{config.trainer}"'
+    if not on_cuda:
+        return "thread", 'training.trainer = "auto", on a CPU'
+    if config.mode != "lora":
+        return "thread", f'training.trainer = "auto", training.mode = "{config.mode}": a trainer process trains LoRA only'
+    if holds_full_weights(data_dir / "snapshots"):
+        return "thread", ('training.trainer = "auto", and this data directory keeps versions of full weights, '
+                          "which a trainer process could not roll back to")
+    return "process", 'training.trainer = "auto", on a GPU'
 
 
 def _compile_training(config: Config, engine, fast_path: bool) -> None:

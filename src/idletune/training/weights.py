@@ -34,6 +34,18 @@ from .weightsets import FullWeights, LoraWeights, hf_name, merge_live_adapter, r
 log = logging.getLogger("idletune.training")
 
 
+def holds_full_weights(snapshots_dir: Path) -> bool:
+    """Whether a snapshots folder keeps any version of full weights (a full fine-tuning's, or a
+    merged base that LoRA versions sit on)."""
+    for meta in Path(snapshots_dir).glob("*/meta.json"):
+        try:
+            if json.loads(meta.read_text(encoding="utf-8")).get("kind") == "full":
+                return True
+        except (OSError, ValueError):
+            continue  # a damaged snapshot: the WeightUpdater reports it
+    return False
+
+
 class LoraOnlyError(ValueError):
     """A version of full weights asked of a process that trains LoRA adapters only."""
 
