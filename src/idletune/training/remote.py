@@ -148,10 +148,6 @@ class RemoteEngine:
             if self._proc.is_alive():
                 self._proc.kill()
             self._proc.join(10)
-            if self._cuda:
-                import torch
-
-                torch.cuda.ipc_collect()  # what the trainer process let go of (CUDA IPC's bookkeeping)
         if self._holding is not None and self._holding.value:
             self._holding.value = 0
             try:
@@ -358,17 +354,6 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
         except (EOFError, OSError):
             return  # the serving process is gone
         if msg[0] == "stop":
-            if first.is_cuda:
-                # Let go of the serving process's tensors before exiting: CUDA IPC counts this
-                # process's references, and a count left at exit makes the serving process warn
-                # at its own exit ("Producer process has been terminated before all shared CUDA
-                # tensors released"). The compiled layers' caches hold the model too.
-                del engine, model, skeleton, tensors, first
-                import gc
-
-                torch._dynamo.reset()
-                gc.collect()
-                torch.cuda.synchronize()
             return
         name, args, kwargs, state = msg
         engine.lr_scale, engine.max_wait_s = state["lr_scale"], state["max_wait_s"]
