@@ -205,7 +205,9 @@ def main() -> None:
             # the server's last lines (where the GPU path logs how it started, and any warning),
             # and what it logged about training while latency was measured (rounds, new shapes)
             if log.exists():
-                res["server_log_tail"] = log.read_text(errors="replace").splitlines()[-40:]
+                lines = log.read_text(errors="replace").splitlines()
+                res["server_log_head"] = lines[:30]  # how it started: the GPU path, where training runs
+                res["server_log_tail"] = lines[-40:]
                 if start["at"]:
                     with open(log, "rb") as f:
                         f.seek(start["at"])

@@ -1,10 +1,11 @@
-"""The training engine in a process of its own (``training.trainer = "process"``, LoRA only).
+"""The training engine in a process of its own (``training.trainer = "process"``, and "auto" on a
+CUDA GPU; LoRA only).
 
 Why: in a thread of the serving process, training's Python (its layer calls, autograd's thread,
-the optimizer) takes the interpreter lock in turns with every request. On a GPU, over HTTP, a
-trainer in a process of its own left chat as fast as with no training at all, where the thread
-added about 0.8 ms to the median time to first token and brought a once-per-process request of
-25–30 ms (docs/BENCHMARKS.md, "Fourteenth session").
+the optimizer) takes the interpreter lock in turns with every request. On an H100, over HTTP,
+a trainer process added −0.02 to +0.32 ms to the median time to first token where a thread
+added +0.8 to +0.9 ms, and trained as fast; it costs a second CUDA context (about 0.8 GB)
+(docs/BENCHMARKS.md, "Fourteenth session" and "Fifteenth session").
 
 How:
 - The serving process keeps the model and everything that uses it (inference, the
