@@ -167,9 +167,11 @@ def model_dir(name: str, root: str = "/tmp/idletune-bench") -> Path:
 
 
 def service(name: str, data_dir, **overrides):
-    """idletune's real composition root on a random-weight model (scheduler not started)."""
+    """idletune's real composition root on a random-weight model (scheduler not started). Training
+    in a thread unless ``training.trainer`` is given: the benches time and reach into the engine
+    itself (the GPU default, "auto", would put it in a trainer process)."""
     from idletune.config import Config
     from idletune.service import build_service
 
-    cfg = Config.load(None, overrides)
+    cfg = Config.load(None, {"training.trainer": "thread", **overrides})
     return build_service(data_dir, model=model_dir(name), config=cfg, start_scheduler=False)

@@ -22,7 +22,7 @@ The option was built and tested on the CPU (fourteenth session); what a GPU run 
 Examples are real text (random token ids decoded), encoded by the engine in whichever process
 trains: the bench's usual patch of the encoder would not reach a spawned process.
 
-Usage: python bench/gpu_trainer_checks.py [OUT.json] [--shape qwen2.5-0.5b] [--alone-s 10] [--skip-thread]
+Usage: python bench/gpu_trainer_checks.py [OUT.json] [--shape qwen2.5-0.5b] [--alone-s 10] [--warmup-steps 3] [--skip-thread]
 """
 import argparse
 import copy
@@ -112,93 +112,95 @@ def run_one(kind: str, a, res: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         svc = C.service(a.shape, tmp, **{"training.trainer": kind, **SETTINGS})
-        r["service_s"] = round(time.perf_counter() - t0, 1)
-        r["gpu_path"] = svc.inference.fast is not None
-        r["used_gb_service"] = round(used_gb(), 2)
-        svc.activity._last_activity = 0.0  # the user away (the trainer process reads it when it starts)
-        eng = svc.engine
-        examples = text_examples(svc.tokenizer)
-        t0 = time.perf_counter()
-        eng.evaluate(examples[:2], "live")
-        r["first_call_s"] = round(time.perf_counter() - t0, 1)  # process: spawn, imports, bind, compile
-        r["used_gb_ready"] = round(used_gb(), 2)
-        zero = adapters.clone_adapter(svc.model, adapters.TRAIN)
-        t0 = time.perf_counter()
-        warm = 0
-        while warm < a.warmup_steps and time.perf_counter() - t0 < 300:
-            warm += eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 30).steps
-        r["warmup"] = {"steps": warm, "seconds": round(time.perf_counter() - t0, 1)}
-        r["used_gb_trained"] = round(used_gb(), 2)
-        r["alone"] = rate(eng, examples, a.alone_s)
-        r["used_gb_after_alone"] = round(used_gb(), 2)
-        moved = adapters.clone_adapter(svc.model, adapters.TRAIN)
-        r["candidate_moved_in_serving_process"] = sum(not torch.equal(moved[k], zero[k]) for k in zero)
-        r["candidate_tensors"] = len(zero)
-        print(f"[{kind}] ready in {r['first_call_s']} s, {r['alone']['steps_per_s']} steps/s alone, "
-              f"used {r['used_gb_service']} → {r['used_gb_ready']} → {r['used_gb_trained']} GB", flush=True)
-        C.write(res, "gpu_trainer_checks.json")
-
-        # 3. publish in the serving process, then served = PEFT
-        t0 = time.perf_counter()
-        v = svc.weights.publish({"bench": 1})
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        r["publish_ms"] = round(1e3 * (time.perf_counter() - t0), 2)
-        live = adapters.clone_adapter(svc.model, adapters.LIVE)
-        r["published_version"] = v
-        r["live_is_trained"] = all(torch.equal(live[k], moved[k]) for k in moved) if v else None
-        r["served_vs_peft_after_publish"] = served_vs_peft(svc)
-        print(f"[{kind}] published v{v} in {r['publish_ms']} ms; served vs PEFT {r['served_vs_peft_after_publish']}",
-              flush=True)
-
-        if kind == "process":
-            # 4. a rollback in the middle of a round
-            out = {}
-            since = svc.weights.restores
-            th = threading.Thread(target=lambda: out.update(r=eng.train_round(
-                examples, batch_size=8, deadline=time.monotonic() + 4.0)))
-            th.start()
-            time.sleep(1.5)
-            t0 = time.perf_counter()
-            svc.weights.rollback(0, "bench: during a round")
-            rb = 1e3 * (time.perf_counter() - t0)
-            th.join(60)
-            after_round = svc.weights.publish({"bench": 2}, trained_since=since)
-            live = adapters.clone_adapter(svc.model, adapters.LIVE)
-            r["rollback_during_round"] = {
-                "rollback_ms": round(rb, 1), "round_steps": out["r"].steps if "r" in out else None,
-                "published_after": after_round, "live_version": svc.weights.version,
-                "live_exactly_v0": all(torch.equal(live[k], zero[k]) for k in zero),
-                "served_vs_peft": served_vs_peft(svc)}
-            print(f"[process] rollback during a round: {r['rollback_during_round']}", flush=True)
-            C.write(res, "gpu_trainer_checks.json")
-
-            # 5. the trainer process killed
-            pid = eng._proc.pid
-            before_kill = used_gb()
-            os.kill(pid, signal.SIGKILL)
-            t0 = time.perf_counter()
-            while time.perf_counter() - t0 < 30:
-                try:
-                    os.kill(pid, 0)
-                except OSError:
-                    break
-                time.sleep(0.05)
-            time.sleep(2.0)
-            freed = before_kill - used_gb()
-            try:
-                eng.evaluate(examples[:2], "live")
-                reported = "no error"
-            except TrainerProcessError as e:
-                reported = str(e)
+        try:
+            r["service_s"] = round(time.perf_counter() - t0, 1)
+            r["gpu_path"] = svc.inference.fast is not None
+            r["used_gb_service"] = round(used_gb(), 2)
+            svc.activity._last_activity = 0.0  # the user away (the trainer process reads it when it starts)
+            eng = svc.engine
+            examples = text_examples(svc.tokenizer)
             t0 = time.perf_counter()
             eng.evaluate(examples[:2], "live")
-            again = time.perf_counter() - t0
-            steps = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 30).steps
-            r["after_kill"] = {"freed_gb": round(freed, 2), "reported": reported, "ready_again_s": round(again, 1),
-                               "new_pid": eng._proc.pid, "steps_after": steps, "used_gb": round(used_gb(), 2)}
-            print(f"[process] after SIGKILL: {r['after_kill']}", flush=True)
-        svc.close()
+            r["first_call_s"] = round(time.perf_counter() - t0, 1)  # process: spawn, imports, bind, compile
+            r["used_gb_ready"] = round(used_gb(), 2)
+            zero = adapters.clone_adapter(svc.model, adapters.TRAIN)
+            t0 = time.perf_counter()
+            warm = 0
+            while warm < a.warmup_steps and time.perf_counter() - t0 < 300:
+                warm += eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 30).steps
+            r["warmup"] = {"steps": warm, "seconds": round(time.perf_counter() - t0, 1)}
+            r["used_gb_trained"] = round(used_gb(), 2)
+            r["alone"] = rate(eng, examples, a.alone_s)
+            r["used_gb_after_alone"] = round(used_gb(), 2)
+            moved = adapters.clone_adapter(svc.model, adapters.TRAIN)
+            r["candidate_moved_in_serving_process"] = sum(not torch.equal(moved[k], zero[k]) for k in zero)
+            r["candidate_tensors"] = len(zero)
+            print(f"[{kind}] ready in {r['first_call_s']} s, {r['alone']['steps_per_s']} steps/s alone, "
+                  f"used {r['used_gb_service']} → {r['used_gb_ready']} → {r['used_gb_trained']} GB", flush=True)
+            C.write(res, "gpu_trainer_checks.json")
+
+            # 3. publish in the serving process, then served = PEFT
+            t0 = time.perf_counter()
+            v = svc.weights.publish({"bench": 1})
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            r["publish_ms"] = round(1e3 * (time.perf_counter() - t0), 2)
+            live = adapters.clone_adapter(svc.model, adapters.LIVE)
+            r["published_version"] = v
+            r["live_is_trained"] = all(torch.equal(live[k], moved[k]) for k in moved) if v else None
+            r["served_vs_peft_after_publish"] = served_vs_peft(svc)
+            print(f"[{kind}] published v{v} in {r['publish_ms']} ms; served vs PEFT {r['served_vs_peft_after_publish']}",
+                  flush=True)
+
+            if kind == "process":
+                # 4. a rollback in the middle of a round
+                out = {}
+                since = svc.weights.restores
+                th = threading.Thread(target=lambda: out.update(r=eng.train_round(
+                    examples, batch_size=8, deadline=time.monotonic() + 4.0)))
+                th.start()
+                time.sleep(1.5)
+                t0 = time.perf_counter()
+                svc.weights.rollback(0, "bench: during a round")
+                rb = 1e3 * (time.perf_counter() - t0)
+                th.join(60)
+                after_round = svc.weights.publish({"bench": 2}, trained_since=since)
+                live = adapters.clone_adapter(svc.model, adapters.LIVE)
+                r["rollback_during_round"] = {
+                    "rollback_ms": round(rb, 1), "round_steps": out["r"].steps if "r" in out else None,
+                    "published_after": after_round, "live_version": svc.weights.version,
+                    "live_exactly_v0": all(torch.equal(live[k], zero[k]) for k in zero),
+                    "served_vs_peft": served_vs_peft(svc)}
+                print(f"[process] rollback during a round: {r['rollback_during_round']}", flush=True)
+                C.write(res, "gpu_trainer_checks.json")
+
+                # 5. the trainer process killed
+                pid = eng._proc.pid
+                before_kill = used_gb()
+                os.kill(pid, signal.SIGKILL)
+                t0 = time.perf_counter()
+                while time.perf_counter() - t0 < 30:
+                    try:
+                        os.kill(pid, 0)
+                    except OSError:
+                        break
+                    time.sleep(0.05)
+                time.sleep(2.0)
+                freed = before_kill - used_gb()
+                try:
+                    eng.evaluate(examples[:2], "live")
+                    reported = "no error"
+                except TrainerProcessError as e:
+                    reported = str(e)
+                t0 = time.perf_counter()
+                eng.evaluate(examples[:2], "live")
+                again = time.perf_counter() - t0
+                steps = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 30).steps
+                r["after_kill"] = {"freed_gb": round(freed, 2), "reported": reported, "ready_again_s": round(again, 1),
+                                   "new_pid": eng._proc.pid, "steps_after": steps, "used_gb": round(used_gb(), 2)}
+                print(f"[process] after SIGKILL: {r['after_kill']}", flush=True)
+        finally:
+            svc.close()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     time.sleep(2.0)

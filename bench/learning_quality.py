@@ -83,7 +83,8 @@ def run(mode: str, model: str | None) -> dict:
     from idletune.config import Config
     from idletune.service import build_service
 
-    cfg = Config.load(None, {"training.mode": mode, "scheduler.enable_background_training": False})
+    cfg = Config.load(None, {"training.mode": mode, "scheduler.enable_background_training": False,
+                             "training.trainer": "thread"})
     with tempfile.TemporaryDirectory() as tmp:
         svc = build_service(Path(tmp) / "data", model=model, config=cfg, start_scheduler=False)
         svc.probes()

@@ -31,7 +31,7 @@ def run(lr: float, replay: int, steps: int, model: str | None) -> str:
     from idletune.service import build_service
 
     cfg = Config.load(None, {"training.learning_rate": lr, "training.replay_examples": replay,
-                             "training.max_steps": steps})
+                             "training.max_steps": steps, "training.trainer": "thread"})
     with tempfile.TemporaryDirectory() as tmp:
         svc = build_service(Path(tmp) / "d", model=model, config=cfg, start_scheduler=False)
         exs = [TrainingExample.chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}])

@@ -107,22 +107,48 @@ def test_a_process_trainer_trains_lora_only():
 def test_auto_takes_a_trainer_process_on_a_gpu_for_lora_only(tmp_path):
     from idletune.service import choose_trainer
 
-    def where(on_cuda=True, **overrides):
-        return choose_trainer(Config.load(None, overrides).training, on_cuda=on_cuda, data_dir=tmp_path)[0]
+    def where(on_cuda=True, not_here=None, **overrides):
+        return choose_trainer(Config.load(None, overrides).training, on_cuda=on_cuda, data_dir=tmp_path,
+                              not_here=not_here)[0]
     assert where() == "process"
     assert where(on_cuda=False) == "thread"
+    assert where(not_here="no fast path") == "thread"  # Windows, an integrated GPU, no GPU fast path
     assert where(**{"training.mode": "hybrid"}) == where(**{"training.mode": "full"}) == "thread"
     assert where(on_cuda=False, **{"training.trainer": "process"}) == "process"  # asked for: as asked
     assert where(**{"training.trainer": "thread"}) == "thread"
     # a data directory that keeps a version of full weights (a process could not roll back to it)
-    snap = tmp_path / "snapshots" / "v000003"
-    snap.mkdir(parents=True)
-    (snap / "meta.json").write_text('{"version": 3, "kind": "lora"}')
+    snaps = tmp_path / "snapshots"
+    for name, meta in [("v000003", '{"version": 3, "kind": "lora"}'), ("v000004", "null"),
+                       ("base-v000002", '{"kind": "full"}'),  # a merged base: LoRA on it restores in place
+                       (".tmp-v000005-123", '{"kind": "full"}')]:  # a write cut short
+        (snaps / name).mkdir(parents=True)
+        (snaps / name / "meta.json").write_text(meta)
     assert where() == "process"
-    (tmp_path / "snapshots" / "base-v000002").mkdir()
-    (tmp_path / "snapshots" / "base-v000002" / "meta.json").write_text('{"version": 2, "kind": "full"}')
+    (snaps / "v000002").mkdir()
+    (snaps / "v000002" / "meta.json").write_text('{"version": 2, "kind": "full"}')
     trainer, why = choose_trainer(Config.load(None).training, on_cuda=True, data_dir=tmp_path)
     assert trainer == "thread" and "full weights" in why
+
+
+def test_a_script_without_an_entry_point_guard_is_told_so(tmp_path, tiny_model_dir):
+    """Spawning runs a script's top level again in the trainer process: it says what to do, fast."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(textwrap.dedent(f"""
+        from idletune.config import Config
+        from idletune.examples import TrainingExample
+        from idletune.service import build_service
+        cfg = Config.load(None, {{"training.trainer": "process"}})
+        svc = build_service({str(tmp_path / "data")!r}, model={str(tiny_model_dir)!r}, config=cfg, start_scheduler=False)
+        svc.engine.evaluate([TrainingExample.from_text("hello there")], "live")
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode != 0
+    assert 'if __name__ == "__main__":' in r.stderr and "TrainerProcessError" in r.stderr, r.stderr[-3000:]
 
 
 def test_a_stopped_server_stops_its_trainer_process(start_server, tiny_model_dir):

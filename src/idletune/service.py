@@ -19,7 +19,7 @@ from .training import probes as probes_mod
 from .training.adapters import attach_lora, decoder_layers
 from .training.batching import BatchManager
 from .training.engine import TrainingEngine
-from .training.remote import RemoteEngine
+from .training.remote import TRAINER_PROCESS_NAME, RemoteEngine
 from .training.weights import WeightUpdater, holds_full_weights
 
 log = logging.getLogger("idletune")
@@ -73,6 +73,13 @@ class Service:
 
 def build_service(data_dir: str | Path, *, model: str | Path | None = None, config: Config | None = None,
                   cache_dir: str | Path | None = None, start_scheduler: bool = True) -> Service:
+    import multiprocessing
+
+    if multiprocessing.current_process().name == TRAINER_PROCESS_NAME:
+        # a script without an entry-point guard, run again by the trainer process it started
+        raise RuntimeError("build_service() was called again while its trainer process started: spawning "
+                           "runs the script's top level again. Put the script's code under "
+                           'if __name__ == "__main__": (or set training.trainer = "thread")')
     config = config or Config()
     data_dir = Path(data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # new: private (chats and what they trained)
@@ -83,7 +90,9 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
 
     torch.manual_seed(config.training.seed)  # the same adapters' initial weights, run after run
     peft_model = attach_lora(base, config.training.lora)
-    trainer, why = choose_trainer(config.training, on_cuda=next(base.parameters()).is_cuda, data_dir=data_dir)
+    on_cuda = next(base.parameters()).is_cuda
+    trainer, why = choose_trainer(config.training, on_cuda=on_cuda, data_dir=data_dir,
+                                  not_here=_no_trainer_process(peft_model) if on_cuda else None)
     in_process = trainer == "process"
     log.info("training: in a %s (%s)", "trainer process of its own" if in_process else "trainer thread", why)
     lock = RemoteEngine.make_lock() if in_process else threading.Lock()
@@ -132,24 +141,48 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     return svc
 
 
-def choose_trainer(config, *, on_cuda: bool, data_dir: Path) -> tuple[str, str]:
+def choose_trainer(config, *, on_cuda: bool, data_dir: Path, not_here: str | None = None) -> tuple[str, str]:
     """Where training runs ("thread" or "process") for ``training.trainer``, and why.
 
     "auto" takes a trainer process where it was measured to help and can serve: on a CUDA GPU
-    (where a trainer thread's Python added to chat's time to first token), training LoRA
-    adapters (a process trains nothing else yet), with no version of full weights kept (which a
-    process could not roll back to). A CPU keeps the thread: there the model would move into
-    shared memory, which containers often keep small, for no measured gain."""
+    whose fast decoding path serves chat (there a trainer thread's Python added to chat's time
+    to first token), training LoRA adapters (a process trains nothing else yet), with no version
+    of full weights kept (which a process could not roll back to). ``not_here``: why a trainer
+    process would not run or help on this machine (:func:`_no_trainer_process`). A CPU keeps the
+    thread: there the model would move into shared memory, which containers often keep small,
+    for no measured gain."""
     if config.trainer != "auto":
         return config.trainer, f'training.trainer = "{config.trainer}"'
     if not on_cuda:
         return "thread", 'training.trainer = "auto", on a CPU'
+    if not_here:
+        return "thread", f'training.trainer = "auto": {not_here}'
     if config.mode != "lora":
         return "thread", f'training.trainer = "auto", training.mode = "{config.mode}": a trainer process trains LoRA only'
     if holds_full_weights(data_dir / "snapshots"):
         return "thread", ('training.trainer = "auto", and this data directory keeps versions of full weights, '
                           "which a trainer process could not roll back to")
     return "process", 'training.trainer = "auto", on a GPU'
+
+
+def _no_trainer_process(model) -> str | None:
+    """Why a trainer process would not run, or was not measured to help, beside this model on
+    this machine (None: it would)."""
+    import sys
+
+    import torch
+
+    from .gpu.serving import unavailable
+
+    if not sys.platform.startswith("linux"):
+        return f"on {sys.platform}, where a trainer process is not supported (it shares the model by CUDA IPC)"
+    device = next(model.parameters()).device
+    if getattr(torch.cuda.get_device_properties(device), "is_integrated", False):
+        return "an integrated GPU, whose memory CUDA IPC does not share"
+    reason = unavailable(model)
+    if reason:
+        return f"the GPU fast path does not serve here ({reason}); a trainer process was measured only beside it"
+    return None
 
 
 def _compile_training(config: Config, engine, fast_path: bool) -> None:

@@ -158,14 +158,19 @@ def attach(service, decoder: FastDecoder, stream: torch.cuda.Stream | None,
     return fast
 
 
-def install(service, *, max_len: int | None = None) -> str | None:
-    """Switch ``service`` to the GPU path. Returns None when installed, else why not."""
-    model = service.model
+def unavailable(model) -> str | None:
+    """Why the GPU path would not serve ``model`` (None: it would, unless it then fails to start)."""
     if os.environ.get("IDLETUNE_GPU_FASTPATH", "1") == "0":
         return "disabled by IDLETUNE_GPU_FASTPATH=0"
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         return "no CUDA device"
-    reason = unsupported_reason(model)
+    return unsupported_reason(model)
+
+
+def install(service, *, max_len: int | None = None) -> str | None:
+    """Switch ``service`` to the GPU path. Returns None when installed, else why not."""
+    model = service.model
+    reason = unavailable(model)
     if reason:
         return reason
     hi = torch.cuda.Stream(priority=-1)  # lower number = higher priority

@@ -36,6 +36,7 @@ from ..config import TrainingConfig
 from .engine import Preempted, read_metrics
 
 log = logging.getLogger("idletune.trainer")
+TRAINER_PROCESS_NAME = "idletune-trainer"
 RETRY_START_S = 60.0  # after a trainer process failed to start, calls fail at once for this long
 
 
@@ -110,7 +111,7 @@ class RemoteEngine:
         here, there = self._ctx.Pipe()
         self._holding = self._ctx.RawValue("b", 0)
         proc = self._ctx.Process(
-            target=_trainer_main, name="idletune-trainer", daemon=True,
+            target=_trainer_main, name=TRAINER_PROCESS_NAME, daemon=True,
             args=(there, self._model_dir, self.config, tensors, self.lock,
                   self._activity.shared(), self._holding, str(self.metrics_path) if self.metrics_path else None,
                   self.compile_layers))
@@ -347,7 +348,8 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
         conn.send((True, {"graphs": engine.graphs, "summary": summary}))
         resets = 0
     except Exception as e:  # the serving process reports it, and tries again at the next call
-        conn.send((False, f"the trainer process could not start: {type(e).__name__}: {e}"[:1000]))
+        conn.send((False, f"the trainer process could not start: {type(e).__name__}: {e}"[:900]
+                   + ' (training.trainer = "thread" trains in a thread of the server instead)'))
         return
     while True:
         try:

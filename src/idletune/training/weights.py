@@ -35,14 +35,16 @@ log = logging.getLogger("idletune.training")
 
 
 def holds_full_weights(snapshots_dir: Path) -> bool:
-    """Whether a snapshots folder keeps any version of full weights (a full fine-tuning's, or a
-    merged base that LoRA versions sit on)."""
-    for meta in Path(snapshots_dir).glob("*/meta.json"):
+    """Whether a snapshots folder keeps a version of full weights (``vNNNNNN`` of kind "full":
+    full fine-tuning's). Merged bases (``base-v*``) do not count: the LoRA versions on them are
+    restored by copying the base in place, which a trainer process sees."""
+    for meta in Path(snapshots_dir).glob("v[0-9]*/meta.json"):
         try:
-            if json.loads(meta.read_text(encoding="utf-8")).get("kind") == "full":
-                return True
+            data = json.loads(meta.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # a damaged snapshot: the WeightUpdater reports it
+        if isinstance(data, dict) and data.get("kind") == "full":
+            return True
     return False
 
 
@@ -323,8 +325,8 @@ class WeightUpdater:
             kind, base = meta.get("kind", "lora"), meta.get("base", "original")
             if kind == "full" and self.lora_only:
                 raise LoraOnlyError(f"version {version} holds fully fine-tuned weights, and a trainer process "
-                                    '(training.trainer = "process") trains LoRA adapters only; to serve it, '
-                                    'start with training.trainer = "thread"')
+                                    "trains LoRA adapters only; to serve it, start with "
+                                    'training.trainer = "thread" (or "auto")')
         # Weights are read from disk first: requests on the GPU path wait while the live ones change.
         if kind == "full":
             tensors = self._read_base(name or "original")
