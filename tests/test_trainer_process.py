@@ -72,6 +72,28 @@ def test_a_trainer_process_that_dies_is_reported_then_started_again(svc):
     assert svc.scheduler.force_training(wait=True, timeout=90)["accepted"]
 
 
+class _ExitsWhereReceived:
+    """An argument that ends the process that unpickles it: a trainer crashing in a call."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+def test_a_trainer_process_that_exits_at_every_call_is_not_restarted_in_a_loop(svc, monkeypatch):
+    from idletune.training import remote
+
+    eng = svc.engine
+    for i in range(remote.MAX_EXITS):
+        with pytest.raises(TrainerProcessError, match="exited"):
+            eng._call("evaluate", _ExitsWhereReceived(), "live")
+        assert eng._proc is None
+    with pytest.raises(TrainerProcessError, match="times in a row.*not tried again"):
+        eng.evaluate([pair(1)], "live")  # at once: no new trainer process
+    assert eng._proc is None
+    monkeypatch.setattr(remote, "RETRY_START_S", 0.0)  # the wait over: started again, and it answers
+    assert eng.evaluate([pair(1)], "live") > 0 and eng._exits == 0
+
+
 def test_the_model_lock_held_by_a_lost_trainer_process_is_released(svc):
     eng = svc.engine
     eng.evaluate([pair(1)], "live")

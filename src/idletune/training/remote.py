@@ -38,6 +38,7 @@ from .engine import Preempted, read_metrics
 log = logging.getLogger("idletune.trainer")
 TRAINER_PROCESS_NAME = "idletune-trainer"
 RETRY_START_S = 60.0  # after a trainer process failed to start, calls fail at once for this long
+MAX_EXITS = 3  # ... and after it exited this many calls in a row (a crash at every call: no restart loop)
 
 
 class TrainerProcessError(RuntimeError):
@@ -83,6 +84,7 @@ class RemoteEngine:
         self._resets = 0  # reset_optimizer() calls so far; the trainer resets when it sees a new count
         self._closed = False
         self._failed: tuple[float, str] | None = None  # (when, why) the trainer process last failed to start
+        self._exits = 0  # calls in a row in which the trainer process exited
 
     @staticmethod
     def make_lock():
@@ -139,8 +141,16 @@ class RemoteEngine:
             proc.join(5)
             if self._proc is proc:
                 self._lost()
-            raise TrainerProcessError(f"the trainer process exited (exit code {proc.exitcode}); it starts "
-                                      "again at the next call") from None
+            raise TrainerProcessError(self._exited(proc.exitcode)) from None
+
+    def _exited(self, code) -> str:
+        """Count an exit; after ``MAX_EXITS`` in a row, starts are held back as after a failed one."""
+        self._exits += 1
+        if self._exits >= MAX_EXITS:
+            why = f"the trainer process exited {self._exits} times in a row (last exit code {code})"
+            self._failed = (time.monotonic(), why)
+            return f"{why}; it starts again in {RETRY_START_S:.0f} s"
+        return f"the trainer process exited (exit code {code}); it starts again at the next call"
 
     def _lost(self) -> None:
         """The trainer process is gone, or is to be: stopped first (a call waiting on the pipe
@@ -178,9 +188,11 @@ class RemoteEngine:
             try:
                 self._conn.send((name, args, kwargs, state))
             except (OSError, ValueError):
+                proc = self._proc
                 self._lost()
-                raise TrainerProcessError("the trainer process exited; it starts again at the next call") from None
+                raise TrainerProcessError(self._exited(proc.exitcode)) from None
             ok, value = self._receive()
+            self._exits = 0  # it answered
         if ok:
             result, self._latest = value
             return result
