@@ -152,6 +152,29 @@ def test_auto_takes_a_trainer_process_on_a_gpu_for_lora_only(tmp_path):
     assert trainer == "thread" and "full weights" in why
 
 
+def test_what_keeps_auto_from_a_trainer_process_on_a_gpu(monkeypatch):
+    """Where a trainer process would not run (no CUDA IPC) or was not measured (no fast path)."""
+    import sys
+    import types
+
+    from idletune import service
+    from idletune.gpu import serving
+
+    model = torch.nn.Linear(2, 2)
+    integrated = {"value": False}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(is_integrated=integrated["value"]))
+    monkeypatch.setattr(serving, "unavailable", lambda m: None)
+    assert service._no_trainer_process(model) is None
+    monkeypatch.setattr(serving, "unavailable", lambda m: "model type 'gpt2'")
+    assert "fast path does not serve here (model type 'gpt2')" in service._no_trainer_process(model)
+    monkeypatch.setattr(serving, "unavailable", lambda m: None)
+    integrated["value"] = True
+    assert "integrated GPU" in service._no_trainer_process(model)
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert "on win32" in service._no_trainer_process(model)
+
+
 def test_a_script_without_an_entry_point_guard_is_told_so(tmp_path, tiny_model_dir):
     """Spawning runs a script's top level again in the trainer process: it says what to do, fast."""
     import subprocess
