@@ -207,6 +207,7 @@ def test_ssrf_refused_by_default(queue, url):
     with pytest.raises(ImportFailed) as e:
         WebsiteImporter(queue).import_website(url)
     assert e.value.code == "blocked_address" and "allow_hosts" in str(e.value)
+    assert "server.import_allow_hosts" in str(e.value)  # what a server's user sets (over HTTP)
 
 
 def test_allow_list_options(queue):

@@ -213,8 +213,10 @@ class WebsiteImporter:
             refused = refused or (addr, why)
         addr, why = refused
         raise ImportFailed(f"refusing to fetch {url}: {host} resolves to {addr}, {why}. To import from it on "
-                           f"purpose, allow it with allow_hosts=[{host!r}] (or allow_private=True; "
-                           "`idletune import --allow-private`)", code="blocked_address", source=url, param="url")
+                           f"purpose, allow it: a server with server.import_allow_hosts = [\"{host}\"] in its config "
+                           f"(or --set 'server.import_allow_hosts=[\"{host}\"]'); `idletune import --allow-private`; "
+                           f"in Python WebsiteImporter(..., allow_hosts=[{host!r}])",
+                           code="blocked_address", source=url, param="url")
 
     def _refusal(self, host: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
         if self.config.allow_private or host.lower() in self._allowed_names or str(addr) in self._allowed_names:
