@@ -52,12 +52,26 @@ def test_add_many_is_all_or_nothing(tmp_path):
 
 def test_held_out_only_from_imports(tmp_path):
     q = TrainingQueue(tmp_path / "q.db", heldout_percent=50)
+    r = q.add_many([TrainingExample.from_text(f"imported chunk number {i} about a topic") for i in range(40)])
     for i in range(40):
-        q.add(TrainingExample.from_text(f"imported chunk number {i} about a topic"))
         q.add(pair(f"question {i}", f"answer {i}"))
     held = q.sample(Status.HELD_OUT, 1000)
     assert held and all(e.kind == "text" for e in held)
-    assert 5 < len(held) < 35
+    assert 5 < len(held) <= 20 and r.held_out == len(held)  # at most half of what the import brought
+
+
+def test_a_small_import_is_never_held_out_whole(tmp_path):
+    """Held out, an import's only chunk would never be learned."""
+    q = TrainingQueue(tmp_path / "q.db")  # 10 %
+    texts = [f"a short note, number {i}" for i in range(400)]
+    would = [t for t in texts if q._holds_out(TrainingExample.from_text(t), TrainingExample.from_text(t).content_hash)]
+    assert would  # contents the hash alone would hold out
+    r = q.add_many([TrainingExample.from_text(would[0])])
+    assert r.held_out == 0 and q.get(r.added[0]).status == Status.PENDING
+    r = q.add_many([TrainingExample.from_text(t) for t in would[1:10]])  # 9 chunks: under 10 %, none
+    assert r.held_out == 0
+    r = q.add_many([TrainingExample.from_text(t) for t in texts if t not in would[:10]])  # a large one: some
+    assert 1 <= r.held_out <= len(r.added) // 10
 
 
 def test_bad_examples_are_refused_with_reasons():

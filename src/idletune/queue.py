@@ -54,6 +54,7 @@ class AddResult:
 
     added: list[int] = field(default_factory=list)
     duplicates: int = 0
+    held_out: int = 0  # of ``added``: kept out of training, to measure whether learning generalises
 
     @property
     def count(self) -> int:
@@ -102,6 +103,9 @@ class TrainingQueue:
         examples = list(examples)
         result = AddResult()
         now = time.time()
+        # At most heldout_percent of what one call brings is held out: an import of a few chunks
+        # keeps them all for training (its only chunk, held out, would never be learned).
+        may_hold = sum(ex.priority == Priority.LOW for ex in examples) * self.heldout_percent // 100
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -119,7 +123,10 @@ class TrainingQueue:
                         raise QueueFullError(
                             f"the training queue is full ({self.max_examples} examples, queue.max_examples); "
                             "nothing new is accepted until that limit is raised or trained examples are removed")
-                    status = Status.HELD_OUT if self._holds_out(ex, h) else Status.PENDING
+                    status = Status.PENDING
+                    if result.held_out < may_hold and self._holds_out(ex, h):
+                        status = Status.HELD_OUT
+                        result.held_out += 1
                     payload = json.dumps(ex.messages if ex.kind == "chat" else ex.text, ensure_ascii=False)
                     cur = self._db.execute(
                         "INSERT INTO examples (content_hash, kind, payload, source, priority, status, metadata,"

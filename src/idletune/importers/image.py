@@ -201,6 +201,7 @@ class ImageImporter:
         result.examples_generated = len(examples)
         result.example_ids = list(added.added)
         result.duplicates = added.duplicates
+        result.held_out = added.held_out
         return result
 
     # ---- steps ----------------------------------------------------------------------------------

@@ -64,6 +64,9 @@ class ImportResult:
         examples_generated: examples the source produced (new and already-queued alike).
         example_ids: queue ids of the examples that were new (re-importing gives none).
         duplicates: examples whose content was already on the queue.
+        held_out: of the new examples, those kept out of training to measure whether learning
+            generalises (the quality gate's held-out set; at most ``heldout_percent`` of an
+            import, none of an import of fewer than ten examples at the default 10 %).
         skipped: ``(what, why)`` for each part left out, e.g. ``("https://x/private", "disallowed
             by robots.txt")`` or ``("record 7", "no assistant turn")``.
         warnings: things the user should know that did not stop the import.
@@ -76,6 +79,7 @@ class ImportResult:
     examples_generated: int = 0
     example_ids: list[int] = field(default_factory=list)
     duplicates: int = 0
+    held_out: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -96,7 +100,8 @@ class ImportResult:
 
     def summary(self) -> str:
         """One line for humans: what was added, what was already there, what was skipped."""
-        parts = [f"{self.examples_added} example{'s' if self.examples_added != 1 else ''} added"]
+        parts = [f"{self.examples_added} example{'s' if self.examples_added != 1 else ''} added"
+                 + (f" ({self.held_out} of them held out, to check that learning generalises)" if self.held_out else "")]
         if self.duplicates:
             parts.append(f"{self.duplicates} already queued")
         if self.skipped:

@@ -272,6 +272,7 @@ class TextImporter:
         result.examples_generated = len(examples)
         result.example_ids = list(added.added)
         result.duplicates = added.duplicates
+        result.held_out = added.held_out
         if progress:
             progress(len(examples), len(examples))
         return result

@@ -171,6 +171,7 @@ class WebsiteImporter:
         result.examples_generated = len(examples)
         result.example_ids = list(added.added)
         result.duplicates = added.duplicates
+        result.held_out = added.held_out
         return result
 
     # ---- fetching -------------------------------------------------------------------------------

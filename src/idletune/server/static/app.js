@@ -503,7 +503,8 @@ function showJob(node, job) {
     const r = job.result;
     const meta = r.metadata || {};
     const lines = [el("p", {}, `${fmt.n(r.examples_generated, "example")} generated: ${r.examples_added ?? 0} new, ` +
-      `${r.duplicates} already queued` + (meta.format ? ` · ${meta.format}` : "") + (meta.title ? ` · “${meta.title}”` : ""))];
+      `${r.duplicates} already queued` + (r.held_out ? ` · ${r.held_out} of the new held out, to check that learning generalises` : "") +
+      (meta.format ? ` · ${meta.format}` : "") + (meta.title ? ` · “${meta.title}”` : ""))];
     if (r.skipped && r.skipped.length) {
       lines.push(el("details", {}, el("summary", {}, `${r.skipped.length} skipped`),
         el("ul", {}, ...r.skipped.map(({what, why}) => el("li", {}, `${what}: ${why}`)))));
