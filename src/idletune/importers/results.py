@@ -100,8 +100,9 @@ class ImportResult:
 
     def summary(self) -> str:
         """One line for humans: what was added, what was already there, what was skipped."""
-        parts = [f"{self.examples_added} example{'s' if self.examples_added != 1 else ''} added"
-                 + (f" ({self.held_out} of them held out, to check that learning generalises)" if self.held_out else "")]
+        parts = [f"{self.examples_added} example{'s' if self.examples_added != 1 else ''} added"]
+        if self.held_out:
+            parts.append(f"{self.held_out} of them held out to check that learning generalises")
         if self.duplicates:
             parts.append(f"{self.duplicates} already queued")
         if self.skipped:
