@@ -65,6 +65,19 @@ def test_publish_then_rollback_is_bit_exact(svc):
     assert [s["version"] for s in svc.weights.list_snapshots()] == [1, 2]
 
 
+def test_rollback_by_default_undoes_the_last_update(svc):
+    """Back to what the live version was trained from, not to the highest older version."""
+    for i in range(2):
+        svc.engine.train_round([fact(i)])
+        svc.weights.publish()
+    assert svc.weights.rollback(1) == 1  # v2 left behind
+    svc.engine.train_round([fact(2)])
+    assert svc.weights.publish() == 3  # trained on v1
+    assert {s["version"]: s["parent"] for s in svc.weights.list_snapshots()} == {1: 0, 2: 1, 3: 1}
+    assert svc.weights.rollback() == 1  # not 2, the version rolled back away from
+    assert svc.weights.rollback() == 0
+
+
 def test_saved_adapter_loads_in_peft_with_identical_logits(svc, tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

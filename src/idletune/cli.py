@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     sn = sub.add_parser("snapshots", parents=[common], help="list accepted weight versions")
     sn.add_argument("action", nargs="?", default="list", choices=["list"])
     sn.set_defaults(func=cmd_snapshots)
-    r = sub.add_parser("rollback", parents=[common], help="serve an earlier version (default: the previous one)")
+    r = sub.add_parser("rollback", parents=[common], help="serve an earlier version (default: the one the live version was trained from)")
     r.add_argument("id", nargs="?", default=None, help="a snapshot id like v000003, or a version number")
     r.set_defaults(func=cmd_rollback)
     return p

@@ -228,7 +228,8 @@ class WeightUpdater:
             with self.lock:
                 tensors = self.ws.clone("candidate")
             version = self._next_version()
-            meta = {"version": version, "created_at": time.time(), "metrics": metrics or {}, "kind": self.mode,
+            meta = {"version": version, "parent": self.version,  # what it was trained from: an undo goes back there
+                    "created_at": time.time(), "metrics": metrics or {}, "kind": self.mode,
                     "base": self.base_id if self.mode == "lora" else f"v{version:06d}",
                     "gate": asdict(self.last_decision) if self.last_decision else None}
             self._write_snapshot(f"v{version:06d}", tensors, meta, self.ws)
@@ -282,13 +283,17 @@ class WeightUpdater:
             self._ring.clear()
 
     def rollback(self, version: int | None = None, reason: str = "requested") -> int:
-        """Restore an earlier accepted version exactly (default: the one before the live one)."""
-        versions = sorted({s["version"] for s in self.list_snapshots()} | {0})
+        """Restore an accepted version exactly. Default: the version the live one was trained from
+        (an undo of the last update: after a rollback from v5 to v2 and a v6 trained on v2, v2,
+        not v5), or for a snapshot that does not say, the highest version before the live one."""
+        snaps = self.list_snapshots()
+        versions = sorted({s["version"] for s in snaps} | {0})
         if version is None:
+            parent = next((s["parent"] for s in snaps if s["version"] == self.version), None)
             older = [v for v in versions if v < self.version]
             if not older:
                 raise ValueError("there is no earlier version to roll back to")
-            version = older[-1]
+            version = parent if parent in versions and parent != self.version else older[-1]
         if version not in versions:
             raise ValueError(f"no snapshot v{version:06d}; known versions: {', '.join(map(str, versions))}")
         with self._history:
@@ -422,7 +427,8 @@ class WeightUpdater:
                 meta = json.loads((p / "meta.json").read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 continue
-            out.append({"version": meta["version"], "id": p.name, "created_at": meta.get("created_at"),
+            out.append({"version": meta["version"], "id": p.name, "parent": meta.get("parent"),
+                        "created_at": meta.get("created_at"),
                         "kind": meta.get("kind", "lora"), "metrics": meta.get("metrics", {}),
                         "gate": meta.get("gate"), "live": meta["version"] == self.version})
         return out

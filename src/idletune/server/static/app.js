@@ -474,7 +474,10 @@ async function loadSnapshots() {
       const label = `v${snap.version}${snap.base ? " (start weights)" : ""}${snap.version === live ? " (live)" : ""}${loss} ${when}`;
       return el("option", { value: snap.version }, label.trim());
     }));
-    select.value = String(all.filter((d) => d.version < live).map((d) => d.version).pop() ?? live);
+    // preselected: what the live version was trained from (an undo), else the one before it
+    const parent = (data.find((d) => d.version === live) || {}).parent;
+    select.value = String(all.some((d) => d.version === parent) && parent !== live ? parent
+      : all.filter((d) => d.version < live).map((d) => d.version).pop() ?? live);
     setText("#snap-msg", "");
   } catch (e) { setText("#snap-msg", e.message); }
 }
