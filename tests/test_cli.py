@@ -59,6 +59,20 @@ def test_status_import_snapshots_export(tmp_path, tiny_model_dir):
     assert r.returncode == 0 and "now v0" in r.stdout
 
 
+def test_import_keeps_the_data_directorys_settings(tmp_path):
+    """`idletune import` writes the queue a server reads: its size limit and allowed hosts hold."""
+    data = tmp_path / "data"
+    notes = tmp_path / "notes.md"
+    notes.write_text("\n\n".join(f"Note {i}: the greenhouse key hangs behind door {i}. " * 30 for i in range(6)))
+    r = idletune("import", notes, "--data-dir", data, "--set", "queue.max_examples=1")
+    assert r.returncode == 1 and "queue is full" in r.stdout and "queue.max_examples" in r.stdout, r.stdout + r.stderr
+    r = idletune("import", "http://127.0.0.1:9/x", "--data-dir", data)
+    assert r.returncode == 1 and "server.import_allow_hosts" in r.stdout
+    (data / "idletune.toml").write_text('[server]\nimport_allow_hosts = ["127.0.0.1"]\n')
+    r = idletune("import", "http://127.0.0.1:9/x", "--data-dir", data)  # allowed now: fetched, nothing there
+    assert r.returncode == 1 and "blocked" not in r.stdout and "refusing" not in r.stdout, r.stdout
+
+
 def test_snapshots_list_rounds_the_loss(tmp_path, capsys):
     import json
 
