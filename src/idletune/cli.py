@@ -306,16 +306,15 @@ def cmd_train(args) -> int:
 def cmd_import(args) -> int:
     """Into the data directory's queue, with its settings (``idletune.toml``, ``--set``) as a
     server would: the queue's size limit, the hosts imports may fetch."""
-    from .importers import ImportersConfig, WebImportConfig
+    from .importers import ImportersConfig
     from .importers.cli import run_import
     from .queue import TrainingQueue
 
     config = load_config(args)
     q = TrainingQueue(Path(args.data_dir) / "queue.db", max_examples=config.queue.max_examples)
-    web = WebImportConfig(allow_hosts=list(config.server.import_allow_hosts))
     try:
         return run_import(args.sources, q, depth=args.depth, max_pages=args.max_pages,
-                          allow_private=args.allow_private, config=ImportersConfig(web=web))
+                          allow_private=args.allow_private, config=ImportersConfig.for_server(config.server))
     finally:
         q.close()
 

@@ -236,11 +236,10 @@ def _check_same_model(data_dir: Path, model_dir: Path) -> None:
 def _importers(config: Config, queue: TrainingQueue, tokenizer):
     """Import settings (chunks sized by the model's own tokenizer), the job runner, and the
     function the collector calls for links found in chat messages."""
-    from .importers import ImportersConfig, ImportJobs, WebImportConfig, WebsiteImporter
+    from .importers import ImportersConfig, ImportJobs, WebsiteImporter
 
-    cfg = ImportersConfig(web=WebImportConfig(allow_hosts=list(config.server.import_allow_hosts)),
-                          max_upload_bytes=config.server.max_upload_bytes,
-                          count_tokens=lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"]))
+    cfg = ImportersConfig.for_server(config.server,
+                                     count_tokens=lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"]))
     jobs = ImportJobs()
     web = WebsiteImporter(queue, cfg.web, count_tokens=cfg.count_tokens)
 

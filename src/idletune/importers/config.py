@@ -147,3 +147,10 @@ class ImportersConfig:
             raise ValueError(f"ImportersConfig.inline_max_bytes must be >= 0, got {self.inline_max_bytes!r}")
         if self.count_tokens is not None and not callable(self.count_tokens):
             raise ValueError("ImportersConfig.count_tokens must be a callable str -> int or None")
+
+    @classmethod
+    def for_server(cls, server, count_tokens: Callable[[str], int] | None = None) -> "ImportersConfig":
+        """From a server's settings (``server.import_allow_hosts``, ``server.max_upload_bytes``):
+        one mapping for the server and for ``idletune import``."""
+        return cls(web=WebImportConfig(allow_hosts=list(server.import_allow_hosts)),
+                   max_upload_bytes=server.max_upload_bytes, count_tokens=count_tokens)

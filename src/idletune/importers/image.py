@@ -197,11 +197,7 @@ class ImageImporter:
         if not examples:
             why = "; ".join(f"{w}: {y}" for w, y in result.skipped + [(w, "") for w in result.warnings])
             raise ImportFailed(f"nothing to learn from {name}: {why}", code="no_content", source=name)
-        added = self.queue.add_many(examples)
-        result.examples_generated = len(examples)
-        result.example_ids = list(added.added)
-        result.duplicates = added.duplicates
-        result.held_out = added.held_out
+        result.record(examples, self.queue.add_many(examples))
         return result
 
     # ---- steps ----------------------------------------------------------------------------------

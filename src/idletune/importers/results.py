@@ -89,6 +89,13 @@ class ImportResult:
         """How many examples were new to the queue."""
         return len(self.example_ids)
 
+    def record(self, examples: list, added) -> None:
+        """What the queue did with the source's ``examples`` (its :class:`~idletune.queue.AddResult`)."""
+        self.examples_generated = len(examples)
+        self.example_ids = list(added.added)
+        self.duplicates = added.duplicates
+        self.held_out = added.held_out
+
     def skip(self, what: str, why: str) -> None:
         self.skipped.append((what, why))
 

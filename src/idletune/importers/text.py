@@ -268,11 +268,7 @@ class TextImporter:
     def _commit(self, examples: list[TrainingExample], result: ImportResult,
                 progress: Progress | None = None) -> ImportResult:
         self._check_count(len(examples), result.source)
-        added = self.queue.add_many(examples)
-        result.examples_generated = len(examples)
-        result.example_ids = list(added.added)
-        result.duplicates = added.duplicates
-        result.held_out = added.held_out
+        result.record(examples, self.queue.add_many(examples))
         if progress:
             progress(len(examples), len(examples))
         return result

@@ -167,11 +167,7 @@ class WebsiteImporter:
         if todo and fetched >= max_pages:
             result.warnings.append(f"stopped at max_pages={max_pages}; {len(todo)} more same-site link(s) not fetched")
         result.metadata["pages_imported"] = len(result.metadata["pages"])
-        added = self.queue.add_many(examples)
-        result.examples_generated = len(examples)
-        result.example_ids = list(added.added)
-        result.duplicates = added.duplicates
-        result.held_out = added.held_out
+        result.record(examples, self.queue.add_many(examples))
         return result
 
     # ---- fetching -------------------------------------------------------------------------------
