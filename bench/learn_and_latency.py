@@ -108,7 +108,9 @@ def warm_training(url: str, steps: int, timeout: float = 600) -> dict:
 def latency(url: str, n: int, max_tokens: int, gap: float, warm_steps: int = 0, on_measure=None) -> dict:
     """``on_measure``: called once the backlog is in and training warmed up, as measuring starts."""
     # A backlog: many pending examples, so the scheduler always has work when allowed. Varied
-    # sentences (repetitive text would be screened out before training).
+    # sentences (repetitive text would be screened out before training); refilled while
+    # measuring, since accepted rounds use it up (EH: 20 examples left after warming up, and
+    # training was running at only 4 of 80 arrivals by the end).
     import random
 
     rng = random.Random(0)
@@ -119,30 +121,49 @@ def latency(url: str, n: int, max_tokens: int, gap: float, warm_steps: int = 0, 
             "the winter timetable", "two maps of the coast", "a crate of pears"]
     where = ["near the lighthouse", "in Ravensholm", "behind the library", "on the third floor",
              "before sunrise", "during the storm", "at the market", "outside the station"]
-    texts = [f"{rng.choice(who)} {rng.choice(did)} {rng.choice(what)} {rng.choice(where)} on day {i}."
-             for i in range(400)]
-    for i in range(0, len(texts), 40):
-        r = HTTP.post(f"{url}/api/import/text", json={"text": "\n\n".join(texts[i:i + 40]), "name": f"backlog-{i}"},
-                      timeout=120)
-        r.raise_for_status()
+    made = {"texts": 0, "imports": 0}
+
+    def fill(documents: int) -> None:
+        """Import ``documents`` new documents of 40 sentences each (two examples each, of ≤ 512 tokens)."""
+        for _ in range(documents):
+            first = made["texts"]
+            texts = [f"{rng.choice(who)} {rng.choice(did)} {rng.choice(what)} {rng.choice(where)} on day {i}."
+                     for i in range(first, first + 40)]
+            made["texts"] += 40
+            made["imports"] += 1
+            r = HTTP.post(f"{url}/api/import/text", json={"text": "\n\n".join(texts), "name": f"backlog-{first}"},
+                          timeout=120)
+            r.raise_for_status()
+
+    def pending() -> int:
+        return HTTP.get(f"{url}/api/status").json()["queue"]["pending"]
+
+    fill(20)
     warmed = warm_training(url, warm_steps) if warm_steps else None
-    pending = HTTP.get(f"{url}/api/status").json()["queue"]["pending"]
+    pending_at_start = pending()
+    refills = 0
     out = {"off": [], "backlog": []}
     chat(url, PROMPT, 4)  # warm-up
     if on_measure is not None:
         on_measure()
+    window = [time.time()]  # wall clock, to match what the server logged or sampled meanwhile
     for i in range(2 * n):
         cond = "off" if i % 2 == 0 else "backlog"
         if cond == "off":  # no training at all
             pause_training(url)
+            if pending() < 30:  # keep the backlog from running out (while paused: not timed)
+                fill(10)
+                refills += 1
         else:
             HTTP.post(f"{url}/api/training/resume")
         time.sleep(gap)  # idle gap: with a backlog, training is running when the request arrives
         training = HTTP.get(f"{url}/api/status").json()["scheduler"]["is_training_active"]
         r = chat(url, PROMPT, max_tokens)
         r["training_was_active"] = training
+        r.pop("text")
         out[cond].append(r)
     HTTP.post(f"{url}/api/training/pause")
+    window.append(time.time())
 
     def summary(rs):
         per_tok = [(r["total"] - r["ttft"]) / max(1, r["tokens"] - 1) for r in rs]
@@ -157,10 +178,17 @@ def latency(url: str, n: int, max_tokens: int, gap: float, warm_steps: int = 0, 
 
     off, bl = summary(out["off"]), summary(out["backlog"])
     ratios = {k: bl[k] / off[k] for k in off if k.endswith("_ms")}
+    active = [r for r in out["backlog"] if r["training_was_active"]]  # training running as it arrived
+    bl_active = summary(active) if active else None
     st = HTTP.get(f"{url}/api/status").json()
-    return {"off": off, "backlog": bl, "ratio_backlog_over_off": ratios, "preemptions": st["scheduler"]["preemptions"],
-            "backlog_pending_at_start": pending, "rounds_published": st["scheduler"]["training_count"],
-            "max_tokens": max_tokens, "gap_s": gap, "warmed_training": warmed}
+    # every request as measured (seconds), so a subset (training running at arrival) can be read again
+    requests = {c: [{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rs]
+                for c, rs in out.items()}
+    return {"off": off, "backlog": bl, "ratio_backlog_over_off": ratios, "backlog_training_active": bl_active, "preemptions": st["scheduler"]["preemptions"],
+            "backlog_pending_at_start": pending_at_start, "backlog_refills": refills,
+            "rounds_published": st["scheduler"]["training_count"],
+            "max_tokens": max_tokens, "gap_s": gap, "warmed_training": warmed, "measured_wall_clock": window,
+            "requests": requests}
 
 
 def main() -> None:
