@@ -60,6 +60,30 @@ def test_feedback_correction_and_ratings(tmp_path):
     assert good.priority == Priority.HIGH
 
 
+def test_asked_again_after_a_correction_the_answer_is_not_queued(tmp_path):
+    """Before the model has learned a correction, asking the same question again gets the wrong
+    answer again; queued, it would train against the correction in the same round."""
+    q, c = make(tmp_path)
+    c.log_exchange([u("Who runs Quillby?")], "Quillby is a game.", generation_id="g1", version=0)
+    c.add_correction([u("Who runs Quillby?")], "Quillby is run by Mayor Ottoline Brask.")
+    res = c.log_exchange([u("Who runs Quillby?")], "Quillby is an online game.", generation_id="g2", version=0)
+    assert res.superseded and res.queued == 0
+    answers = {e.messages[-1]["content"] for e in q.pending(100) if e.kind == "chat"}
+    assert answers == {"Quillby is run by Mayor Ottoline Brask."}  # the correction (and its rewordings) only
+    assert c.get_stats()["answers_superseded"] == 1
+    # other questions are queued as before; a correction found in a resent history counts too,
+    # and both are remembered across restarts (the chat log is a file)
+    c.log_exchange([u("Who leads Project Owl?")], "I don't know.", generation_id="g3", version=0)
+    c.log_exchange([u("Who leads Project Owl?"), a("Dr. Mira Tam."), u("Thanks")], "You're welcome.",
+                   generation_id="g4", version=0)
+    q2, c2 = make(tmp_path)
+    assert c2.log_exchange([u("Who leads Project Owl?")], "Nobody.", generation_id="g5", version=1).superseded
+    assert c2.log_exchange([u("Who runs Quillby?")], "A company.", generation_id="g6", version=1).superseded
+    assert not c2.log_exchange([u("Who runs Quillby?"), a("Quillby is run by Mayor Ottoline Brask."),
+                                u("Since when?")], "Since 2019.", generation_id="g7", version=1).superseded
+    assert "Since 2019." in {e.messages[-1]["content"] for e in q2.pending(100) if e.kind == "chat"}
+
+
 def test_statements_become_text_and_links_are_imported(tmp_path):
     seen = []
     q, c = make(tmp_path, import_url=lambda url: seen.append(url) or "job1")

@@ -3,7 +3,9 @@
 - Every exchange (context → the model's answer) becomes a chat pair; clients resend the whole
   history every turn, and dedup in the queue keeps one copy of each pair.
 - An assistant turn in a resent history that differs from what the model generated for that
-  context is a user correction: queued with high priority.
+  context is a user correction: queued with high priority. A corrected context is remembered:
+  the model's answers to it are not queued from then on (asked again before it has learned the
+  correction, its answer is the wrong one again, and would train against the correction).
 - Explicit feedback: a correction (messages + the right answer) is a high-priority example;
   thumbs-up raises a pair to high priority, thumbs-down withdraws it from training.
 - Content processing: user messages that state something (not questions or requests) are
@@ -83,6 +85,7 @@ class ChatLog:
             CREATE TABLE IF NOT EXISTS generations (id TEXT PRIMARY KEY, context_key TEXT, conversation_id TEXT,
                 response TEXT, version INTEGER, rating INTEGER, created_at REAL);
             CREATE INDEX IF NOT EXISTS generations_ctx ON generations (context_key);
+            CREATE TABLE IF NOT EXISTS corrected (context_key TEXT PRIMARY KEY, answer TEXT, created_at REAL);
         """)
 
     def add_message(self, conv: str, role: str, content: str, metadata: dict | None = None) -> None:
@@ -99,6 +102,17 @@ class ChatLog:
         with self._lock:
             rows = self._db.execute("SELECT response FROM generations WHERE context_key=?", (context_key(context),)).fetchall()
         return [r[0] for r in rows]
+
+    def add_corrected(self, context: list[dict], answer: str) -> None:
+        """The user gave ``answer`` as the right one for ``context`` (the latest correction wins)."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO corrected VALUES (?,?,?)", (context_key(context), answer, time.time()))
+
+    def corrected(self, context: list[dict]) -> str | None:
+        """The user's correction for this context, if there is one."""
+        with self._lock:
+            row = self._db.execute("SELECT answer FROM corrected WHERE context_key=?", (context_key(context),)).fetchone()
+        return row[0] if row else None
 
     def generation(self, gen_id: str) -> dict | None:
         with self._lock:
@@ -124,6 +138,7 @@ class CollectResult:
     queued: int = 0
     duplicates: int = 0
     corrections: int = 0
+    superseded: bool = False  # the answer was not queued: the user corrected this context before
     imports_started: list[str] = field(default_factory=list)
 
 
@@ -152,7 +167,8 @@ class DataCollector:
         self.chat_log = chat_log or ChatLog(Path(queue.path).with_name("chatlog.db"))
         self.import_url = import_url
         self._seen_urls: set[str] = set()
-        self.stats = {"exchanges": 0, "corrections": 0, "feedback": 0, "statements": 0, "urls_imported": 0}
+        self.stats = {"exchanges": 0, "corrections": 0, "feedback": 0, "statements": 0, "urls_imported": 0,
+                      "answers_superseded": 0}
 
     # ---- logging --------------------------------------------------------------------------------
     def log_message(self, conversation_id: str, role: str, content: str, **metadata) -> None:
@@ -173,7 +189,10 @@ class DataCollector:
         if self.auto_collect:
             examples += self._corrections_in(messages, conv)
             res.corrections = sum(1 for e in examples if not e.metadata.get("augmented"))
-            if response.strip() and any(m["role"] == "user" for m in messages):  # a system-only prompt teaches nothing
+            res.superseded = self.chat_log.corrected(messages) is not None
+            if res.superseded:
+                self.stats["answers_superseded"] += 1
+            elif response.strip() and any(m["role"] == "user" for m in messages):  # a system-only prompt teaches nothing
                 examples.append(TrainingExample.chat(messages + [{"role": "assistant", "content": response}],
                                                      source=Source.CHAT, priority=Priority.NORMAL,
                                                      conversation_id=conv, generation_id=generation_id,
@@ -199,6 +218,7 @@ class DataCollector:
                     continue
                 out += correction_examples(context, m["content"], conv, replaces=generated[-1][:200])
                 self._withdraw(context, generated)
+                self.chat_log.add_corrected(context, m["content"])
         self.stats["corrections"] += sum(1 for e in out if not e.metadata.get("augmented"))
         return out
 
@@ -246,6 +266,7 @@ class DataCollector:
         context = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
         wrong = [messages[-1]["content"]] if messages and messages[-1]["role"] == "assistant" else []
         self._withdraw(list(context), wrong + self.chat_log.generated_for(list(context)))
+        self.chat_log.add_corrected(list(context), correction)
         examples = correction_examples(list(context), correction, conversation_id(list(context)))
         ex = examples[0]
         self.stats["feedback"] += 1
