@@ -42,6 +42,26 @@ def test_priority_order_and_stats(tmp_path):
     assert q.get_stats()["by_status"]["trained"] == 3 and q.pending_count() == 0
 
 
+def test_corrections_train_in_rounds_of_their_own(tmp_path):
+    """Mixed with long imported chunks, a correction got few of a round's slow steps and was not
+    learned; high-priority examples make a round of their own, then the usual mix resumes
+    (priority first, a quarter of the places for the oldest lower-priority examples)."""
+    from idletune.config import TrainingConfig
+    from idletune.training.batching import BatchManager
+
+    q = TrainingQueue(tmp_path / "q.db", heldout_percent=0)
+    q.add_many([TrainingExample.from_text(f"imported chunk {i} about harbours and ferries") for i in range(10)])
+    q.add_many([pair(f"question {i}", f"answer {i}") for i in range(20)])
+    q.add_many([pair(f"Who runs town {i}?", f"Mayor {i}.", priority="high", source="correction") for i in range(3)])
+    bm = BatchManager(TrainingConfig(), round_size=16)
+    first = bm.select_round(q)
+    assert [e.source for e in first] == ["correction"] * 3
+    q.mark_trained([e.id for e in first])
+    second = bm.select_round(q)
+    assert len(second) == 16 and [e.priority for e in second].count(Priority.LOW) == 4  # nothing starves
+    assert [e.priority for e in second][:12] == [Priority.NORMAL] * 12
+
+
 def test_add_many_is_all_or_nothing(tmp_path):
     q = TrainingQueue(tmp_path / "q.db", max_examples=2)
     q.add(pair("a", "b"))

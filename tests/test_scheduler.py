@@ -212,3 +212,24 @@ def test_gate_rejects_and_marks_examples(svc):
     rejected = [e for e in svc.queue.recent(10) if e.status == "rejected"]
     assert rejected and "quality gate" in rejected[0].reason
     assert svc.weights.version == 0 and svc.weights.rejections == 3
+
+
+def test_a_rejected_round_is_retried_in_two_halves(svc):
+    """One harmful example must not take a whole round down with it: the halves of a rejected
+    round train as rounds of their own (every round still an attempt for its examples)."""
+    svc.scheduler.pause()
+    gate = svc.weights.gate.max_retention_loss_increase
+    svc.weights.gate.max_retention_loss_increase = -1.0  # every update is rejected
+    ids = [svc.queue.add(pair(20 + i)) for i in range(4)]
+    first = svc.scheduler.force_training(wait=True, timeout=60)
+    assert first["accepted"] is False and first["examples"] == 4 and first["split"] is True
+    second = svc.scheduler.force_training(wait=True, timeout=60)
+    assert second["examples"] == 2 and second["split"] is True  # the first half alone, split again
+    svc.weights.gate.max_retention_loss_increase = gate  # the harm was in that half
+    third = svc.scheduler.force_training(wait=True, timeout=60)
+    assert third["accepted"] is True and third["examples"] == 1  # a quarter of the round
+    rest = []
+    while svc.queue.pending_count():
+        rest.append(svc.scheduler.force_training(wait=True, timeout=60))
+    assert [r["examples"] for r in rest][:2] == [1, 2] and all(r["accepted"] for r in rest)
+    assert {svc.queue.get(i).status for i in ids} == {"trained"}

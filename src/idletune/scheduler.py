@@ -287,13 +287,16 @@ class TrainingScheduler:
         else:
             self.weights.discard_candidate()
             self.engine.reset_optimizer()
-            # Retry more gently (half the learning rate) before giving up on what the user taught.
+            # Retry more gently (half the learning rate) before giving up on what the user taught,
+            # and in two smaller rounds: one harmful example must not take the rest down with it.
             attempts = self.queue.record_attempt(ids)
             retry = [i for i in ids if attempts.get(i, 0) < self.max_attempts]
             self.queue.mark_rejected([i for i in ids if i not in retry],
                                      f"update rejected by the quality gate: {decision.reason}")
             self.engine.lr_scale = max(0.125, self.engine.lr_scale / 2)
             summary["retrying"] = len(retry)
+            if self.batches.split_rejected([e for e in examples if e.id in set(retry)]):
+                summary["split"] = True
             self.rounds_rejected += 1
         if not rolled_back:
             self._maybe_switch_mode(decision)
@@ -349,5 +352,5 @@ def _describe(summary: dict) -> str:
     else:
         out += "not published"
         if "retrying" in s:
-            out += f", {s['retrying']} to retry more gently"
+            out += f", {s['retrying']} to retry more gently" + (" in two smaller rounds" if s.get("split") else "")
     return out + f" ({s['reason']})"

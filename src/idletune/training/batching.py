@@ -2,6 +2,16 @@
 
 - Rounds take pending examples priority first (corrections, then chat, then imports), but a
   quarter of each round's places go to the oldest lower-priority examples, so nothing starves.
+  High-priority examples (corrections, answers rated up) train in rounds of their own: mixed
+  with imported chunks of hundreds of tokens, a correction got a fraction of each round's
+  steps (each step many times slower) and was not learned in three rounds — after which it
+  counts as done (docs/ARCHITECTURE.md, "A training round"). They are few, and each has at
+  most ``max_attempts`` rounds, so the rest waits a few rounds at most.
+- A round the quality gate rejects is tried again in two halves (higher priority first), each
+  a round of its own: one harmful example (a garbled import, a degenerate answer) no longer
+  takes the whole round's examples down with it after ``max_attempts`` rejections; the others
+  are accepted in a smaller round. Every round still counts as an attempt for its examples, so
+  splitting adds at most a few rounds (16 → 8 → 4 within three attempts).
 - Batch size adapts to idleness: ``batch_size`` while the user is around, growing to 16–32
   after long idle, always within a token budget.
 - Each batch carries a few replayed examples (already trained, or the base model's own answers
@@ -22,6 +32,7 @@ class BatchManager:
         self.round_size = round_size
         self.token_budget = token_budget
         self._rng = random.Random(seed)
+        self._retry: list[list[int]] = []  # ids of a rejected round's halves, to try as rounds of their own
 
     def batch_size(self, idle_seconds: float) -> int:
         """Small batches while the user is active; larger after long idle (capped at 32)."""
@@ -35,7 +46,13 @@ class BatchManager:
     def select_round(self, queue, limit: int | None = None) -> list[TrainingExample]:
         """Pending examples for the next round: priority first, without starving the rest."""
         limit = limit or self.round_size
+        while self._retry:  # the halves of a rejected round first, as they still wait
+            group = [e for e in (queue.get(i) for i in self._retry.pop(0)) if e is not None and e.status == Status.PENDING]
+            if group:
+                return group
         top = queue.pending(limit)
+        if top and top[0].priority == Priority.HIGH:  # what the user taught, on its own
+            return [e for e in top if e.priority == Priority.HIGH]
         if len(top) < limit or not top:
             return top
         reserved = max(1, limit // 4)
@@ -46,6 +63,16 @@ class BatchManager:
                 starving += [e for e in queue.pending(reserved, priority=p) if e.id not in {t.id for t in top}]
         starving = starving[:reserved]
         return top[: limit - len(starving)] + starving
+
+    def split_rejected(self, examples: list[TrainingExample]) -> bool:
+        """After the gate rejected a round of these examples: its two halves (higher priority
+        first) become the next rounds. False for a round of one (nothing to split)."""
+        if len(examples) < 2:
+            return False
+        ordered = sorted(examples, key=lambda e: -e.priority)  # stable: oldest first within a priority
+        half = (len(ordered) + 1) // 2
+        self._retry[:0] = [[e.id for e in ordered[:half]], [e.id for e in ordered[half:]]]
+        return True
 
     def replay(self, queue, probes: list[TrainingExample], n: int | None = None) -> list[TrainingExample]:
         """Examples to mix in: half already-trained examples, half retention probes."""
