@@ -78,3 +78,47 @@ def test_learns_a_fact_from_a_conversation_and_keeps_it_across_restart(start_ser
     client2 = OpenAI(base_url=f"{server2.url}/v1", api_key="unused")
     text, _ = ask(client2, "Tell me the codename of Project Bluebird.")
     assert "ZEPHYR-42" in text
+
+
+def test_a_correction_is_learned_first_while_imports_and_chats_wait(start_server, default_model_dir, tmp_path):
+    """A user who imported a document and chatted, then corrects an answer: the correction trains
+    in a round of its own, ahead of the long imported chunks (mixed with them it got a few slow
+    steps a round and was not learned in three rounds), and asking again before it is learned
+    queues nothing that would fight it."""
+    from pathlib import Path
+
+    from openai import OpenAI
+
+    server = start_server(data_dir=tmp_path / "data", extra=["--set", "scheduler.min_idle_time_ms=1000"])
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    httpx.post(f"{server.url}/api/training/pause")
+    doc = (Path(__file__).parents[1] / "docs" / "IMPORTING.md").read_text()[:6000]
+    job = httpx.post(f"{server.url}/api/import/text", json={"text": doc, "name": "importing.md"}, timeout=60).json()
+    assert job["status"] == "done" and job["result"]["examples_added"] >= 3, job
+    for q in ("What is the capital of France?", "Write a haiku about autumn.", "Who runs Quillby?"):
+        client.chat.completions.create(model="m", max_tokens=30, temperature=0,
+                                       messages=[{"role": "user", "content": q}])
+    r = httpx.post(f"{server.url}/api/feedback", json={"messages": [{"role": "user", "content": "Who runs Quillby?"}],
+                                                      "correction": "Quillby is run by Mayor Ottoline Brask."})
+    assert r.status_code == 200, r.text
+    before = httpx.get(f"{server.url}/api/status").json()
+    client.chat.completions.create(model="m", max_tokens=30, temperature=0,
+                                   messages=[{"role": "user", "content": "Who runs Quillby?"}])  # still wrong
+    after = httpx.get(f"{server.url}/api/status").json()
+    assert after["queue"]["total"] == before["queue"]["total"]  # that answer is not queued
+    assert after["collector"]["answers_superseded"] == 1
+
+    httpx.post(f"{server.url}/api/training/resume")
+    end = time.monotonic() + 300
+    while time.monotonic() < end:
+        st = httpx.get(f"{server.url}/api/status", timeout=10).json()
+        if st["live_version"] >= 1:
+            break
+        time.sleep(0.5)
+    assert st["live_version"] >= 1, st
+    first = [s for s in httpx.get(f"{server.url}/api/snapshots").json()["data"] if s["version"] == 1][0]
+    assert (first["metrics"]["examples"], first["metrics"]["learned"]) == (3, 3), first  # the correction alone
+    # the imports' round may be training now: a request comes first
+    text = client.chat.completions.create(model="m", max_tokens=30, temperature=0, messages=[
+        {"role": "user", "content": "Who runs Quillby?"}]).choices[0].message.content
+    assert "Ottoline Brask" in text, text
