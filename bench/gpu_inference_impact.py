@@ -62,6 +62,9 @@ def main():
                     "set: training in bounded memory, layers compiled in units)")
     ap.add_argument("--no-workspace-fix", action="store_true", help="capture the decoder's graphs with cuBLAS's "
                     "cached workspace, as before run W: reproduces the crash of run N under graphed training")
+    ap.add_argument("--trainer", default="thread", help="training.trainer: thread (the engine in this process, "
+                    "as every run up to EI), or process (the product's trainer process: the engine's calls go over a "
+                    "pipe, and the examples are real text it encodes itself)")
     ap.add_argument("--per-client", default="4,2", help="requests per client per block, for each --clients entry")
     ap.add_argument("--warmup-steps", type=int, default=3, help="training steps before measuring (the first "
                     "compiles and records the graphs)")
@@ -86,7 +89,9 @@ def main():
 
             D._own_cublas_workspace = contextlib.nullcontext
         svc = C.service(a.shape, tmp, **{"training.compile": a.training_compile, "training.mode": a.mode,
-                                         "training.micro_batch_tokens": a.micro_batch_tokens})
+                                         "training.micro_batch_tokens": a.micro_batch_tokens,
+                                         "training.trainer": a.trainer})
+        res["trainer"] = a.trainer
         res["mode"] = svc.weights.mode
         res["training_graphs"] = svc.engine.graphs
         res["gpu_path"] = svc.inference.fast is not None
@@ -94,7 +99,12 @@ def main():
         tok = svc.tokenizer
         prompt = torch.randint(100, len(tok) - 1, (256,)).tolist()
         inf.encode_chat = lambda messages: list(prompt)  # exactly 256 prompt tokens
-        examples = fixed_batch(tok, chat=False)
+        if a.trainer == "process":  # patching the encoder here would not reach the trainer process
+            from gpu_trainer_checks import text_examples
+
+            examples = text_examples(tok, n=8, length=512)
+        else:
+            examples = fixed_batch(tok, chat=False)
         times = threading.local()
         orig_emit = inf._emit
 
@@ -181,7 +191,7 @@ def main():
         def one_request(out, first=False):
             times.tokens = []
             time.sleep(random.uniform(0.02, 0.08))  # an idle gap: training resumes in it
-            busy = eng._step_thread is not None
+            busy = getattr(eng, "_step_thread", None) is not None  # (not seen from here with a trainer process)
             clock = sm_clock()
             t0 = time.perf_counter()
             try:

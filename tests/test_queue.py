@@ -45,7 +45,8 @@ def test_priority_order_and_stats(tmp_path):
 def test_corrections_train_in_rounds_of_their_own(tmp_path):
     """Mixed with long imported chunks, a correction got few of a round's slow steps and was not
     learned; high-priority examples make a round of their own, then the usual mix resumes
-    (priority first, a quarter of the places for the oldest lower-priority examples)."""
+    (priority first, a quarter of the places for the oldest lower-priority examples); a round
+    the gate rejected comes back as two rounds, its halves."""
     from idletune.config import TrainingConfig
     from idletune.training.batching import BatchManager
 
@@ -60,6 +61,16 @@ def test_corrections_train_in_rounds_of_their_own(tmp_path):
     second = bm.select_round(q)
     assert len(second) == 16 and [e.priority for e in second].count(Priority.LOW) == 4  # nothing starves
     assert [e.priority for e in second][:12] == [Priority.NORMAL] * 12
+    # a rejected round is tried again in halves, higher priority first; a correction that comes
+    # meanwhile goes before them
+    assert bm.split_rejected(second)
+    late = q.add(pair("Who runs Quillby?", "Mayor Ottoline Brask.", priority="high", source="correction"))
+    assert [e.id for e in bm.select_round(q)] == [late]
+    q.mark_trained([late])
+    halves = [bm.select_round(q), bm.select_round(q)]
+    assert [e.id for e in halves[0] + halves[1]] == [e.id for e in second]  # already in priority order
+    assert [len(h) for h in halves] == [8, 8] and halves[1][-1].priority == Priority.LOW
+    assert not bm.split_rejected(halves[0][:1])  # a round of one: nothing to split
 
 
 def test_add_many_is_all_or_nothing(tmp_path):

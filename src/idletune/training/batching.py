@@ -46,12 +46,16 @@ class BatchManager:
     def select_round(self, queue, limit: int | None = None) -> list[TrainingExample]:
         """Pending examples for the next round: priority first, without starving the rest."""
         limit = limit or self.round_size
-        while self._retry:  # the halves of a rejected round first, as they still wait
-            group = [e for e in (queue.get(i) for i in self._retry.pop(0)) if e is not None and e.status == Status.PENDING]
+        top = queue.pending(limit)
+        correcting = bool(top) and top[0].priority == Priority.HIGH
+        while self._retry:  # the halves of a rejected round, as they still wait
+            group = [e for e in (queue.get(i) for i in self._retry[0]) if e is not None and e.status == Status.PENDING]
+            if group and correcting and group[0].priority < Priority.HIGH:
+                break  # a correction that came meanwhile goes first; the half waits
+            self._retry.pop(0)
             if group:
                 return group
-        top = queue.pending(limit)
-        if top and top[0].priority == Priority.HIGH:  # what the user taught, on its own
+        if correcting:  # what the user taught, on its own
             return [e for e in top if e.priority == Priority.HIGH]
         if len(top) < limit or not top:
             return top
