@@ -5,7 +5,8 @@
    so asking never interrupts training).
 2. Chat latency with background training off vs. with a training backlog, interleaved in one
    run: requests alternate between the two conditions; in the "backlog" condition the queue
-   holds hundreds of pending examples and the scheduler is training when the request arrives.
+   holds pending examples (refilled while training is paused, as accepted rounds use them up)
+   and the scheduler is training when the request arrives (counted: ``training_active_at_arrival``).
    Reports time to first token and total time, median and p99, and their ratios. With
    ``--warm-training N`` the server first trains N steps with no request in flight (on a GPU:
    the first step's compilation and graph recording, 40–55 s on a fresh machine), so that the
