@@ -79,9 +79,22 @@ def test_asked_again_after_a_correction_the_answer_is_not_queued(tmp_path):
     q2, c2 = make(tmp_path)
     assert c2.log_exchange([u("Who leads Project Owl?")], "Nobody.", generation_id="g5", version=1).superseded
     assert c2.log_exchange([u("Who runs Quillby?")], "A company.", generation_id="g6", version=1).superseded
-    assert not c2.log_exchange([u("Who runs Quillby?"), a("Quillby is run by Mayor Ottoline Brask."),
-                                u("Since when?")], "Since 2019.", generation_id="g7", version=1).superseded
+    later = c2.log_exchange([u("Who runs Quillby?"), a("Quillby is run by Mayor Ottoline Brask."),
+                             u("Since when?")], "Since 2019.", generation_id="g7", version=1)
+    assert not later.superseded and later.corrections == 0  # the known correction, resent, is not new
     assert "Since 2019." in {e.messages[-1]["content"] for e in q2.pending(100) if e.kind == "chat"}
+
+
+def test_a_correction_the_full_queue_refused_does_not_hold_answers_back(tmp_path):
+    import pytest
+
+    from idletune.queue import QueueFullError, TrainingQueue
+
+    q = TrainingQueue(tmp_path / "queue.db", max_examples=2)
+    c = DataCollector(q)
+    with pytest.raises(QueueFullError):
+        c.add_correction([u("Who runs Quillby?")], "Quillby is run by Mayor Ottoline Brask.")  # 3 examples
+    assert not c.log_exchange([u("Who runs Quillby?")], "A company.", generation_id="g1", version=0).superseded
 
 
 def test_statements_become_text_and_links_are_imported(tmp_path):

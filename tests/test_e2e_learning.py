@@ -102,8 +102,9 @@ def test_a_correction_is_learned_first_while_imports_and_chats_wait(start_server
                                                       "correction": "Quillby is run by Mayor Ottoline Brask."})
     assert r.status_code == 200, r.text
     before = httpx.get(f"{server.url}/api/status").json()
-    client.chat.completions.create(model="m", max_tokens=30, temperature=0,
-                                   messages=[{"role": "user", "content": "Who runs Quillby?"}])  # still wrong
+    # asked again before it is learned: still wrong (shorter, so not the first answer's duplicate)
+    client.chat.completions.create(model="m", max_tokens=20, temperature=0,
+                                   messages=[{"role": "user", "content": "Who runs Quillby?"}])
     after = httpx.get(f"{server.url}/api/status").json()
     assert after["queue"]["total"] == before["queue"]["total"]  # that answer is not queued
     assert after["collector"]["answers_superseded"] == 1

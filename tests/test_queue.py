@@ -62,15 +62,31 @@ def test_corrections_train_in_rounds_of_their_own(tmp_path):
     assert len(second) == 16 and [e.priority for e in second].count(Priority.LOW) == 4  # nothing starves
     assert [e.priority for e in second][:12] == [Priority.NORMAL] * 12
     # a rejected round is tried again in halves, higher priority first; a correction that comes
-    # meanwhile goes before them
-    assert bm.split_rejected(second)
+    # meanwhile goes before them; a half stays first in line until a round of it is decided
+    assert bm.round_decided(second, accepted=False, again=second)
     late = q.add(pair("Who runs Quillby?", "Mayor Ottoline Brask.", priority="high", source="correction"))
     assert [e.id for e in bm.select_round(q)] == [late]
     q.mark_trained([late])
-    halves = [bm.select_round(q), bm.select_round(q)]
-    assert [e.id for e in halves[0] + halves[1]] == [e.id for e in second]  # already in priority order
-    assert [len(h) for h in halves] == [8, 8] and halves[1][-1].priority == Priority.LOW
-    assert not bm.split_rejected(halves[0][:1])  # a round of one: nothing to split
+    bm.round_decided([q.get(late)], accepted=True)
+    first_half = [e.id for e in bm.select_round(q)]
+    assert [e.id for e in bm.select_round(q)] == first_half  # a request preempted it: the same half again
+    bm.round_decided([q.get(i) for i in first_half], accepted=True)
+    second_half = bm.select_round(q)
+    assert first_half + [e.id for e in second_half] == [e.id for e in second]  # already in priority order
+    assert len(first_half) == 8 and len(second_half) == 8 and second_half[-1].priority == Priority.LOW
+    # rejected again with one example left to try: it trains alone, not back in a round of sixteen
+    assert not bm.round_decided(second_half, accepted=False, again=second_half[:1])
+    assert [e.id for e in bm.select_round(q)] == [second_half[0].id]
+    bm.round_decided(second_half[:1], accepted=True)
+    # what cannot be learned at once (a long answer rated up) has three rounds to itself, then a mixed one
+    stuck = q.add(pair("Tell me everything.", "A very long answer.", priority="high", source="feedback"))
+    for _ in range(3):
+        assert [e.id for e in bm.select_round(q)] == [stuck]
+        bm.round_decided([q.get(stuck)], accepted=True)
+    mixed = bm.select_round(q)
+    assert mixed[0].id == stuck and len(mixed) == 16 and mixed[-1].priority == Priority.LOW
+    bm.round_decided(mixed, accepted=True)
+    assert [e.id for e in bm.select_round(q)] == [stuck]
 
 
 def test_add_many_is_all_or_nothing(tmp_path):

@@ -216,7 +216,8 @@ def test_gate_rejects_and_marks_examples(svc):
 
 def test_a_rejected_round_is_retried_in_two_halves(svc):
     """One harmful example must not take a whole round down with it: the halves of a rejected
-    round train as rounds of their own (every round still an attempt for its examples)."""
+    round train as rounds of their own (every round still an attempt for its examples). The
+    gate here rejects every update, then none: this checks the mechanics."""
     svc.scheduler.pause()
     gate = svc.weights.gate.max_retention_loss_increase
     svc.weights.gate.max_retention_loss_increase = -1.0  # every update is rejected
@@ -225,7 +226,7 @@ def test_a_rejected_round_is_retried_in_two_halves(svc):
     assert first["accepted"] is False and first["examples"] == 4 and first["split"] is True
     second = svc.scheduler.force_training(wait=True, timeout=60)
     assert second["examples"] == 2 and second["split"] is True  # the first half alone, split again
-    svc.weights.gate.max_retention_loss_increase = gate  # the harm was in that half
+    svc.weights.gate.max_retention_loss_increase = gate  # the gate as configured again
     third = svc.scheduler.force_training(wait=True, timeout=60)
     assert third["accepted"] is True and third["examples"] == 1  # a quarter of the round
     rest = []

@@ -167,6 +167,7 @@ class DataCollector:
         self.chat_log = chat_log or ChatLog(Path(queue.path).with_name("chatlog.db"))
         self.import_url = import_url
         self._seen_urls: set[str] = set()
+        self._lock = threading.Lock()  # a correction's withdrawal, queueing and record, against queueing answers
         self.stats = {"exchanges": 0, "corrections": 0, "feedback": 0, "statements": 0, "urls_imported": 0,
                       "answers_superseded": 0}
 
@@ -186,22 +187,26 @@ class DataCollector:
         self.stats["exchanges"] += 1
         res = CollectResult()
         examples: list[TrainingExample] = []
+        answer = None
         if self.auto_collect:
             examples += self._corrections_in(messages, conv)
             res.corrections = sum(1 for e in examples if not e.metadata.get("augmented"))
-            res.superseded = self.chat_log.corrected(messages) is not None
-            if res.superseded:
-                self.stats["answers_superseded"] += 1
-            elif response.strip() and any(m["role"] == "user" for m in messages):  # a system-only prompt teaches nothing
-                examples.append(TrainingExample.chat(messages + [{"role": "assistant", "content": response}],
-                                                     source=Source.CHAT, priority=Priority.NORMAL,
-                                                     conversation_id=conv, generation_id=generation_id,
-                                                     version=version))
+            if response.strip() and any(m["role"] == "user" for m in messages):  # a system-only prompt teaches nothing
+                answer = TrainingExample.chat(messages + [{"role": "assistant", "content": response}],
+                                              source=Source.CHAT, priority=Priority.NORMAL, conversation_id=conv,
+                                              generation_id=generation_id, version=version)
         if self.enable_content_processing:
             examples += self._statements_in(messages, conv)
-        if examples:
-            added = self.queue.add_many(examples)
-            res.queued, res.duplicates = added.count, added.duplicates
+        with self._lock:  # a correction of this context cannot come between the check and the queueing
+            if answer is not None:
+                res.superseded = self.chat_log.corrected(messages) is not None
+                if res.superseded:
+                    self.stats["answers_superseded"] += 1
+                else:
+                    examples.append(answer)
+            if examples:
+                added = self.queue.add_many(examples)
+                res.queued, res.duplicates = added.count, added.duplicates
         if self.enable_web_scraping and self.import_url is not None:
             res.imports_started = self._import_links(messages[-1])
         return res
@@ -216,6 +221,8 @@ class DataCollector:
             if generated and m["content"].strip() not in {g.strip() for g in generated}:
                 if not any(c["role"] == "user" for c in context):
                     continue
+                if self.chat_log.corrected(context) == m["content"]:
+                    continue  # known: later turns resend the corrected answer in their history
                 out += correction_examples(context, m["content"], conv, replaces=generated[-1][:200])
                 self._withdraw(context, generated)
                 self.chat_log.add_corrected(context, m["content"])
@@ -265,15 +272,16 @@ class DataCollector:
         answer, which is replaced). Queued with high priority. Returns the example id."""
         context = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
         wrong = [messages[-1]["content"]] if messages and messages[-1]["role"] == "assistant" else []
-        self._withdraw(list(context), wrong + self.chat_log.generated_for(list(context)))
-        self.chat_log.add_corrected(list(context), correction)
         examples = correction_examples(list(context), correction, conversation_id(list(context)))
         ex = examples[0]
+        with self._lock:  # no answer to this context is queued between the withdrawal and the record
+            self._withdraw(list(context), wrong + self.chat_log.generated_for(list(context)))
+            self.queue.add_many(examples)  # known content is only raised to high priority
+            self.chat_log.add_corrected(list(context), correction)  # once queued (a full queue refuses)
         self.stats["feedback"] += 1
         self.stats["corrections"] += 1
         if self.enable_chat_logging:
             self.log_message(conversation_id(list(context)), "correction", correction)
-        self.queue.add_many(examples)  # known content is only raised to high priority
         found = self.queue.find(ex.content_hash)
         return found.id if found else None
 

@@ -283,6 +283,7 @@ class TrainingScheduler:
             attempts = {} if result.preempted else self.queue.record_attempt(ids)
             learned = set(result.learned_ids)
             self.queue.mark_trained([i for i in ids if i in learned or attempts.get(i, 0) >= self.max_attempts])
+            self.batches.round_decided(examples, accepted=True)
             self.training_count += 1
         else:
             self.weights.discard_candidate()
@@ -295,7 +296,8 @@ class TrainingScheduler:
                                      f"update rejected by the quality gate: {decision.reason}")
             self.engine.lr_scale = max(0.125, self.engine.lr_scale / 2)
             summary["retrying"] = len(retry)
-            if self.batches.split_rejected([e for e in examples if e.id in set(retry)]):
+            again = set(retry)
+            if self.batches.round_decided(examples, accepted=False, again=[e for e in examples if e.id in again]):
                 summary["split"] = True
             self.rounds_rejected += 1
         if not rolled_back:

@@ -2,16 +2,20 @@
 
 - Rounds take pending examples priority first (corrections, then chat, then imports), but a
   quarter of each round's places go to the oldest lower-priority examples, so nothing starves.
-  High-priority examples (corrections, answers rated up) train in rounds of their own: mixed
-  with imported chunks of hundreds of tokens, a correction got a fraction of each round's
-  steps (each step many times slower) and was not learned in three rounds — after which it
-  counts as done (docs/ARCHITECTURE.md, "A training round"). They are few, and each has at
-  most ``max_attempts`` rounds, so the rest waits a few rounds at most.
+  High-priority examples (corrections and their rewordings, answers rated up) train in rounds
+  of their own: mixed with imported chunks of hundreds of tokens, a correction was one example
+  in a dozen, each step took seconds on a CPU, and three rounds (over three minutes) did not
+  teach it (docs/BENCHMARKS.md, "A correction made after an import and chats"). After three
+  such rounds in a row the next round is mixed again, so what cannot be learned quickly (a
+  long answer rated up) does not hold everything else back.
 - A round the quality gate rejects is tried again in two halves (higher priority first), each
-  a round of its own: one harmful example (a garbled import, a degenerate answer) no longer
-  takes the whole round's examples down with it after ``max_attempts`` rejections; the others
-  are accepted in a smaller round. Every round still counts as an attempt for its examples, so
-  splitting adds at most a few rounds (16 → 8 → 4 within three attempts).
+  a round of its own, a round of one alone: one harmful example (a garbled import, a
+  degenerate answer) no longer takes the round's other examples down with it after
+  ``max_attempts`` rejections; they are accepted in a smaller round. Every decided round still
+  counts as an attempt for its examples, so a round of 16 is split at most twice (16 → 8 → 4).
+  A half stays first in line until a round of it is decided (a request's preemption is not a
+  decision); a correction that comes meanwhile goes before it. The plan is kept in memory: after
+  a restart the usual selection takes over.
 - Batch size adapts to idleness: ``batch_size`` while the user is around, growing to 16–32
   after long idle, always within a token budget.
 - Each batch carries a few replayed examples (already trained, or the base model's own answers
@@ -33,6 +37,7 @@ class BatchManager:
         self.token_budget = token_budget
         self._rng = random.Random(seed)
         self._retry: list[list[int]] = []  # ids of a rejected round's halves, to try as rounds of their own
+        self._high_streak = 0  # decided rounds in a row of high-priority examples only
 
     def batch_size(self, idle_seconds: float) -> int:
         """Small batches while the user is active; larger after long idle (capped at 32)."""
@@ -44,17 +49,19 @@ class BatchManager:
         return 32
 
     def select_round(self, queue, limit: int | None = None) -> list[TrainingExample]:
-        """Pending examples for the next round: priority first, without starving the rest."""
+        """Pending examples for the next round: a rejected round's waiting half, or high-priority
+        examples on their own, or priority first without starving the rest (module docstring)."""
         limit = limit or self.round_size
         top = queue.pending(limit)
-        correcting = bool(top) and top[0].priority == Priority.HIGH
-        while self._retry:  # the halves of a rejected round, as they still wait
+        correcting = bool(top) and top[0].priority == Priority.HIGH and self._high_streak < 3
+        while self._retry:
             group = [e for e in (queue.get(i) for i in self._retry[0]) if e is not None and e.status == Status.PENDING]
-            if group and correcting and group[0].priority < Priority.HIGH:
+            if not group:  # trained, rejected or withdrawn since
+                self._retry.pop(0)
+                continue
+            if correcting and group[0].priority < Priority.HIGH:
                 break  # a correction that came meanwhile goes first; the half waits
-            self._retry.pop(0)
-            if group:
-                return group
+            return group
         if correcting:  # what the user taught, on its own
             return [e for e in top if e.priority == Priority.HIGH]
         if len(top) < limit or not top:
@@ -68,12 +75,22 @@ class BatchManager:
         starving = starving[:reserved]
         return top[: limit - len(starving)] + starving
 
-    def split_rejected(self, examples: list[TrainingExample]) -> bool:
-        """After the gate rejected a round of these examples: its two halves (higher priority
-        first) become the next rounds. False for a round of one (nothing to split)."""
-        if len(examples) < 2:
+    def round_decided(self, examples: list[TrainingExample], accepted: bool,
+                      again: list[TrainingExample] = ()) -> bool:
+        """The gate decided a round of ``examples`` (accepted or rejected; not a round a request
+        preempted or a rollback replaced): its half leaves the plan. Rejected, those that may
+        still train (``again``) come back as two halves, higher priority first, or one alone.
+        True if the round was split."""
+        if self._retry and {e.id for e in examples} & set(self._retry[0]):
+            self._retry.pop(0)
+        high = bool(examples) and all(e.priority == Priority.HIGH for e in examples)
+        self._high_streak = self._high_streak + 1 if high else 0
+        if accepted or not again:
             return False
-        ordered = sorted(examples, key=lambda e: -e.priority)  # stable: oldest first within a priority
+        ordered = sorted(again, key=lambda e: -e.priority)  # stable: oldest first within a priority
+        if len(ordered) == 1:
+            self._retry.insert(0, [ordered[0].id])  # alone, not back into a round of sixteen
+            return False
         half = (len(ordered) + 1) // 2
         self._retry[:0] = [[e.id for e in ordered[:half]], [e.id for e in ordered[half:]]]
         return True
