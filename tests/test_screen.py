@@ -33,6 +33,15 @@ def test_repetition_and_superseded_corrections(engine):
     assert "superseded by a later correction" in reasons[2] and "example 3" in reasons[2]
 
 
+def test_a_looping_answer_of_the_model_is_not_learned(engine):
+    loop = chat("How do I boil an egg?", "Boil an egg:\n\n" * 7 + "Bo", source="chat", i=6)  # as the default model said
+    steps = chat("How do I boil an egg?", "Boil water.\nAdd the egg.\nWait nine minutes.\nCool it.", source="chat", i=7)
+    taught = chat("Say it three times.", "Hello. Hello. Hello.", i=8)  # a user's correction may repeat itself
+    keep, rejected = screen([loop, steps, taught], engine, GateConfig(), reference_loss=None)
+    assert keep == [steps, taught]
+    assert [(ex.id, "loops ('Boil an egg:' 7 times)" in why) for ex, why in rejected] == [(6, True)]
+
+
 def test_noise_is_measured_against_natural_text(engine):
     ex = chat("Tell me something.", "Something plain and ordinary.", source="chat", i=5)
     assert screen([ex], engine, GateConfig(), reference_loss=None)[0] == [ex]  # no reference: no noise check

@@ -6,11 +6,16 @@
   code 1.5–6.5, the probes about 1.
 - Repetition: a long target that compresses to less than ``gate.min_compression_ratio`` of its
   size (one phrase repeated; natural text stays above 0.3).
+- A looping answer: one of the model's own answers (a chat pair it generated) in which one line
+  or sentence makes up half the text, three times or more ("Boil an egg:" seven times in 60
+  tokens) — too short for the compression check, and training on it would teach the loop.
 - Contradiction: several corrections of the same question in one round; the newest is kept.
 """
 from __future__ import annotations
 
+import re
 import zlib
+from collections import Counter
 
 from ..collect import context_key
 from ..config import GateConfig
@@ -24,6 +29,11 @@ def screen(examples: list[TrainingExample], engine, gate: GateConfig, reference_
     rejected: list[tuple[TrainingExample, str]] = []
     keep: list[TrainingExample] = []
     for ex in examples:
+        loop = _loop(ex.target) if ex.kind == "chat" and ex.source == Source.CHAT else None
+        if loop:
+            rejected.append((ex, f"the model's answer loops ({loop[0][:40]!r} {loop[1]} times): training on it "
+                                 "would teach the loop"))
+            continue
         data = ex.target.encode("utf-8")
         if len(data) >= 200:
             ratio = len(zlib.compress(data)) / len(data)
@@ -64,3 +74,12 @@ def screen(examples: list[TrainingExample], engine, gate: GateConfig, reference_
                 still.append(ex)
         keep = still
     return keep, rejected
+
+
+def _loop(text: str) -> tuple[str, int] | None:
+    """The line or sentence that makes up half of ``text``, three times or more (None: none)."""
+    parts = [p.strip() for p in re.split(r"\n+|(?<=[.!?:])\s+", text) if len(p.strip()) >= 3]
+    if not parts:
+        return None
+    part, n = Counter(parts).most_common(1)[0]
+    return (part, n) if n >= 3 and n * len(part) >= 0.5 * len(text.strip()) else None
