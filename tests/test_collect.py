@@ -71,6 +71,13 @@ def test_asked_again_after_a_correction_the_answer_is_not_queued(tmp_path):
     answers = {e.messages[-1]["content"] for e in q.pending(100) if e.kind == "chat"}
     assert answers == {"Quillby is run by Mayor Ottoline Brask."}  # the correction (and its rewordings) only
     assert c.get_stats()["answers_superseded"] == 1
+    # a thumbs-up on such an answer: the user vouches for it, so it is queued after all
+    good = c.log_exchange([u("Who runs Quillby?")], "Mayor Ottoline Brask runs Quillby.", generation_id="g2b", version=1)
+    assert good.superseded and good.queued == 0
+    rated = c.rate("g2b", 1)
+    ex = q.get(rated["example_id"])
+    assert ex.priority == Priority.HIGH and ex.messages[-1]["content"] == "Mayor Ottoline Brask runs Quillby."
+    assert c.rate("g2", -1)["example_id"] is None  # rated down: it stays out
     # other questions are queued as before; a correction found in a resent history counts too,
     # and both are remembered across restarts (the chat log is a file)
     c.log_exchange([u("Who leads Project Owl?")], "I don't know.", generation_id="g3", version=0)

@@ -86,6 +86,7 @@ class ChatLog:
                 response TEXT, version INTEGER, rating INTEGER, created_at REAL);
             CREATE INDEX IF NOT EXISTS generations_ctx ON generations (context_key);
             CREATE TABLE IF NOT EXISTS corrected (context_key TEXT PRIMARY KEY, answer TEXT, created_at REAL);
+            CREATE TABLE IF NOT EXISTS held_back (generation_id TEXT PRIMARY KEY, messages TEXT, created_at REAL);
         """)
 
     def add_message(self, conv: str, role: str, content: str, metadata: dict | None = None) -> None:
@@ -113,6 +114,17 @@ class ChatLog:
         with self._lock:
             row = self._db.execute("SELECT answer FROM corrected WHERE context_key=?", (context_key(context),)).fetchone()
         return row[0] if row else None
+
+    def hold_back(self, gen_id: str, messages: list[dict]) -> None:
+        """An answer not queued (its question was corrected), kept in case the user rates it up."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO held_back VALUES (?,?,?)",
+                             (gen_id, json.dumps(messages, ensure_ascii=False), time.time()))
+
+    def held_back(self, gen_id: str) -> list[dict] | None:
+        with self._lock:
+            row = self._db.execute("SELECT messages FROM held_back WHERE generation_id=?", (gen_id,)).fetchone()
+        return json.loads(row[0]) if row else None
 
     def generation(self, gen_id: str) -> dict | None:
         with self._lock:
@@ -202,6 +214,7 @@ class DataCollector:
                 res.superseded = self.chat_log.corrected(messages) is not None
                 if res.superseded:
                     self.stats["answers_superseded"] += 1
+                    self.chat_log.hold_back(generation_id, answer.messages)  # a thumbs-up would queue it
                 else:
                     examples.append(answer)
             if examples:
@@ -286,14 +299,20 @@ class DataCollector:
         return found.id if found else None
 
     def rate(self, generation_id: str, rating: int) -> dict:
-        """+1 raises the answer's pair to high priority; -1 withdraws it from training."""
+        """+1 raises the answer's pair to high priority (an answer to a corrected question, which
+        was not queued, is queued so); -1 withdraws it from training."""
         gen = self.chat_log.generation(generation_id)
         if gen is None:
             raise KeyError(f"no response with id {generation_id!r}")
         self.chat_log.rate(generation_id, rating)
         self.stats["feedback"] += 1
         ex = self._pair_for(generation_id)
-        if ex is not None:
+        held = self.chat_log.held_back(generation_id) if ex is None else None
+        if held is not None and rating > 0:
+            # an answer to a corrected question, not queued; rated up, the user vouches for it
+            self.queue.add_many([TrainingExample.chat(held, source=Source.FEEDBACK, priority=Priority.HIGH)])
+            ex = self.queue.find(TrainingExample.chat(held).content_hash)
+        elif ex is not None:
             if rating > 0:
                 self.queue.add_many([TrainingExample.chat(ex.messages, source=Source.FEEDBACK, priority=Priority.HIGH)])
             elif ex.status in (Status.PENDING,):
