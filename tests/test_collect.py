@@ -92,6 +92,21 @@ def test_asked_again_after_a_correction_the_answer_is_not_queued(tmp_path):
     assert "Since 2019." in {e.messages[-1]["content"] for e in q2.pending(100) if e.kind == "chat"}
 
 
+def test_a_correction_sent_again_trains_again(tmp_path):
+    """After a rollback took a learned correction out of the weights (or the gate refused it),
+    sending it again must teach it again, not count as a duplicate of what was done."""
+    q, c = make(tmp_path)
+    first = c.add_correction([u("Who runs Quillby?")], "Quillby is run by Mayor Ottoline Brask.")
+    q.record_attempt([first])
+    q.mark_trained([e.id for e in q.pending(100)])
+    assert q.pending_count() == 0
+    again = c.add_correction([u("Who runs Quillby?")], "Quillby is run by Mayor Ottoline Brask.")
+    assert again == first
+    pending = q.pending(100)
+    assert len(pending) == 3 and all(e.source == "correction" for e in pending)  # with its rewordings
+    assert q.record_attempt([first])[first] == 1  # attempts counted afresh
+
+
 def test_a_correction_the_full_queue_refused_does_not_hold_answers_back(tmp_path):
     import pytest
 

@@ -291,6 +291,11 @@ class DataCollector:
             self._withdraw(list(context), wrong + self.chat_log.generated_for(list(context)))
             self.queue.add_many(examples)  # known content is only raised to high priority
             self.chat_log.add_corrected(list(context), correction)  # once queued (a full queue refuses)
+            # sent again (after a rollback took it out of the weights, or after the gate refused
+            # it): it trains again, rather than being a duplicate of what was done
+            done = [f for f in (self.queue.find(e.content_hash) for e in examples)
+                    if f is not None and f.status in (Status.TRAINED, Status.REJECTED)]
+            self.queue.requeue([f.id for f in done])
         self.stats["feedback"] += 1
         self.stats["corrections"] += 1
         if self.enable_chat_logging:

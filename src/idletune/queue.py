@@ -170,6 +170,17 @@ class TrainingQueue:
             self._db.execute("COMMIT")
         return dict(rows)
 
+    def requeue(self, ids: Iterable[int]) -> None:
+        """Pending again, with no attempts counted (a correction the user sent again)."""
+        ids = list(ids)
+        if not ids:
+            return
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("UPDATE examples SET status=?, reason=NULL, attempts=0, updated_at=? WHERE id=?",
+                                 [(Status.PENDING, time.time(), i) for i in ids])
+            self._db.execute("COMMIT")
+
     def mark_trained(self, ids: Iterable[int]) -> None:
         self.set_status(ids, Status.TRAINED)
 
