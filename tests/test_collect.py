@@ -92,6 +92,22 @@ def test_asked_again_after_a_correction_the_answer_is_not_queued(tmp_path):
     assert "Since 2019." in {e.messages[-1]["content"] for e in q2.pending(100) if e.kind == "chat"}
 
 
+def test_corrections_queued_before_they_were_remembered_count(tmp_path):
+    """A data directory from an older version: its queue holds corrections, its chat log no
+    record of them; the collector fills the record at start."""
+    from idletune.collect import correction_examples
+
+    q, _ = make(tmp_path)
+    q.add_many(correction_examples([u("Who runs Quillby?")], "Quillby is run by Mayor Ottoline Brask.", "conv-1"))
+    (tmp_path / "chatlog.db").unlink()  # as if written before the chat log kept the record
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"chatlog.db{suffix}").unlink(missing_ok=True)
+    q2, c2 = make(tmp_path)
+    assert c2.log_exchange([u("Who runs Quillby?")], "A company.", generation_id="g1", version=0).superseded
+    assert not c2.log_exchange([u("Please answer this: Who runs Quillby?")], "A company.", generation_id="g2",
+                               version=0).superseded  # rewordings are the collector's, not the user's
+
+
 def test_a_correction_sent_again_trains_again(tmp_path):
     """After a rollback took a learned correction out of the weights (or the gate refused it),
     sending it again must teach it again, not count as a duplicate of what was done."""

@@ -109,6 +109,10 @@ class ChatLog:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO corrected VALUES (?,?,?)", (context_key(context), answer, time.time()))
 
+    def has_corrections(self) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM corrected LIMIT 1").fetchone() is not None
+
     def corrected(self, context: list[dict]) -> str | None:
         """The user's correction for this context, if there is one."""
         with self._lock:
@@ -180,6 +184,10 @@ class DataCollector:
         self.import_url = import_url
         self._seen_urls: set[str] = set()
         self._lock = threading.Lock()  # a correction's withdrawal, queueing and record, against queueing answers
+        if not self.chat_log.has_corrections():  # a data directory from before corrections were remembered
+            for ex in self.queue.from_source(Source.CORRECTION):
+                if ex.kind == "chat" and not ex.metadata.get("augmented"):
+                    self.chat_log.add_corrected(ex.messages[:-1], ex.messages[-1]["content"])
         self.stats = {"exchanges": 0, "corrections": 0, "feedback": 0, "statements": 0, "urls_imported": 0,
                       "answers_superseded": 0}
 

@@ -222,6 +222,10 @@ class TrainingQueue:
         rows = self._rows("WHERE content_hash=?", (content_hash,))
         return rows[0] if rows else None
 
+    def from_source(self, source: str, limit: int = 100_000) -> list[TrainingExample]:
+        """Examples of one source (any status), oldest first."""
+        return self._rows("WHERE source=? ORDER BY id LIMIT ?", (source, limit))
+
     def recent(self, limit: int = 50) -> list[TrainingExample]:
         return self._rows("ORDER BY id DESC LIMIT ?", (limit,))
 
