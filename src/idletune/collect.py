@@ -228,6 +228,9 @@ class DataCollector:
             if examples:
                 added = self.queue.add_many(examples)
                 res.queued, res.duplicates = added.count, added.duplicates
+            for ex in examples:  # corrections found in the history: remembered once queued
+                if ex.source == Source.CORRECTION and not ex.metadata.get("augmented"):
+                    self.chat_log.add_corrected(ex.messages[:-1], ex.messages[-1]["content"])
         if self.enable_web_scraping and self.import_url is not None:
             res.imports_started = self._import_links(messages[-1])
         return res
@@ -246,7 +249,6 @@ class DataCollector:
                     continue  # known: later turns resend the corrected answer in their history
                 out += correction_examples(context, m["content"], conv, replaces=generated[-1][:200])
                 self._withdraw(context, generated)
-                self.chat_log.add_corrected(context, m["content"])
         self.stats["corrections"] += sum(1 for e in out if not e.metadata.get("augmented"))
         return out
 
