@@ -185,9 +185,7 @@ class DataCollector:
         self._seen_urls: set[str] = set()
         self._lock = threading.Lock()  # a correction's withdrawal, queueing and record, against queueing answers
         if not self.chat_log.has_corrections():  # a data directory from before corrections were remembered
-            for ex in self.queue.from_source(Source.CORRECTION):
-                if ex.kind == "chat" and not ex.metadata.get("augmented"):
-                    self.chat_log.add_corrected(ex.messages[:-1], ex.messages[-1]["content"])
+            self._remember(self.queue.from_source(Source.CORRECTION))
         self.stats = {"exchanges": 0, "corrections": 0, "feedback": 0, "statements": 0, "urls_imported": 0,
                       "answers_superseded": 0}
 
@@ -228,12 +226,16 @@ class DataCollector:
             if examples:
                 added = self.queue.add_many(examples)
                 res.queued, res.duplicates = added.count, added.duplicates
-            for ex in examples:  # corrections found in the history: remembered once queued
-                if ex.source == Source.CORRECTION and not ex.metadata.get("augmented"):
-                    self.chat_log.add_corrected(ex.messages[:-1], ex.messages[-1]["content"])
+            self._remember(examples)  # corrections found in the history, once queued
         if self.enable_web_scraping and self.import_url is not None:
             res.imports_started = self._import_links(messages[-1])
         return res
+
+    def _remember(self, examples: list[TrainingExample]) -> None:
+        """Record the corrected contexts among ``examples`` (the user's own, not their rewordings)."""
+        for ex in examples:
+            if ex.kind == "chat" and ex.source == Source.CORRECTION and not ex.metadata.get("augmented"):
+                self.chat_log.add_corrected(ex.messages[:-1], ex.messages[-1]["content"])
 
     def _corrections_in(self, messages: list[dict], conv: str) -> list[TrainingExample]:
         out = []
@@ -296,22 +298,19 @@ class DataCollector:
         context = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
         wrong = [messages[-1]["content"]] if messages and messages[-1]["role"] == "assistant" else []
         examples = correction_examples(list(context), correction, conversation_id(list(context)))
-        ex = examples[0]
         with self._lock:  # no answer to this context is queued between the withdrawal and the record
             self._withdraw(list(context), wrong + self.chat_log.generated_for(list(context)))
             self.queue.add_many(examples)  # known content is only raised to high priority
-            self.chat_log.add_corrected(list(context), correction)  # once queued (a full queue refuses)
+            self._remember(examples)  # once queued (a full queue refuses)
+            found = [self.queue.find(e.content_hash) for e in examples]
             # sent again (after a rollback took it out of the weights, or after the gate refused
             # it): it trains again, rather than being a duplicate of what was done
-            done = [f for f in (self.queue.find(e.content_hash) for e in examples)
-                    if f is not None and f.status in (Status.TRAINED, Status.REJECTED)]
-            self.queue.requeue([f.id for f in done])
+            self.queue.requeue([f.id for f in found if f is not None and f.status in (Status.TRAINED, Status.REJECTED)])
         self.stats["feedback"] += 1
         self.stats["corrections"] += 1
         if self.enable_chat_logging:
             self.log_message(conversation_id(list(context)), "correction", correction)
-        found = self.queue.find(ex.content_hash)
-        return found.id if found else None
+        return found[0].id if found[0] else None
 
     def rate(self, generation_id: str, rating: int) -> dict:
         """+1 raises the answer's pair to high priority (an answer to a corrected question, which
@@ -325,8 +324,9 @@ class DataCollector:
         held = self.chat_log.held_back(generation_id) if ex is None else None
         if held is not None and rating > 0:
             # an answer to a corrected question, not queued; rated up, the user vouches for it
-            self.queue.add_many([TrainingExample.chat(held, source=Source.FEEDBACK, priority=Priority.HIGH)])
-            ex = self.queue.find(TrainingExample.chat(held).content_hash)
+            vouched = TrainingExample.chat(held, source=Source.FEEDBACK, priority=Priority.HIGH)
+            self.queue.add_many([vouched])
+            ex = self.queue.find(vouched.content_hash)
         elif ex is not None:
             if rating > 0:
                 self.queue.add_many([TrainingExample.chat(ex.messages, source=Source.FEEDBACK, priority=Priority.HIGH)])
