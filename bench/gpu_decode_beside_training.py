@@ -53,13 +53,19 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=15)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--warmup-steps", type=int, default=3)
+    ap.add_argument("--training-compile", default="auto", help="training.compile (off: the training's layers not "
+                    "compiled in this process)")
+    ap.add_argument("--compile-after-capture", action="store_true", help="build with training.compile = off, "
+                    "measure, then compile the training's layers as the service does (after the decoder's graphs "
+                    "were captured), measure again, then train")
     a = ap.parse_args()
     from gpu_trainer_checks import text_examples
 
     res = C.header()
-    res["trainer"] = a.trainer
+    res.update(trainer=a.trainer, training_compile=a.training_compile, compile_after_capture=a.compile_after_capture)
     with tempfile.TemporaryDirectory() as tmp:
-        svc = C.service(a.shape, tmp, **{"training.trainer": a.trainer})
+        svc = C.service(a.shape, tmp, **{"training.trainer": a.trainer,
+                                         "training.compile": "off" if a.compile_after_capture else a.training_compile})
         try:
             inf, eng = svc.inference, svc.engine
             prompt = torch.randint(100, len(svc.tokenizer) - 1, (256,)).tolist()
@@ -67,6 +73,14 @@ def main() -> None:
             per_token_ms(inf, 2, a.new)  # graphs captured
             res["before_training"] = per_token_ms(inf, a.requests, a.new)
             print("before training:", res["before_training"], flush=True)
+            if a.compile_after_capture:
+                from idletune.config import Config
+                from idletune.service import _compile_training
+
+                cfg = Config.load(None, {"training.trainer": a.trainer})
+                _compile_training(cfg, eng, fast_path=inf.fast is not None)
+                res["after_compile_setup"] = per_token_ms(inf, a.requests, a.new)
+                print("after compile_layers:", res["after_compile_setup"], flush=True)
             examples = text_examples(svc.tokenizer, n=8, length=512)
             t0, steps = time.perf_counter(), 0
             while steps < a.warmup_steps and time.perf_counter() - t0 < 300:

@@ -118,38 +118,24 @@ def test_save_and_load_the_trained_adapter(svc, tmp_path):
     assert all(torch.equal(now[k], saved[k]) for k in saved)
 
 
-def test_a_process_trainer_trains_lora_only():
-    with pytest.raises(ConfigError, match="training.trainer"):
-        Config.load(None, {"training.trainer": "process", "training.mode": "hybrid"})
+def test_the_trainer_setting_is_checked():
     with pytest.raises(ConfigError, match="auto, thread or process"):
         Config.load(None, {"training.trainer": "elsewhere"})
-    assert Config.load(None, {"training.mode": "hybrid"}).training.trainer == "auto"  # auto takes a thread there
+    for mode in ("lora", "full", "hybrid"):  # a process trains in every mode
+        assert Config.load(None, {"training.trainer": "process", "training.mode": mode}).training.trainer == "process"
 
 
-def test_auto_takes_a_trainer_process_on_a_gpu_for_lora_only(tmp_path):
+def test_auto_takes_a_trainer_process_on_a_gpu():
     from idletune.service import choose_trainer
 
     def where(on_cuda=True, not_here=None, **overrides):
-        return choose_trainer(Config.load(None, overrides).training, on_cuda=on_cuda, data_dir=tmp_path,
-                              not_here=not_here)[0]
+        return choose_trainer(Config.load(None, overrides).training, on_cuda=on_cuda, not_here=not_here)[0]
     assert where() == "process"
+    assert where(**{"training.mode": "hybrid"}) == where(**{"training.mode": "full"}) == "process"
     assert where(on_cuda=False) == "thread"
     assert where(not_here="no fast path") == "thread"  # Windows, an integrated GPU, no GPU fast path
-    assert where(**{"training.mode": "hybrid"}) == where(**{"training.mode": "full"}) == "thread"
     assert where(on_cuda=False, **{"training.trainer": "process"}) == "process"  # asked for: as asked
     assert where(**{"training.trainer": "thread"}) == "thread"
-    # a data directory that keeps a version of full weights (a process could not roll back to it)
-    snaps = tmp_path / "snapshots"
-    for name, meta in [("v000003", '{"version": 3, "kind": "lora"}'), ("v000004", "null"),
-                       ("base-v000002", '{"kind": "full"}'),  # a merged base: LoRA on it restores in place
-                       (".tmp-v000005-123", '{"kind": "full"}')]:  # a write cut short
-        (snaps / name).mkdir(parents=True)
-        (snaps / name / "meta.json").write_text(meta)
-    assert where() == "process"
-    (snaps / "v000002").mkdir()
-    (snaps / "v000002" / "meta.json").write_text('{"version": 2, "kind": "full"}')
-    trainer, why = choose_trainer(Config.load(None).training, on_cuda=True, data_dir=tmp_path)
-    assert trainer == "thread" and "full weights" in why
 
 
 def test_what_keeps_auto_from_a_trainer_process_on_a_gpu(monkeypatch):
@@ -257,3 +243,108 @@ def test_too_little_shared_memory_is_refused_clearly(monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 << 20, 0, 64 << 20))
     with pytest.raises(TrainerProcessError, match=r"1024 MB, and /dev/shm has 64 MB free"):
         remote._check_shared_memory({"w": torch.zeros(256, 1 << 20)})
+
+
+# ---- full fine-tuning and hybrid mode in a trainer process ---------------------------------------
+def _full_weights(svc, which):
+    return {n: t.clone() for n, t in svc.weights.ws._set(which).items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_full_fine_tuning_in_a_trainer_process_trains_the_served_copy_apart_and_publishes(tmp_path, tiny_model_dir):
+    from test_modes import fact, logits, make as make_modes
+
+    svc = make_modes(tmp_path, tiny_model_dir, **{"training.mode": "full", "training.trainer": "process"})
+    try:
+        eng = svc.engine
+        assert isinstance(eng, RemoteEngine) and svc.weights.mode == "full"
+        live0, served0 = _full_weights(svc, "live"), logits(svc)
+        before = eng.evaluate([fact()], "candidate")
+        eng.train_round([fact()])
+        assert eng._proc is not None and eng._proc.pid != os.getpid()
+        assert eng.evaluate([fact()], "candidate") < before  # it trained, in the other process ...
+        assert not _same(_full_weights(svc, "candidate"), live0)  # ... this process's copy in training
+        assert _same(_full_weights(svc, "live"), live0)  # and never the served weights
+        torch.testing.assert_close(logits(svc), served0, rtol=0, atol=0)
+        cand = logits(svc, "candidate")
+        assert svc.weights.publish() == 1
+        torch.testing.assert_close(logits(svc), cand, rtol=0, atol=0)
+        saved = eng.save_model(tmp_path / "full")  # the weights in training, as a model folder
+        assert (saved / "model.safetensors").is_file() and (saved / "config.json").is_file()
+    finally:
+        svc.close()
+
+
+def test_full_fine_tuning_of_bf16_weights_in_a_trainer_process_restarts_from_the_live_weights(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """The float32 master copies live in the trainer process: where the serving process writes the
+    weights in training (a rejected round discarded), they must follow, or the next round steps on
+    from the discarded weights."""
+    from test_modes import fact, make as make_modes
+
+    from idletune import models, service
+
+    monkeypatch.setattr(service, "load_model", lambda d: models.load_model(d, device="cpu", dtype=torch.bfloat16))
+    svc = make_modes(tmp_path, tiny_model_dir, **{"training.mode": "full", "training.trainer": "process"})
+    try:
+        eng = svc.engine
+        assert next(svc.model.parameters()).dtype == torch.bfloat16
+        assert not svc.weights.ws._master  # the serving process holds no master copies
+        live = _full_weights(svc, "live")
+        eng.train_round([fact()])
+        first = _full_weights(svc, "candidate")
+        assert not _same(first, live)
+        svc.weights.discard_candidate()  # as the scheduler does with a rejected round
+        eng.reset_optimizer()
+        assert _same(_full_weights(svc, "candidate"), live)
+        eng.train_round([fact()])  # the same round again, from the live weights
+        assert _same(_full_weights(svc, "candidate"), first)
+    finally:
+        svc.close()
+
+
+def test_hybrid_mode_in_a_trainer_process_switches_and_rolls_back_across_modes(tmp_path, tiny_model_dir):
+    from test_modes import fact, logits, make as make_modes
+
+    svc = make_modes(tmp_path, tiny_model_dir, **{"training.mode": "hybrid", "training.trainer": "process"})
+    try:
+        eng, w = svc.engine, svc.weights
+        eng.train_round([fact()])
+        lora_pid = eng._proc.pid
+        assert w.publish() == 1 and w.mode == "lora"
+        v1 = logits(svc)
+        w.switch_to_full("test")  # the trainer process starts again, on the full weights
+        merged = _full_weights(svc, "live")
+        eng.train_round([fact(1)])
+        assert eng._proc.pid != lora_pid and eng.mode == "full"
+        assert not _same(_full_weights(svc, "candidate"), merged)
+        assert w.publish() == 2
+        v2 = logits(svc)
+        assert not torch.allclose(v2, v1)
+        # a rollback across modes while a round runs: it neither waits for the round nor for the
+        # trainer process (which holds the model lock step by step)
+        w.switch_to_lora("test")
+        eng.train_round([fact(2)])
+        out = []
+        round_ = threading.Thread(target=lambda: out.append(eng.train_round(
+            [fact(3)], deadline=time.monotonic() + 3)))
+        round_.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        assert w.rollback(2) == 2 and w.mode == "full"
+        assert time.monotonic() - t0 < 3.0
+        round_.join(60)
+        assert not round_.is_alive() and out
+        torch.testing.assert_close(logits(svc), v2, rtol=0, atol=0)
+        eng.train_round([fact(4)])  # on the restored full weights, in a trainer process started again
+        assert eng.mode == "full"
+        assert not _same(_full_weights(svc, "candidate"), _full_weights(svc, "live"))
+        assert w.rollback(1) == 1 and w.mode == "lora"
+        torch.testing.assert_close(logits(svc), v1, rtol=1e-5, atol=1e-5)
+        eng.train_round([fact(5)])
+        assert eng.mode == "lora"
+    finally:
+        svc.close()

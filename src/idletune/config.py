@@ -104,9 +104,9 @@ class TrainingConfig:
     the compiled layers."""
     trainer: str = "auto"
     """Where training runs: "thread" (a thread of the serving process), "process" (a process of its
-    own, sharing the model's tensors with the serving process: no second copy; LoRA only), or
-    "auto": a process on a CUDA GPU under Linux whose fast decoding path serves the model, in
-    ``mode = "lora"``, when no version of full weights is kept; a thread otherwise. In a process training no longer shares Python's interpreter lock with
+    own, sharing the model's tensors with the serving process: no second copy; every mode), or
+    "auto": a process on a CUDA GPU under Linux whose fast decoding path serves the model, a
+    thread otherwise. In a process training no longer shares Python's interpreter lock with
     chat; on an H100, over HTTP, it added 0.0–0.3 ms to the median time to first token where a
     thread added 0.8–0.9 ms, trained as fast, and took 0.8 GB more GPU memory (a second CUDA
     context; docs/BENCHMARKS.md, "Fifteenth session")."""
@@ -135,8 +135,6 @@ class TrainingConfig:
                f"must be auto, graphs, on or off, got {self.compile!r}")
         _check(self.trainer in ("auto", "thread", "process"), "training.trainer",
                f"must be auto, thread or process, got {self.trainer!r}")
-        _check(self.trainer != "process" or self.mode == "lora", "training.trainer",
-               f'"process" trains LoRA adapters only; training.mode is {self.mode!r} (use trainer = "auto" or "thread")')
 
 
 @dataclass

@@ -20,7 +20,7 @@ from .training.adapters import attach_lora, decoder_layers
 from .training.batching import BatchManager
 from .training.engine import TrainingEngine
 from .training.remote import TRAINER_PROCESS_NAME, RemoteEngine
-from .training.weights import WeightUpdater, holds_full_weights
+from .training.weights import WeightUpdater
 
 log = logging.getLogger("idletune")
 
@@ -91,7 +91,7 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     torch.manual_seed(config.training.seed)  # the same adapters' initial weights, run after run
     peft_model = attach_lora(base, config.training.lora)
     on_cuda = next(base.parameters()).is_cuda
-    trainer, why = choose_trainer(config.training, on_cuda=on_cuda, data_dir=data_dir,
+    trainer, why = choose_trainer(config.training, on_cuda=on_cuda,
                                   not_here=_no_trainer_process(peft_model) if on_cuda else None)
     in_process = trainer == "process"
     log.info("training: in a %s (%s)", "trainer process of its own" if in_process else "trainer thread", why)
@@ -104,7 +104,6 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     batches = BatchManager(config.training)
     weights = WeightUpdater(peft_model, data_dir, lock=lock, gate=config.gate, base_model_path=str(model_dir),
                             mode=config.training.mode)
-    weights.lora_only = in_process
     if in_process:  # the engine in a trainer process of its own, on this model's tensors
         engine = RemoteEngine(peft_model, tokenizer, config.training, model_dir=model_dir, lock=lock,
                               activity=activity, metrics_path=data_dir / "metrics.jsonl", weights=weights.ws)
@@ -141,27 +140,20 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     return svc
 
 
-def choose_trainer(config, *, on_cuda: bool, data_dir: Path, not_here: str | None = None) -> tuple[str, str]:
+def choose_trainer(config, *, on_cuda: bool, not_here: str | None = None) -> tuple[str, str]:
     """Where training runs ("thread" or "process") for ``training.trainer``, and why.
 
     "auto" takes a trainer process where it was measured to help and can serve: on a CUDA GPU
     whose fast decoding path serves chat (there a trainer thread's Python added to chat's time
-    to first token), training LoRA adapters (a process trains nothing else yet), with no version
-    of full weights kept (which a process could not roll back to). ``not_here``: why a trainer
-    process would not run or help on this machine (:func:`_no_trainer_process`). A CPU keeps the
-    thread: there the model would move into shared memory, which containers often keep small,
-    for no measured gain."""
+    to first token). ``not_here``: why a trainer process would not run or help on this machine
+    (:func:`_no_trainer_process`). A CPU keeps the thread: there the model would move into
+    shared memory, which containers often keep small, for no measured gain."""
     if config.trainer != "auto":
         return config.trainer, f'training.trainer = "{config.trainer}"'
     if not on_cuda:
         return "thread", 'training.trainer = "auto", on a CPU'
     if not_here:
         return "thread", f'training.trainer = "auto": {not_here}'
-    if config.mode != "lora":
-        return "thread", f'training.trainer = "auto", training.mode = "{config.mode}": a trainer process trains LoRA only'
-    if holds_full_weights(data_dir / "snapshots"):
-        return "thread", ('training.trainer = "auto", and this data directory keeps versions of full weights, '
-                          "which a trainer process could not roll back to")
     return "process", 'training.trainer = "auto", on a GPU'
 
 

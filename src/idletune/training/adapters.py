@@ -63,6 +63,7 @@ def bind_tensors(model, tensors: dict[str, torch.Tensor]) -> None:
     tensors are dropped: built on the meta device, it then computes with, and trains, the
     tensors of the model they came from. Raises ValueError naming a tensor ``model`` lacks, or
     one of its own left unbound."""
+    made = {}  # a tied weight (one tensor under two names) stays one parameter: it trains once
     for name, t in tensors.items():
         prefix, _, leaf = name.rpartition(".")
         try:
@@ -70,7 +71,10 @@ def bind_tensors(model, tensors: dict[str, torch.Tensor]) -> None:
         except AttributeError:
             raise ValueError(f"the model has no module {prefix!r} (tensor {name!r})") from None
         if mod._parameters.get(leaf) is not None:
-            mod._parameters[leaf] = torch.nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if key not in made:
+                made[key] = torch.nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
+            mod._parameters[leaf] = made[key]
         elif leaf in mod._buffers:
             mod._buffers[leaf] = t
         elif torch.is_tensor(getattr(mod, leaf, None)):

@@ -362,6 +362,7 @@ class TrainingEngine:
         free), less the gradients and optimizer state the first step will add. Taken at the first
         step, and again after a switch of weight set (hybrid mode); a request in flight then
         makes it smaller for the process's life."""
+        optimized = self.ws.optimized()  # float32 master copies made now, in the memory measured next
         try:
             free, _ = torch.cuda.mem_get_info(self.device)
         except RuntimeError as e:  # a device or driver that does not report it
@@ -374,7 +375,7 @@ class TrainingEngine:
 
         trainable = self._trainable()
         free -= sum(p.numel() * p.element_size() for p in trainable)  # gradients
-        for t, p in zip(self.ws.optimized(), trainable):
+        for t, p in zip(optimized, trainable):
             # AdamW's two moments of what it steps; a float32 master copy's gradient too
             free -= (2 if t is p else 3) * t.numel() * t.element_size()
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

@@ -1,5 +1,5 @@
 """The training engine in a process of its own (``training.trainer = "process"``, and "auto" on a
-CUDA GPU; LoRA only).
+CUDA GPU), in every training mode.
 
 Why: in a thread of the serving process, training's Python (its layer calls, autograd's thread,
 the optimizer) takes the interpreter lock in turns with every request. On an H100, over HTTP,
@@ -14,8 +14,14 @@ How:
   the trainer process over a pipe and its result (or the error's text) sent back.
 - The trainer process (started with the service) builds the PEFT model's structure on the meta
   device and binds each of its tensors to the serving process's (shared memory on a CPU, CUDA
-  IPC on a GPU: no second copy). It trains the candidate adapter in place; the serving
-  process's WeightUpdater publishes it from there, as in one process.
+  IPC on a GPU: no second copy). It trains the candidate adapter (full fine-tuning: the
+  candidate copy of the weights) in place; the serving process's WeightUpdater publishes it
+  from there, as in one process. Full fine-tuning's float32 master copies and optimizer
+  state live in the trainer process only; where the serving process writes the weights in
+  training (a discard, a rollback), the trainer refreshes its master copies before its next
+  call (``FullWeights.writes``).
+- A switch of weight set (hybrid mode's switch to full fine-tuning and back, a rollback
+  across modes) starts the trainer process again, at its next call, on the new set's tensors.
 - The model lock is a lock of both processes: a training step, a generation on the CPU path, a
   publish and a rollback exclude each other as before. A trainer process that dies holding it
   has it released.
@@ -51,12 +57,12 @@ class RemoteEngine:
     Args:
         model: the serving process's PeftModel; its tensors are shared with the trainer process.
         tokenizer: the model's tokenizer (the trainer process loads its own from ``model_dir``).
-        config: a validated TrainingConfig (``trainer = "process"``, ``mode = "lora"``).
+        config: a validated TrainingConfig.
         model_dir: the model's folder (its config.json gives the trainer the model's structure).
         lock: the model lock, a lock of both processes (:meth:`make_lock`).
         activity: the serving process's ActivityTracker.
         metrics_path: where the trainer appends each step's metrics.
-        weights: the WeightUpdater's weight set (LoRA), for :meth:`save_model` / :meth:`load_model`.
+        weights: the WeightUpdater's weight set (LoRA or full): what the trainer process binds.
     """
 
     def __init__(self, model, tokenizer, config: TrainingConfig, *, model_dir, lock, activity,
@@ -85,6 +91,7 @@ class RemoteEngine:
         self._closed = False
         self._failed: tuple[float, str] | None = None  # (when, why) the trainer process last failed to start
         self._exits = 0  # calls in a row in which the trainer process exited
+        self._restart = False  # the weight set changed: the trainer process starts again on the new one
 
     @staticmethod
     def make_lock():
@@ -103,24 +110,32 @@ class RemoteEngine:
     def _start(self) -> None:
         import torch.multiprocessing  # noqa: F401  (registers how tensors are sent: shared, not copied)
 
-        from .adapters import shared_tensors
-
-        tensors = shared_tensors(self.model)
+        tensors, live = self.ws.trainer_tensors()
         if not self._cuda:
             # by name, not by open file descriptor: a model's hundreds of tensors would each keep one
             torch.multiprocessing.set_sharing_strategy("file_system")
-            _check_shared_memory(tensors)
+            _check_shared_memory({**tensors, **{f"live:{n}": t for n, t in (live or {}).items()}})
         here, there = self._ctx.Pipe()
         self._holding = self._ctx.RawValue("b", 0)
         proc = self._ctx.Process(
             target=_trainer_main, name=TRAINER_PROCESS_NAME, daemon=True,
-            args=(there, self._model_dir, self.config, tensors, self.lock,
+            args=(there, self._model_dir, self.config, tensors, live, self.lock,
                   self._activity.shared(), self._holding, str(self.metrics_path) if self.metrics_path else None,
                   self.compile_layers))
         proc.start()
         there.close()
-        self._proc, self._conn, self._ready = proc, here, False
-        log.info("trainer process started (pid %d)", proc.pid)
+        self._proc, self._conn, self._ready, self._restart = proc, here, False, False
+        log.info("trainer process started (pid %d, %s)", proc.pid,
+                 "full fine-tuning" if live is not None else "LoRA")
+
+    def _stop(self) -> None:
+        """Ask the trainer process to stop (between calls), then make sure it has."""
+        try:
+            self._conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        self._proc.join(10)
+        self._lost()
 
     def _wait_ready(self) -> None:
         ok, value = self._receive()
@@ -174,6 +189,8 @@ class RemoteEngine:
         with self._calls:
             if self._closed:
                 raise TrainerProcessError("the trainer process was stopped (the service is closing)")
+            if self._restart and self._proc is not None:
+                self._stop()  # on the old weight set's tensors
             if self._proc is None:
                 if self._failed and time.monotonic() - self._failed[0] < RETRY_START_S:
                     raise TrainerProcessError(f"{self._failed[1]} (not tried again for {RETRY_START_S:.0f} s)")
@@ -184,7 +201,8 @@ class RemoteEngine:
                 import torch
 
                 torch.cuda.current_stream().synchronize()  # what this process queued (a discard, a load) lands first
-            state = {"lr_scale": self.lr_scale, "max_wait_s": self.max_wait_s, "resets": self._resets}
+            state = {"lr_scale": self.lr_scale, "max_wait_s": self.max_wait_s, "resets": self._resets,
+                     "writes": self.ws.writes}
             try:
                 self._conn.send((name, args, kwargs, state))
             except (OSError, ValueError):
@@ -209,12 +227,9 @@ class RemoteEngine:
             if self._proc is None:
                 return
             if idle:
-                try:
-                    self._conn.send(("stop",))
-                except (OSError, ValueError):
-                    pass
-                self._proc.join(10)
-            self._lost()
+                self._stop()
+            else:
+                self._lost()
         finally:
             if idle:
                 self._calls.release()
@@ -237,8 +252,11 @@ class RemoteEngine:
         self._resets += 1
 
     def set_weights(self, ws) -> None:
-        raise TrainerProcessError("a trainer process trains LoRA adapters only; use training.trainer = \"thread\" "
-                                  "for full fine-tuning")
+        """Another weight set (a hybrid mode switch, a rollback across modes): the trainer process
+        starts again on its tensors at the next call. Called under the model lock, maybe while a
+        round is in flight: nothing here waits for the trainer process."""
+        self.ws, self.mode = ws, ws.kind
+        self._restart = True
 
     def get_latest_metrics(self) -> dict | None:
         return self._latest
@@ -247,8 +265,8 @@ class RemoteEngine:
         return read_metrics(self.metrics_path, limit)
 
     def save_model(self, path) -> Path:
-        """As TrainingEngine.save_model: the trained adapter, in PEFT's format (the tensors are
-        this process's too)."""
+        """As TrainingEngine.save_model: the trained adapter in PEFT's format, or the fully
+        fine-tuned weights as a model folder (the tensors are this process's too)."""
         path = Path(path)
         with self.lock:
             tensors = self.ws.clone("candidate")
@@ -260,7 +278,10 @@ class RemoteEngine:
 
         tensors = self.ws.read(Path(path))
         with self.lock:
-            adapters.load_adapter_tensors(self.model, adapters.TRAIN, tensors)
+            if self.ws.kind == "lora":
+                adapters.load_adapter_tensors(self.model, adapters.TRAIN, tensors)
+            else:
+                self.ws.load_candidate(tensors)  # counted in ws.writes: the trainer's master copies follow
         self.reset_optimizer()
 
 
@@ -313,11 +334,11 @@ class _HeldFlag:
         self.release()
 
 
-def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, lock, activity_state, holding,
-                  metrics_path: str | None, compile_layers: dict | None) -> None:
+def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, live: dict | None, lock,
+                  activity_state, holding, metrics_path: str | None, compile_layers: dict | None) -> None:
     """The trainer process: the model's structure bound to the serving process's tensors, a
-    TrainingEngine on it, and a loop answering :class:`RemoteEngine`'s calls until "stop" or
-    until the serving process goes away."""
+    TrainingEngine on it (full fine-tuning where ``live`` holds the live weights), and a loop
+    answering :class:`RemoteEngine`'s calls until "stop" or until the serving process goes away."""
     import contextlib
     import signal
 
@@ -330,7 +351,7 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
         from ..models import load_tokenizer
         from .adapters import attach_lora, bind_tensors
         from .engine import TrainingEngine
-        from .weightsets import LoraWeights
+        from .weightsets import FullWeights, LoraWeights
 
         torch.manual_seed(config.seed)
         first = next(iter(tensors.values()))
@@ -341,11 +362,12 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
         model = attach_lora(skeleton, config.lora, structure_only=True)
         bind_tensors(model, tensors)
         model.eval()
+        ws = LoraWeights(model) if live is None else FullWeights(model, live=live)
         activity = SharedActivity(activity_state)
         engine = TrainingEngine(model, load_tokenizer(model_dir), config,
                                 lock=_HeldFlag(lock, holding, first.device if first.is_cuda else None),
                                 should_yield=activity.should_yield, idle_for=activity.idle_for,
-                                metrics_path=metrics_path, weights=LoraWeights(model))
+                                metrics_path=metrics_path, weights=ws)
         if compile_layers:
             from ..gpu.training import compile_layers as compile_them
 
@@ -355,10 +377,12 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
         if first.is_cuda:
             low = torch.cuda.Stream(device=first.device, priority=0)  # lower number = higher priority
             stream = lambda: torch.cuda.stream(low)  # noqa: E731
-        summary = f"{len(tensors)} tensors shared with the serving process, threads {torch.get_num_threads()}" + (
+        summary = (f"{len(tensors)} tensors shared with the serving process"
+                   f"{' (full fine-tuning: the weights in training, and the live weights beside)' if live else ''}"
+                   f", threads {torch.get_num_threads()}") + (
             f", decoder layers compiled{' and graphed' if engine.graphs else ''}" if compile_layers else "")
         conn.send((True, {"graphs": engine.graphs, "summary": summary}))
-        resets = 0
+        resets, writes = 0, ws.writes
     except Exception as e:  # the serving process reports it, and tries again at the next call
         conn.send((False, f"the trainer process could not start: {type(e).__name__}: {e}"[:900]
                    + ' (training.trainer = "thread" trains in a thread of the server instead)'))
@@ -373,6 +397,9 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
         name, args, kwargs, state = msg
         engine.lr_scale, engine.max_wait_s = state["lr_scale"], state["max_wait_s"]
         try:
+            if state["writes"] != writes:  # the serving process wrote the weights in training
+                writes = state["writes"]
+                ws.written_elsewhere()
             if state["resets"] != resets:
                 resets = state["resets"]
                 engine.reset_optimizer()

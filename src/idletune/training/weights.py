@@ -34,24 +34,6 @@ from .weightsets import FullWeights, LoraWeights, hf_name, merge_live_adapter, r
 log = logging.getLogger("idletune.training")
 
 
-def holds_full_weights(snapshots_dir: Path) -> bool:
-    """Whether a snapshots folder keeps a version of full weights (``vNNNNNN`` of kind "full":
-    full fine-tuning's). Merged bases (``base-v*``) do not count: the LoRA versions on them are
-    restored by copying the base in place, which a trainer process sees."""
-    for meta in Path(snapshots_dir).glob("v[0-9]*/meta.json"):
-        try:
-            data = json.loads(meta.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # a damaged snapshot: the WeightUpdater reports it
-        if isinstance(data, dict) and data.get("kind") == "full":
-            return True
-    return False
-
-
-class LoraOnlyError(ValueError):
-    """A version of full weights asked of a process that trains LoRA adapters only."""
-
-
 @dataclass
 class GateDecision:
     accepted: bool
@@ -94,8 +76,6 @@ class WeightUpdater:
         self._ring.append((0, self._zero))
         self.base_id = "original"  # which base weights LoRA adapters sit on
         self.configured_mode = mode
-        # set where the engine trains LoRA only (a trainer process): versions of full weights are refused
-        self.lora_only = False
         self.mode_reason = "configured" if mode != "hybrid" else "hybrid: LoRA until the loss plateaus"
         self.on_mode_change: list = []
         self.on_restore: list = []  # called after a rollback (or a restore) rewrote both weight sets
@@ -328,10 +308,6 @@ class WeightUpdater:
             name = f"v{version:06d}"
             meta = self._meta(name)
             kind, base = meta.get("kind", "lora"), meta.get("base", "original")
-            if kind == "full" and self.lora_only:
-                raise LoraOnlyError(f"version {version} holds fully fine-tuned weights, and a trainer process "
-                                    "trains LoRA adapters only; to serve it, start with "
-                                    'training.trainer = "thread" (or "auto")')
         # Weights are read from disk first: requests on the GPU path wait while the live ones change.
         if kind == "full":
             tensors = self._read_base(name or "original")
@@ -472,8 +448,6 @@ class WeightUpdater:
             try:
                 self._restore(v)
                 return v
-            except LoraOnlyError:
-                raise  # not damaged: this process cannot serve it; falling back would move LIVE
             except Exception as e:  # a damaged snapshot: report it and try the one before
                 self.problems.append(f"snapshot v{v:06d} could not be loaded ({e}); falling back")
         if wanted:

@@ -10,7 +10,8 @@ Modes are data: which tensors train, and how the two sets are kept apart.
 
 Both offer the same small interface, used by the engine (``use``, ``trainable``, ``optimized``,
 ``before_step``, ``after_step``), by the WeightUpdater (``publish``, ``discard``, ``clone``,
-``load``, ``write``, ``read``) and by the GPU decoder (``served``).
+``load``, ``write``, ``read``), by the GPU decoder (``served``) and by a trainer process
+(``trainer_tensors``, ``writes``, ``written_elsewhere``: training/remote.py).
 """
 from __future__ import annotations
 
@@ -46,6 +47,15 @@ class LoraWeights:
     def optimized(self) -> list[torch.Tensor]:
         """What the optimizer updates: the adapters themselves (float32)."""
         return self.trainable()
+
+    writes = 0  # the adapters keep no copies of their own to refresh (FullWeights.writes)
+
+    def trainer_tensors(self) -> tuple[dict[str, torch.Tensor], None]:
+        """What a trainer process binds: every tensor of the model, both adapters included."""
+        return adapters.shared_tensors(self.model), None
+
+    def written_elsewhere(self) -> None:
+        pass
 
     def before_step(self) -> None:
         pass
@@ -112,7 +122,11 @@ class FullWeights:
 
     kind = "full"
 
-    def __init__(self, model, base_model_path: str | None = None):
+    def __init__(self, model, base_model_path: str | None = None, *, live: dict[str, torch.Tensor] | None = None):
+        """``live``: where the live weights already are (a trainer process: the serving
+        process's, by name; the parameters are then bound to its weights in training,
+        :meth:`trainer_tensors`); else the parameters keep the live weights' storage and the
+        weights in training are a new copy."""
         self.model = model
         self.base_model_path = base_model_path
         # named_parameters() lists a tied weight (embeddings = output layer) once
@@ -125,11 +139,22 @@ class FullWeights:
             p.requires_grad_(True)
         self._names = {id(p): n for n, p in self.params.items()}
         self._other = {}  # the set the parameters do not show now: the live one
-        for n, p in self.params.items():
-            self._other[n], p.data = p.data, p.data.clone()
+        if live is None:
+            for n, p in self.params.items():
+                self._other[n], p.data = p.data, p.data.clone()
+        else:
+            missing = set(self.params) - set(live)
+            if missing:
+                raise ValueError(f"live weights are missing {sorted(missing)[:3]}")
+            self._other = {n: live[n] for n in self.params}
         self._current = "candidate"
-        low = {n for n, p in self.params.items() if p.dtype in (torch.bfloat16, torch.float16)}
-        self._master = {n: self.params[n].data.float() for n in low}  # of the weights in training
+        # float32 master copies of the weights in training, where those are bf16/fp16: made with
+        # the optimizer (optimized()), so a process that serves and never steps them (the
+        # serving process beside a trainer process) holds none
+        self._master: dict[str, torch.Tensor] = {}
+        # times the weights in training were written other than by a step (a discard, a load):
+        # a trainer process sharing them refreshes its master copies when this moves
+        self.writes = 0
 
     def use(self, which: str) -> None:
         if which != self._current:
@@ -147,8 +172,27 @@ class FullWeights:
 
     def optimized(self) -> list[torch.Tensor]:
         """What the optimizer updates, in :meth:`trainable`'s order: the float32 master copy
-        where the weight is lower precision, else the parameter."""
+        where the weight is lower precision (made at the first call), else the parameter."""
+        if not self._master:
+            cand = self._set("candidate")
+            self._master = {n: cand[n].float() for n, p in self.params.items()
+                            if p.dtype in (torch.bfloat16, torch.float16)}
         return [self._master.get(n, p) for n, p in self.params.items()]
+
+    def trainer_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """What a trainer process binds (``adapters.bind_tensors``) and passes as ``live``: the
+        model's tensors with the weights in training as its parameters, and the live weights."""
+        out = adapters.shared_tensors(self.model)
+        cand = self._set("candidate")
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            n = self._names.get(id(p))
+            if n is not None:
+                out[name] = cand[n]
+        return out, dict(self._set("live"))
+
+    def written_elsewhere(self) -> None:
+        """The weights in training were written by another process: the master copies follow."""
+        self._sync_master()
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -185,6 +229,7 @@ class FullWeights:
         cand = self._set("candidate")
         for n, t in cand.items():
             t.copy_(tensors[n])
+        self.writes += 1
         self._sync_master()
 
     def served(self, param: torch.Tensor) -> torch.Tensor:
@@ -205,6 +250,7 @@ class FullWeights:
     def discard(self) -> None:
         live, cand = self._set("live"), self._set("candidate")
         torch._foreach_copy_([cand[n] for n in live], [live[n] for n in live])
+        self.writes += 1
         self._sync_master()
 
     def clone(self, which: str = "live") -> dict[str, torch.Tensor]:
@@ -221,6 +267,7 @@ class FullWeights:
                 if not torch.isfinite(tensors[n]).all():
                     raise ValueError(f"weight {n} has non-finite values")
                 t.copy_(tensors[n])
+        self.writes += 1
         self._sync_master()
 
     def is_finite(self, which: str = "candidate") -> bool:
