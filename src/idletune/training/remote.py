@@ -184,6 +184,12 @@ class RemoteEngine:
         if self._conn is not None:
             self._conn.close()
         self._proc = self._conn = None
+        if self._cuda:
+            import torch
+
+            # what only that process still used (a weight set left by a mode switch: the copy in
+            # training, as large as the model) is freed now, not whenever torch next looks
+            torch.cuda.ipc_collect()
 
     def _call(self, name: str, *args, **kwargs):
         with self._calls:
