@@ -87,11 +87,12 @@ def test_snapshot_weights_get_the_mode_of_the_other_files(tmp_path, tiny_model_d
         os.umask(umask)
 
 
-def test_hybrid_switches_on_plateau_keeps_the_function_and_goes_back(tmp_path, tiny_model_dir, caplog):
+@pytest.mark.parametrize("trainer", ["thread", "process"])
+def test_hybrid_switches_on_plateau_keeps_the_function_and_goes_back(tmp_path, tiny_model_dir, caplog, trainer):
     caplog.set_level("INFO", logger="idletune.training")
     # plateau_min_delta=1: the loss can never improve by 100 %, so the plateau is forced
     svc = make(tmp_path, tiny_model_dir, **{"training.mode": "hybrid", "training.plateau_window": 3,
-                                            "training.plateau_min_delta": 1.0})
+                                            "training.plateau_min_delta": 1.0, "training.trainer": trainer})
     sched = svc.scheduler
     svc.queue.add(fact(0))
     assert svc.weights.mode == "lora"
@@ -118,7 +119,7 @@ def test_hybrid_switches_on_plateau_keeps_the_function_and_goes_back(tmp_path, t
     assert sched.last_round["accepted"] and svc.weights.version == 2
     v2 = logits(svc)
     svc.close()
-    again = make(tmp_path, tiny_model_dir, **{"training.mode": "hybrid"})
+    again = make(tmp_path, tiny_model_dir, **{"training.mode": "hybrid", "training.trainer": trainer})
     assert again.weights.version == 2 and again.weights.base_id == "base-v000001"
     torch.testing.assert_close(logits(again), v2, rtol=1e-5, atol=1e-5)
     # and back across the merge, to the plain LoRA version 1 on the original base

@@ -276,6 +276,14 @@ def test_full_fine_tuning_in_a_trainer_process_trains_the_served_copy_apart_and_
         assert (saved / "model.safetensors").is_file() and (saved / "config.json").is_file()
     finally:
         svc.close()
+    again = make_modes(tmp_path, tiny_model_dir, **{"training.mode": "hybrid", "training.trainer": "process"})
+    try:  # a live version of full weights is served again, and trained on, by a trainer process
+        assert again.weights.version == 1 and again.weights.mode == "full"
+        torch.testing.assert_close(logits(again), cand, rtol=0, atol=0)
+        again.engine.train_round([fact(1)])
+        assert again.engine.mode == "full" and not _same(_full_weights(again, "candidate"), _full_weights(again, "live"))
+    finally:
+        again.close()
 
 
 def test_full_fine_tuning_of_bf16_weights_in_a_trainer_process_restarts_from_the_live_weights(
