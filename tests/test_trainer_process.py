@@ -310,6 +310,17 @@ def test_full_fine_tuning_of_bf16_weights_in_a_trainer_process_restarts_from_the
         assert _same(_full_weights(svc, "candidate"), live)
         eng.train_round([fact()])  # the same round again, from the live weights
         assert _same(_full_weights(svc, "candidate"), first)
+        # ... and where the serving process writes them in the middle of a round (a rollback
+        # does), the trainer's next step starts from what was written
+        eng.lr_scale = 0.0  # steps that change nothing: the weights in training show where they started
+        out = []
+        with svc.weights.lock:  # the model lock, as a rollback takes it
+            round_ = threading.Thread(target=lambda: out.append(eng.train_round([fact()])))
+            round_.start()
+            time.sleep(1.0)  # the round waits for the lock
+            svc.weights.ws.discard()
+        round_.join(60)
+        assert out and _same(_full_weights(svc, "candidate"), live)
     finally:
         svc.close()
 

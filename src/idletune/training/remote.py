@@ -18,8 +18,9 @@ How:
   candidate copy of the weights) in place; the serving process's WeightUpdater publishes it
   from there, as in one process. Full fine-tuning's float32 master copies and optimizer
   state live in the trainer process only; where the serving process writes the weights in
-  training (a discard, a rollback), the trainer refreshes its master copies before its next
-  call (``FullWeights.writes``).
+  training (a discard, a rollback: always under the model lock, and counted in shared memory,
+  ``FullWeights.share_writes``), the trainer refreshes its master copies the next time it takes
+  the model lock — also in the middle of a round.
 - A switch of weight set (hybrid mode's switch to full fine-tuning and back, a rollback
   across modes) starts the trainer process again, at its next call, on the new set's tensors.
 - The model lock is a lock of both processes: a training step, a generation on the CPU path, a
@@ -117,11 +118,13 @@ class RemoteEngine:
             _check_shared_memory({**tensors, **{f"live:{n}": t for n, t in (live or {}).items()}})
         here, there = self._ctx.Pipe()
         self._holding = self._ctx.RawValue("b", 0)
+        writes = self._ctx.RawValue("q", 0)  # the serving process's writes of the weights in training
+        self.ws.share_writes(writes)
         proc = self._ctx.Process(
             target=_trainer_main, name=TRAINER_PROCESS_NAME, daemon=True,
             args=(there, self._model_dir, self.config, tensors, live, self.lock,
-                  self._activity.shared(), self._holding, str(self.metrics_path) if self.metrics_path else None,
-                  self.compile_layers))
+                  self._activity.shared(), self._holding, writes,
+                  str(self.metrics_path) if self.metrics_path else None, self.compile_layers))
         proc.start()
         there.close()
         self._proc, self._conn, self._ready, self._restart = proc, here, False, False
@@ -207,8 +210,7 @@ class RemoteEngine:
                 import torch
 
                 torch.cuda.current_stream().synchronize()  # what this process queued (a discard, a load) lands first
-            state = {"lr_scale": self.lr_scale, "max_wait_s": self.max_wait_s, "resets": self._resets,
-                     "writes": self.ws.writes}
+            state = {"lr_scale": self.lr_scale, "max_wait_s": self.max_wait_s, "resets": self._resets}
             try:
                 self._conn.send((name, args, kwargs, state))
             except (OSError, ValueError):
@@ -287,7 +289,7 @@ class RemoteEngine:
             if self.ws.kind == "lora":
                 adapters.load_adapter_tensors(self.model, adapters.TRAIN, tensors)
             else:
-                self.ws.load_candidate(tensors)  # counted in ws.writes: the trainer's master copies follow
+                self.ws.load_candidate(tensors)  # a counted write: the trainer's master copies follow
         self.reset_optimizer()
 
 
@@ -311,17 +313,24 @@ def _check_shared_memory(tensors: dict, where: str = "/dev/shm") -> None:
 
 class _HeldFlag:
     """The model lock in the trainer process, flagging while it holds it (for :meth:`RemoteEngine._lost`).
-    On a GPU its work is done before it lets go: the serving process's stream does not wait for
-    this process's (another CUDA context), so a rollback's or a discard's writes could otherwise
-    meet the tail of a step still running here."""
+    Once taken, ``on_acquire`` catches up with what the serving process changed meanwhile. On a
+    GPU its work is done before it lets go: the serving process's stream does not wait for this
+    process's (another CUDA context), so a rollback's or a discard's writes could otherwise meet
+    the tail of a step still running here."""
 
-    def __init__(self, lock, flag, device=None) -> None:
-        self._lock, self._flag, self._device = lock, flag, device
+    def __init__(self, lock, flag, device=None, on_acquire=None) -> None:
+        self._lock, self._flag, self._device, self._on_acquire = lock, flag, device, on_acquire
 
     def acquire(self, *args, **kwargs) -> bool:
         got = self._lock.acquire(*args, **kwargs)
         if got:
             self._flag.value = 1
+            if self._on_acquire is not None:
+                try:
+                    self._on_acquire()
+                except BaseException:
+                    self.release()
+                    raise
         return got
 
     def release(self) -> None:
@@ -341,7 +350,7 @@ class _HeldFlag:
 
 
 def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, live: dict | None, lock,
-                  activity_state, holding, metrics_path: str | None, compile_layers: dict | None) -> None:
+                  activity_state, holding, writes, metrics_path: str | None, compile_layers: dict | None) -> None:
     """The trainer process: the model's structure bound to the serving process's tensors, a
     TrainingEngine on it (full fine-tuning where ``live`` holds the live weights), and a loop
     answering :class:`RemoteEngine`'s calls until "stop" or until the serving process goes away."""
@@ -369,9 +378,15 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
         bind_tensors(model, tensors)
         model.eval()
         ws = LoraWeights(model) if live is None else FullWeights(model, live=live)
+        seen = [writes.value]
+
+        def catch_up() -> None:  # under the model lock, which every write of the serving process holds
+            if writes.value != seen[0]:
+                seen[0] = writes.value
+                ws.written_elsewhere()
         activity = SharedActivity(activity_state)
         engine = TrainingEngine(model, load_tokenizer(model_dir), config,
-                                lock=_HeldFlag(lock, holding, first.device if first.is_cuda else None),
+                                lock=_HeldFlag(lock, holding, first.device if first.is_cuda else None, catch_up),
                                 should_yield=activity.should_yield, idle_for=activity.idle_for,
                                 metrics_path=metrics_path, weights=ws)
         if compile_layers:
@@ -388,7 +403,7 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
                    f", threads {torch.get_num_threads()}") + (
             f", decoder layers compiled{' and graphed' if engine.graphs else ''}" if compile_layers else "")
         conn.send((True, {"graphs": engine.graphs, "summary": summary}))
-        resets, writes = 0, ws.writes
+        resets = 0
     except Exception as e:  # the serving process reports it, and tries again at the next call
         conn.send((False, f"the trainer process could not start: {type(e).__name__}: {e}"[:900]
                    + ' (training.trainer = "thread" trains in a thread of the server instead)'))
@@ -403,9 +418,6 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
         name, args, kwargs, state = msg
         engine.lr_scale, engine.max_wait_s = state["lr_scale"], state["max_wait_s"]
         try:
-            if state["writes"] != writes:  # the serving process wrote the weights in training
-                writes = state["writes"]
-                ws.written_elsewhere()
             if state["resets"] != resets:
                 resets = state["resets"]
                 engine.reset_optimizer()

@@ -11,7 +11,7 @@ Modes are data: which tensors train, and how the two sets are kept apart.
 Both offer the same small interface, used by the engine (``use``, ``trainable``, ``optimized``,
 ``before_step``, ``after_step``), by the WeightUpdater (``publish``, ``discard``, ``clone``,
 ``load``, ``write``, ``read``), by the GPU decoder (``served``) and by a trainer process
-(``trainer_tensors``, ``writes``, ``written_elsewhere``: training/remote.py).
+(``trainer_tensors``, ``share_writes``, ``written_elsewhere``: training/remote.py).
 """
 from __future__ import annotations
 
@@ -48,7 +48,10 @@ class LoraWeights:
         """What the optimizer updates: the adapters themselves (float32)."""
         return self.trainable()
 
-    writes = 0  # the adapters keep no copies of their own to refresh (FullWeights.writes)
+    writes = 0  # the adapters keep no copies of their own to refresh (FullWeights.share_writes)
+
+    def share_writes(self, counter) -> None:
+        pass
 
     def trainer_tensors(self) -> tuple[dict[str, torch.Tensor], None]:
         """What a trainer process binds: every tensor of the model, both adapters included."""
@@ -152,9 +155,10 @@ class FullWeights:
         # the optimizer (optimized()), so a process that serves and never steps them (the
         # serving process beside a trainer process) holds none
         self._master: dict[str, torch.Tensor] = {}
-        # times the weights in training were written other than by a step (a discard, a load):
-        # a trainer process sharing them refreshes its master copies when this moves
-        self.writes = 0
+        # times the weights in training were written other than by a step (a discard, a load),
+        # always under the model lock: a trainer process sharing them refreshes its master copies
+        # when this moves (:meth:`share_writes`)
+        self._writes = _Count()
 
     def use(self, which: str) -> None:
         if which != self._current:
@@ -189,6 +193,16 @@ class FullWeights:
             if n is not None:
                 out[name] = cand[n]
         return out, dict(self._set("live"))
+
+    @property
+    def writes(self) -> int:
+        return self._writes.value
+
+    def share_writes(self, counter) -> None:
+        """Count writes in ``counter`` from now on (a ``multiprocessing`` value a trainer process
+        reads each time it takes the model lock)."""
+        counter.value = self._writes.value
+        self._writes = counter
 
     def written_elsewhere(self) -> None:
         """The weights in training were written by another process: the master copies follow."""
@@ -229,7 +243,7 @@ class FullWeights:
         cand = self._set("candidate")
         for n, t in cand.items():
             t.copy_(tensors[n])
-        self.writes += 1
+        self._writes.value += 1
         self._sync_master()
 
     def served(self, param: torch.Tensor) -> torch.Tensor:
@@ -250,7 +264,7 @@ class FullWeights:
     def discard(self) -> None:
         live, cand = self._set("live"), self._set("candidate")
         torch._foreach_copy_([cand[n] for n in live], [live[n] for n in live])
-        self.writes += 1
+        self._writes.value += 1
         self._sync_master()
 
     def clone(self, which: str = "live") -> dict[str, torch.Tensor]:
@@ -267,7 +281,7 @@ class FullWeights:
                 if not torch.isfinite(tensors[n]).all():
                     raise ValueError(f"weight {n} has non-finite values")
                 t.copy_(tensors[n])
-        self.writes += 1
+        self._writes.value += 1
         self._sync_master()
 
     def is_finite(self, which: str = "candidate") -> bool:
@@ -296,6 +310,10 @@ class FullWeights:
             p.grad = None
         for layer in adapters._lora_layers(self.model):
             layer._disable_adapters = False
+
+
+class _Count:
+    value = 0
 
 
 def read_base_weights(path: Path, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
