@@ -328,42 +328,47 @@ def test_full_fine_tuning_of_bf16_weights_in_a_trainer_process_restarts_from_the
 def test_hybrid_mode_in_a_trainer_process_switches_and_rolls_back_across_modes(tmp_path, tiny_model_dir):
     from test_modes import fact, logits, make as make_modes
 
-    svc = make_modes(tmp_path, tiny_model_dir, **{"training.mode": "hybrid", "training.trainer": "process"})
+    svc = make_modes(tmp_path, tiny_model_dir, **{"training.mode": "hybrid", "training.trainer": "process",
+                                                  "training.max_steps": 100_000})
+    eng, w = svc.engine, svc.weights
+
+    def train(i, seconds=1.0):  # a round until its deadline (the trainer process started first)
+        eng.evaluate([fact(i)], "live")
+        return eng.train_round([fact(i)], deadline=time.monotonic() + seconds)
     try:
-        eng, w = svc.engine, svc.weights
-        eng.train_round([fact()])
+        assert train(0).steps > 0
         lora_pid = eng._proc.pid
         assert w.publish() == 1 and w.mode == "lora"
         v1 = logits(svc)
-        w.switch_to_full("test")  # the trainer process starts again, on the full weights
+        w.switch_to_full("test")  # the trainer process is stopped (it is between calls) ...
+        assert wait_for(lambda: eng._proc is None, 30), "the LoRA trainer process was left running"
         merged = _full_weights(svc, "live")
-        eng.train_round([fact(1)])
+        assert train(1).steps > 0  # ... and started again on the full weights
         assert eng._proc.pid != lora_pid and eng.mode == "full"
         assert not _same(_full_weights(svc, "candidate"), merged)
         assert w.publish() == 2
         v2 = logits(svc)
         assert not torch.allclose(v2, v1)
+        w.switch_to_lora("test")
+        assert wait_for(lambda: eng._proc is None, 30), "the full fine-tuning trainer process kept its memory"
+        train(2)
         # a rollback across modes while a round runs: it neither waits for the round nor for the
         # trainer process (which holds the model lock step by step)
-        w.switch_to_lora("test")
-        eng.train_round([fact(2)])
         out = []
-        round_ = threading.Thread(target=lambda: out.append(eng.train_round(
-            [fact(3)], deadline=time.monotonic() + 3)))
+        round_ = threading.Thread(target=lambda: out.append(eng.train_round([fact(3)], deadline=time.monotonic() + 8)))
         round_.start()
         time.sleep(0.5)
         t0 = time.monotonic()
         assert w.rollback(2) == 2 and w.mode == "full"
-        assert time.monotonic() - t0 < 3.0
+        assert time.monotonic() - t0 < 4.0 and round_.is_alive()
         round_.join(60)
         assert not round_.is_alive() and out
         torch.testing.assert_close(logits(svc), v2, rtol=0, atol=0)
-        eng.train_round([fact(4)])  # on the restored full weights, in a trainer process started again
+        assert train(4).steps > 0  # on the restored full weights, in a trainer process started again
         assert eng.mode == "full"
         assert not _same(_full_weights(svc, "candidate"), _full_weights(svc, "live"))
         assert w.rollback(1) == 1 and w.mode == "lora"
         torch.testing.assert_close(logits(svc), v1, rtol=1e-5, atol=1e-5)
-        eng.train_round([fact(5)])
-        assert eng.mode == "lora"
+        assert train(5).steps > 0 and eng.mode == "lora"
     finally:
         svc.close()

@@ -108,8 +108,9 @@ class TrainingConfig:
     "auto": a process on a CUDA GPU under Linux whose fast decoding path serves the model, a
     thread otherwise. In a process training no longer shares Python's interpreter lock with
     chat; on an H100, over HTTP, it added 0.0–0.3 ms to the median time to first token where a
-    thread added 0.8–0.9 ms, trained as fast, and took 0.8 GB more GPU memory (a second CUDA
-    context; docs/BENCHMARKS.md, "Fifteenth session")."""
+    thread added 0.8–0.9 ms, trained LoRA as fast (full fine-tuning at 0.89× the thread's steps a
+    second), and took 0.8–1.1 GB more GPU memory (a second CUDA context; docs/BENCHMARKS.md,
+    "Fifteenth session", "Seventeenth session")."""
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -486,7 +486,8 @@ class TrainingEngine:
 
     def _get_optimizer(self):
         if self._optimizer is None:
-            params = self.ws.optimized()  # the trainable tensors, or their float32 master copies
+            with self.lock:  # master copies are made from the weights in training: not mid-rollback
+                params = self.ws.optimized()  # the trainable tensors, or their float32 master copies
             decay = [p for p in params if p.ndim >= 2]
             no_decay = [p for p in params if p.ndim < 2]
             groups = [{"params": decay, "weight_decay": self.config.weight_decay}]

@@ -111,7 +111,9 @@ class RemoteEngine:
     def _start(self) -> None:
         import torch.multiprocessing  # noqa: F401  (registers how tensors are sent: shared, not copied)
 
-        tensors, live = self.ws.trainer_tensors()
+        with self.lock:  # one weight set, whole: a rollback may switch sets meanwhile (set_weights)
+            ws, self._restart = self.ws, False
+            tensors, live = ws.trainer_tensors()
         if not self._cuda:
             # by name, not by open file descriptor: a model's hundreds of tensors would each keep one
             torch.multiprocessing.set_sharing_strategy("file_system")
@@ -119,7 +121,7 @@ class RemoteEngine:
         here, there = self._ctx.Pipe()
         self._holding = self._ctx.RawValue("b", 0)
         writes = self._ctx.RawValue("q", 0)  # the serving process's writes of the weights in training
-        self.ws.share_writes(writes)
+        ws.share_writes(writes)
         proc = self._ctx.Process(
             target=_trainer_main, name=TRAINER_PROCESS_NAME, daemon=True,
             args=(there, self._model_dir, self.config, tensors, live, self.lock,
@@ -127,7 +129,7 @@ class RemoteEngine:
                   str(self.metrics_path) if self.metrics_path else None, self.compile_layers))
         proc.start()
         there.close()
-        self._proc, self._conn, self._ready, self._restart = proc, here, False, False
+        self._proc, self._conn, self._ready = proc, here, False
         log.info("trainer process started (pid %d, %s)", proc.pid,
                  "full fine-tuning" if live is not None else "LoRA")
 
@@ -262,9 +264,19 @@ class RemoteEngine:
     def set_weights(self, ws) -> None:
         """Another weight set (a hybrid mode switch, a rollback across modes): the trainer process
         starts again on its tensors at the next call. Called under the model lock, maybe while a
-        round is in flight: nothing here waits for the trainer process."""
+        round is in flight: nothing here waits for the trainer process. The old one is stopped in
+        the background once it is between calls: what it holds (in full fine-tuning the master
+        copies, AdamW's state and the old copy in training, about 16 bytes a weight) is given back
+        then, not only at the next round, which may not come for a long time."""
         self.ws, self.mode = ws, ws.kind
         self._restart = True
+        if self._proc is not None:
+            threading.Thread(target=self._stop_stale, name="idletune-trainer-restart", daemon=True).start()
+
+    def _stop_stale(self) -> None:
+        with self._calls:
+            if self._restart and self._proc is not None and not self._closed:
+                self._stop()
 
     def get_latest_metrics(self) -> dict | None:
         return self._latest

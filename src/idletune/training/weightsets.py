@@ -48,8 +48,6 @@ class LoraWeights:
         """What the optimizer updates: the adapters themselves (float32)."""
         return self.trainable()
 
-    writes = 0  # the adapters keep no copies of their own to refresh (FullWeights.share_writes)
-
     def share_writes(self, counter) -> None:
         pass
 
@@ -159,6 +157,7 @@ class FullWeights:
         # always under the model lock: a trainer process sharing them refreshes its master copies
         # when this moves (:meth:`share_writes`)
         self._writes = _Count()
+        self._shared = False
 
     def use(self, which: str) -> None:
         if which != self._current:
@@ -194,15 +193,19 @@ class FullWeights:
                 out[name] = cand[n]
         return out, dict(self._set("live"))
 
-    @property
-    def writes(self) -> int:
-        return self._writes.value
-
     def share_writes(self, counter) -> None:
         """Count writes in ``counter`` from now on (a ``multiprocessing`` value a trainer process
         reads each time it takes the model lock)."""
         counter.value = self._writes.value
-        self._writes = counter
+        self._writes, self._shared = counter, True
+
+    def _written(self) -> None:
+        """A write of the weights in training, other than a step: counted; where a trainer process
+        shares them, on a GPU, landed before the model lock is let go (that process's CUDA
+        context does not wait for this one's streams)."""
+        if self._shared and next(iter(self.params.values())).is_cuda:
+            torch.cuda.current_stream().synchronize()
+        self._writes.value += 1
 
     def written_elsewhere(self) -> None:
         """The weights in training were written by another process: the master copies follow."""
@@ -243,7 +246,7 @@ class FullWeights:
         cand = self._set("candidate")
         for n, t in cand.items():
             t.copy_(tensors[n])
-        self._writes.value += 1
+        self._written()
         self._sync_master()
 
     def served(self, param: torch.Tensor) -> torch.Tensor:
@@ -264,11 +267,13 @@ class FullWeights:
     def discard(self) -> None:
         live, cand = self._set("live"), self._set("candidate")
         torch._foreach_copy_([cand[n] for n in live], [live[n] for n in live])
-        self._writes.value += 1
+        self._written()
         self._sync_master()
 
     def clone(self, which: str = "live") -> dict[str, torch.Tensor]:
-        return {n: t.detach().clone() for n, t in self._set(which).items()}
+        """A copy on the host: every caller writes it to disk, and on a GPU a model-sized copy
+        would stay in this process's memory cache, out of a trainer process's reach."""
+        return {n: t.detach().to("cpu", copy=True) for n, t in self._set(which).items()}
 
     @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -281,7 +286,7 @@ class FullWeights:
                 if not torch.isfinite(tensors[n]).all():
                     raise ValueError(f"weight {n} has non-finite values")
                 t.copy_(tensors[n])
-        self._writes.value += 1
+        self._written()
         self._sync_master()
 
     def is_finite(self, which: str = "candidate") -> bool:
