@@ -234,3 +234,20 @@ def test_a_rejected_round_is_retried_in_two_halves(svc):
         rest.append(svc.scheduler.force_training(wait=True, timeout=60))
     assert [r["examples"] for r in rest][:2] == [1, 2] and all(r["accepted"] for r in rest)
     assert {svc.queue.get(i).status for i in ids} == {"trained"}
+
+
+def test_closing_in_the_middle_of_a_round_stops_it_unpublished(tmp_path, tiny_model_dir, caplog):
+    """A stopping server (SIGTERM, Ctrl-C) does not wait for a training round in a thread to end,
+    nor publish it: the round stops at its next layer, its examples stay pending."""
+    caplog.set_level("INFO", logger="idletune")
+    s = make(tmp_path, tiny_model_dir, **{"training.max_steps": 100_000, "training.target_loss": 0.0,
+                                          "scheduler.max_idle_time_ms": 120_000})
+    s.queue.add(pair(1))
+    s.scheduler.force_training()
+    assert wait_for(lambda: len(s.engine.metrics_history()) >= 2, 60)  # steps are being taken
+    t0 = time.monotonic()
+    s.close()
+    assert time.monotonic() - t0 < 10, "the round was waited for"
+    assert s.scheduler._thread is not None and not s.scheduler._thread.is_alive()
+    assert s.weights.version == 0 and s.scheduler.last_round is None
+    assert "training round cut short: the service is stopping" in caplog.text

@@ -40,11 +40,14 @@ class ActivityTracker:
             self._share()
 
     def stopping(self) -> None:
-        """The service is closing: a trainer process yields from now on, as to a request that
-        never ends (its thread counterpart is stopped with the scheduler)."""
+        """The service is closing: training yields from now on, as to a request that never ends
+        (a round in progress stops at its next layer and is not published)."""
         with self._lock:
             self._stopping = True
             self._share()
+
+    def is_stopping(self) -> bool:
+        return self._stopping
 
     def shared(self):
         """This tracker's state in shared memory, kept up to date from this call on, for a
@@ -86,8 +89,8 @@ class ActivityTracker:
         """True while any request is in flight (read without a lock: a plain int read is atomic),
         except during a training turn granted under sustained load, or when preemption is off
         (``scheduler.pause_on_inference = false``: a step then finishes before a request waiting
-        for the model lock gets it)."""
-        return self._in_flight > 0 and not self._turn and self._preempt
+        for the model lock gets it); and once the service is stopping."""
+        return self._stopping or (self._in_flight > 0 and not self._turn and self._preempt)
 
     @contextmanager
     def training_turn(self) -> Iterator[None]:
@@ -138,3 +141,6 @@ class SharedActivity:
     def idle_for(self) -> float:
         s = self._state
         return 0.0 if s[0] > 0 else time.monotonic() - s[1]
+
+    def is_stopping(self) -> bool:
+        return bool(self._state[4])

@@ -164,6 +164,8 @@ class TrainingScheduler:
                 finished = True
             finally:
                 self._busy = False
+            if not finished and self._stop.is_set():
+                log.info("training round cut short: the service is stopping (its examples stay pending)")
             if forced and (finished or self.queue.pending_count() == 0):
                 self._force.clear()
             if finished or starved:  # a turn, even a cut one, is owed again only after another wait

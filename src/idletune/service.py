@@ -59,10 +59,10 @@ class Service:
         return self.model_dir.name
 
     def close(self) -> None:
+        self.activity.stopping()  # a round in progress stops at its next layer, unpublished
         if isinstance(self.engine, RemoteEngine):
-            self.activity.stopping()  # a round in the trainer process stops at its next layer
             self.scheduler.stop(timeout=5)
-            self.engine.close()  # and whatever it still does is stopped with it
+            self.engine.close()  # and whatever the trainer process still does is stopped with it
         else:
             self.scheduler.stop()
         if self.import_jobs is not None:
@@ -110,7 +110,7 @@ def build_service(data_dir: str | Path, *, model: str | Path | None = None, conf
     else:
         engine = TrainingEngine(peft_model, tokenizer, config.training, lock=lock, should_yield=activity.should_yield,
                                 idle_for=activity.idle_for, metrics_path=data_dir / "metrics.jsonl",
-                                batch_manager=batches, weights=weights.ws)
+                                batch_manager=batches, weights=weights.ws, is_stopping=activity.is_stopping)
     weights.on_mode_change.append(engine.set_weights)
     weights.on_restore.append(engine.reset_optimizer)  # the moments of a trajectory rolled back
     restored = weights.restore_at_start()

@@ -160,7 +160,8 @@ class TrainingEngine:
 
     def __init__(self, model, tokenizer, config: TrainingConfig, *, lock: threading.Lock | None = None,
                  should_yield: Callable[[], bool] | None = None, idle_for: Callable[[], float] | None = None,
-                 metrics_path: str | Path | None = None, batch_manager=None, weights=None):
+                 metrics_path: str | Path | None = None, batch_manager=None, weights=None,
+                 is_stopping: Callable[[], bool] | None = None):
         from .batching import BatchManager
         from .weightsets import LoraWeights
 
@@ -168,6 +169,7 @@ class TrainingEngine:
         self.lock = lock or threading.Lock()
         self.should_yield = should_yield or (lambda: False)
         self.idle_for = idle_for or (lambda: math.inf)
+        self.is_stopping = is_stopping or (lambda: False)  # the service is closing: evaluations wait no more
         self.metrics_path = Path(metrics_path) if metrics_path else None
         self.batches = batch_manager or BatchManager(config)
         self.device = next(model.parameters()).device
@@ -666,8 +668,8 @@ class TrainingEngine:
         return out
 
     def _give_up_after(self, waited: float) -> None:
-        if self.max_wait_s is not None and time.monotonic() - waited > self.max_wait_s:
-            raise Preempted()  # requests never stopped: the scheduler decides what next
+        if self.is_stopping() or (self.max_wait_s is not None and time.monotonic() - waited > self.max_wait_s):
+            raise Preempted()  # requests never stopped, or the service is closing: the scheduler decides what next
 
     def example_losses(self, examples: list[TrainingExample], which: str, batch_size: int = 4) -> list[float]:
         """Each example's mean token loss under the ``live`` or ``candidate`` weights (nan if it has no target)."""

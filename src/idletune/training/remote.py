@@ -400,7 +400,7 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
         engine = TrainingEngine(model, load_tokenizer(model_dir), config,
                                 lock=_HeldFlag(lock, holding, first.device if first.is_cuda else None, catch_up),
                                 should_yield=activity.should_yield, idle_for=activity.idle_for,
-                                metrics_path=metrics_path, weights=ws)
+                                metrics_path=metrics_path, weights=ws, is_stopping=activity.is_stopping)
         if compile_layers:
             from ..gpu.training import compile_layers as compile_them
 
