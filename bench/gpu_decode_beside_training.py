@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import threading
 import time
 
 import torch
@@ -58,6 +59,11 @@ def main() -> None:
     ap.add_argument("--compile-after-capture", action="store_true", help="build with training.compile = off, "
                     "measure, then compile the training's layers as the service does (after the decoder's graphs "
                     "were captured), measure again, then train")
+    ap.add_argument("--then-thread-engine", action="store_true", help="with --trainer process: after the first "
+                    "measure, build a TrainingEngine on the serving process's own model (as a thread service does: "
+                    "its forward hooks on the decoder layers), measure; drop its hooks, measure; and with "
+                    "--training-compile not off, compile the layers here as well, measure — then stop (one decoder "
+                    "instance throughout: which piece of a thread service slows decoding)")
     a = ap.parse_args()
     from gpu_trainer_checks import text_examples
 
@@ -73,6 +79,27 @@ def main() -> None:
             per_token_ms(inf, 2, a.new)  # graphs captured
             res["before_training"] = per_token_ms(inf, a.requests, a.new)
             print("before training:", res["before_training"], flush=True)
+            if a.then_thread_engine:
+                from idletune.gpu.training import compile_layers
+                from idletune.training.adapters import decoder_layers
+                from idletune.training.engine import TrainingEngine
+
+                thread_engine = TrainingEngine(svc.model, svc.tokenizer, svc.config.training,
+                                               lock=threading.Lock(), weights=svc.weights.ws)
+                res["after_engine_built"] = per_token_ms(inf, a.requests, a.new)
+                print("a TrainingEngine built here:", res["after_engine_built"], flush=True)
+                for layer in decoder_layers(svc.model):
+                    layer._forward_hooks.clear()
+                    layer._forward_hooks_with_kwargs.clear()
+                res["after_hooks_dropped"] = per_token_ms(inf, a.requests, a.new)
+                print("its hooks dropped:", res["after_hooks_dropped"], flush=True)
+                if a.training_compile != "off":
+                    compile_layers(svc.model, graphs=True)
+                    res["after_compile_layers"] = per_token_ms(inf, a.requests, a.new)
+                    print("layers compiled here:", res["after_compile_layers"], flush=True)
+                del thread_engine
+                C.write(res, "gpu_decode_beside_training.json")
+                return
             if a.compile_after_capture:
                 from idletune.config import Config
                 from idletune.service import _compile_training
