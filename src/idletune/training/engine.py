@@ -25,7 +25,7 @@ import torch
 from ..config import TrainingConfig
 from ..examples import TrainingExample
 from . import adapters
-from .adapters import LIVE, TRAIN
+from .adapters import LIVE
 from .data import Encoded, collate, encode, target_token_losses
 
 log = logging.getLogger("idletune.training")
@@ -710,10 +710,7 @@ class TrainingEngine:
         """Load weights saved by :meth:`save_model` into the trained weights."""
         tensors = self.ws.read(Path(path))
         with self.lock:
-            if self.ws.kind == "lora":
-                adapters.load_adapter_tensors(self.model, TRAIN, tensors)
-            else:
-                self.ws.load_candidate(tensors)
+            self.ws.load_candidate(tensors)
         self.reset_optimizer()
 
 

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from ..config import TrainingConfig
-from .engine import Preempted, read_metrics
+from .engine import Preempted, TrainingEngine, read_metrics
 
 log = logging.getLogger("idletune.trainer")
 TRAINER_PROCESS_NAME = "idletune-trainer"
@@ -284,25 +284,10 @@ class RemoteEngine:
     def metrics_history(self, limit: int = 500) -> list[dict]:
         return read_metrics(self.metrics_path, limit)
 
-    def save_model(self, path) -> Path:
-        """As TrainingEngine.save_model: the trained adapter in PEFT's format, or the fully
-        fine-tuned weights as a model folder (the tensors are this process's too)."""
-        path = Path(path)
-        with self.lock:
-            tensors = self.ws.clone("candidate")
-        self.ws.write(tensors, path)
-        return path
-
-    def load_model(self, path) -> None:
-        from . import adapters
-
-        tensors = self.ws.read(Path(path))
-        with self.lock:
-            if self.ws.kind == "lora":
-                adapters.load_adapter_tensors(self.model, adapters.TRAIN, tensors)
-            else:
-                self.ws.load_candidate(tensors)  # a counted write: the trainer's master copies follow
-        self.reset_optimizer()
+    # saved from and loaded into this process's own weight set, which the trainer process shares
+    # (a load is a counted write: FullWeights' master copies there follow)
+    save_model = TrainingEngine.save_model
+    load_model = TrainingEngine.load_model
 
 
 def _check_shared_memory(tensors: dict, where: str = "/dev/shm") -> None:

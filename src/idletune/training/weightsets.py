@@ -78,6 +78,10 @@ class LoraWeights:
         adapters.load_adapter_tensors(self.model, LIVE, tensors)
         adapters.copy_adapter(self.model, LIVE, TRAIN)
 
+    def load_candidate(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Into the adapter in training only (``TrainingEngine.load_model``)."""
+        adapters.load_adapter_tensors(self.model, TRAIN, tensors)
+
     def is_finite(self, which: str = "candidate") -> bool:
         name = LIVE if which == "live" else TRAIN
         return all(bool(torch.isfinite(t).all()) for t in adapters.adapter_tensors(self.model, name).values())
