@@ -23,6 +23,7 @@ Examples are real text (random token ids decoded), encoded by the engine in whic
 trains: the bench's usual patch of the encoder would not reach a spawned process.
 
 Usage: python bench/gpu_trainer_checks.py [OUT.json] [--shape qwen2.5-0.5b] [--alone-s 10] [--warmup-steps 3] [--skip-thread]
+       [--micro-batch-tokens N] [--skip-failures]
 """
 import argparse
 import copy
@@ -111,7 +112,8 @@ def run_one(kind: str, a, res: dict) -> None:
     r["used_gb_before_service"] = round(used_gb(), 2)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        svc = C.service(a.shape, tmp, **{"training.trainer": kind, **SETTINGS})
+        settings = dict(SETTINGS, **({"training.micro_batch_tokens": a.micro_batch_tokens} if a.micro_batch_tokens else {}))
+        svc = C.service(a.shape, tmp, **{"training.trainer": kind, **settings})
         try:
             r["service_s"] = round(time.perf_counter() - t0, 1)
             r["gpu_path"] = svc.inference.fast is not None
@@ -152,7 +154,7 @@ def run_one(kind: str, a, res: dict) -> None:
             print(f"[{kind}] published v{v} in {r['publish_ms']} ms; served vs PEFT {r['served_vs_peft_after_publish']}",
                   flush=True)
 
-            if kind == "process":
+            if kind == "process" and not a.skip_failures:
                 # 4. a rollback in the middle of a round
                 out = {}
                 since = svc.weights.restores
@@ -215,9 +217,12 @@ def main():
     ap.add_argument("--alone-s", type=float, default=10.0)
     ap.add_argument("--warmup-steps", type=int, default=3)
     ap.add_argument("--skip-thread", action="store_true")
+    ap.add_argument("--micro-batch-tokens", type=int, default=0, help="training.micro_batch_tokens (0: automatic)")
+    ap.add_argument("--skip-failures", action="store_true", help="leave out checks 4 and 5 (a rollback during a "
+                    "round, the process killed): start, speed, memory and publish only")
     a = ap.parse_args()
     res = C.header() if torch.cuda.is_available() else {"device": "cpu", "command": "cpu check"}
-    res.update(question='training.trainer = "process" on a GPU', shape=a.shape,
+    res.update(question='training.trainer = "process" on a GPU', shape=a.shape, micro_batch_tokens=a.micro_batch_tokens,
                alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
     C.model_dir(a.shape)
     for kind in ("process",) + (() if a.skip_thread else ("thread",)):
@@ -237,7 +242,8 @@ def main():
                          round(r["used_gb_ready"] - r["used_gb_service"], 2),
                          round(r["used_gb_after_alone"] - r["used_gb_service"], 2),
                          r.get("publish_ms"), r.get("served_vs_peft_after_publish", {}).get("rel_err")])
-    print(f'training.trainer on a GPU, {a.shape} ({res["device"]}), alloc conf "{res["alloc_conf"]}"')
+    print(f'training.trainer on a GPU, {a.shape} ({res["device"]}), micro_batch_tokens {a.micro_batch_tokens or "automatic"}, '
+          f'alloc conf "{res["alloc_conf"]}"')
     C.table(rows, ["trainer", "first call s", "steps/s alone", "GB added ready", "GB added trained", "publish ms",
                    "served vs PEFT"])
     C.write(res, "gpu_trainer_checks.json")
