@@ -604,7 +604,7 @@ def test_gpu_micro_batches_are_sized_to_the_free_memory():
 
     from transformers import LlamaConfig, Qwen2Config
 
-    from idletune.training.engine import gpu_micro_batch_tokens
+    from idletune.training.engine import AUTO_MOST_TOKENS, gpu_micro_batch_tokens
 
     def shape(h, i, n, cls=Qwen2Config):
         return SimpleNamespace(config=cls(hidden_size=h, intermediate_size=i, num_hidden_layers=n,
@@ -617,6 +617,9 @@ def test_gpu_micro_batches_are_sized_to_the_free_memory():
     assert gpu_micro_batch_tokens(q15, 18e9, checkpointing=True) == 16384  # layer inputs only
     assert gpu_micro_batch_tokens(q15, 18e9, compiled=False) == 2048  # eager layers keep more
     assert gpu_micro_batch_tokens(q15, 18e9, head_logits=True) == 2048  # a training output layer's logits
+    # a trainer process (the GPU default) takes at most 2048 tokens (run EQ), less where less fits
+    most = AUTO_MOST_TOKENS["process"]
+    assert (gpu_micro_batch_tokens(q15, 80e9, most=most), gpu_micro_batch_tokens(q15, 6e9, most=most)) == (2048, 1024)
     # measured peak from start of a graphed 8 × 512 step (MB) vs the estimate for 4096 tokens
     measured = {(896, 4864, 24): 4045, (1536, 8960, 28): 7864, (4096, 14336, 32): 18600}
     for (h, i, n), mb in measured.items():
@@ -908,6 +911,27 @@ def test_service_marks_the_engine_for_graphed_layers(tmp_path, tiny_model_dir, m
             assert calls.pop() == expected and s.engine.graphs
         finally:
             s.close()
+
+
+def test_bounded_memory_is_the_trainer_process_default_on_a_gpu():
+    """The layers compile for bounded memory (units, cheap activations recomputed) where
+    micro_batch_tokens is set, and for the automatic size in a trainer process on a GPU (at most
+    2048 tokens there: its chat tail was measured the same as unsplit, run EQ); a trainer thread
+    keeps the automatic size unsplit layer by layer (its tail was measured worse, runs DP–DS),
+    and so does a CPU, whatever the trainer."""
+    from idletune.service import training_compile_args
+
+    def args(tokens=0, in_process=True, on_gpu=True, max_seq_len=512, how="graphs"):
+        tc = Config.load(None, {"training.micro_batch_tokens": tokens, "training.max_seq_len": max_seq_len}).training
+        a = training_compile_args(tc, how, in_process=in_process, on_gpu=on_gpu)
+        return a["graphs"], a["layers_per_unit"], a["recompute_cheap"]
+
+    assert args() == (True, 4, True)
+    assert args(in_process=False) == (True, 1, False)
+    assert args(on_gpu=False) == args(in_process=False, on_gpu=False) == (True, 1, False)
+    assert args(1024, in_process=False) == args(1024) == (True, 8, True)
+    assert args(max_seq_len=4096) == (True, 2, True)  # one example alone makes a part that long
+    assert args(how="compile") == (False, 4, True)
 
 
 def test_training_compile_setting_on_the_cpu():

@@ -177,29 +177,43 @@ def _no_trainer_process(model) -> str | None:
     return None
 
 
+def training_compile_args(tc, how: str, *, in_process: bool, on_gpu: bool) -> dict:
+    """How the decoder layers compile for training (gpu/training.py's ``compile_layers``
+    arguments), for ``training`` settings ``tc`` and ``how`` (``wanted``'s "graphs" or "compile").
+
+    Bounded memory: parts of at most ``micro_batch_tokens``, kept fast in units of layers, and
+    fewer activations kept (recomputed in the backward pass). One example alone makes a part as
+    long as ``max_seq_len``, so units are sized for that too. The automatic size (0) in a trainer
+    process on a GPU: the same for the most it takes (``AUTO_MOST_TOKENS``), regrouped at the
+    first step where it takes less (``TrainingEngine._regroup_units``). The automatic size with a
+    trainer thread, or on a CPU (512 tokens; layers compiled only where asked): layer by layer
+    here, regrouped likewise; every activation kept."""
+    from .gpu.training import layers_per_unit
+    from .training.engine import AUTO_MOST_TOKENS
+
+    tokens = tc.micro_batch_tokens or (AUTO_MOST_TOKENS["process"] if in_process and on_gpu else 0)
+    return {"graphs": how == "graphs", "layers_per_unit": layers_per_unit(tokens, tc.max_seq_len),
+            "recompute_cheap": tokens > 0}
+
+
 def _compile_training(config: Config, engine, fast_path: bool) -> None:
-    from .gpu.training import compile_layers, layers_per_unit, wanted
+    from .gpu.training import compile_layers, wanted
 
     how = wanted(config.training.compile, engine.model, fast_path=fast_path)
     if how:
-        # micro_batch_tokens set: the user asks for bounded memory — small parts, kept fast in
-        # units of layers, and fewer activations kept (recomputed in the backward pass). One
-        # example alone makes a part as long as max_seq_len, so units are sized for that too.
-        # Automatic (0): layer by layer here, regrouped into units at the first step once the
-        # engine has taken its size (TrainingEngine._regroup_units); all activations kept.
-        tc = config.training
-        bounded = tc.micro_batch_tokens > 0
-        per_unit = layers_per_unit(tc.micro_batch_tokens, tc.max_seq_len)
-        args = {"graphs": how == "graphs", "layers_per_unit": per_unit, "recompute_cheap": bounded}
-        if isinstance(engine, RemoteEngine):  # compiled there, on its copy of the structure
+        in_process = isinstance(engine, RemoteEngine)
+        on_gpu = next(engine.model.parameters()).device.type == "cuda"
+        args = training_compile_args(config.training, how, in_process=in_process, on_gpu=on_gpu)
+        if in_process:  # compiled there, on its copy of the structure
             engine.compile_layers = args
             n = len(decoder_layers(engine.model))
         else:
             n = compile_layers(engine.model, **args)
-        engine.graphs = how == "graphs"
+        engine.graphs = args["graphs"]
+        per_unit = args["layers_per_unit"]
         log.info("training: %d decoder layers compiled for training steps%s%s%s (the first step compiles)", n,
                  f", {per_unit} layers a unit" if per_unit > 1 else "",
-                 ", cheap activations recomputed" if bounded else "",
+                 ", cheap activations recomputed" if args["recompute_cheap"] else "",
                  ", replayed as CUDA graphs" if engine.graphs else "")
 
 

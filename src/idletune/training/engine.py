@@ -31,11 +31,25 @@ from .data import Encoded, collate, encode, target_token_losses
 log = logging.getLogger("idletune.training")
 
 
+# The most tokens the automatic micro-batch size (training.micro_batch_tokens = 0) takes on a GPU,
+# by where training runs. With CUDA-graphed layers a step's peak stays allocated for the process's
+# life (the graph pool): memory the card's other users never get back.
+# - A trainer process (the GPU default): 2048, compiled as the setting 2048 is (units of 4
+#   layers, cheap activations recomputed; service._compile_training). On one H100 (run EQ, 8 ×
+#   512 tokens) its steps took 1.90 / 3.79 GB at 0.5B / 1.5B against 4.32 / 8.52 GB unsplit, at
+#   21.4 / 11.6 steps a second against 21.5 / 12.8; beside a LoRA backlog chat's added TTFT p99
+#   was +1.42 ms against +1.50 ms unsplit (docs/BENCHMARKS.md, "Eighteenth session").
+# - A trainer thread: as many as half the free memory holds, up to 16384. Capped at 2048 there,
+#   chat's added TTFT p99 was 2.3–4.2 times the unsplit default's on one machine (runs DP–DS).
+AUTO_MOST_TOKENS = {"process": 2048, "thread": 16384}
+
+
 def gpu_micro_batch_tokens(model, free_bytes: float, *, checkpointing: bool = False, compiled: bool = True,
-                           head_logits: bool = False, most: int = 16384, least: int = 512) -> int:
+                           head_logits: bool = False, most: int = AUTO_MOST_TOKENS["thread"], least: int = 512) -> int:
     """The most tokens in one forward/backward on a GPU when ``training.micro_batch_tokens`` is 0:
     as many as fit in half of ``free_bytes`` (the other half stays for chat and anything else on
-    the card), rounded down to a power of two, within ``least``–``most``. A token's activations
+    the card), rounded down to a power of two, within ``least``–``most`` (:data:`AUTO_MOST_TOKENS`:
+    where training runs). A token's activations
     are estimated at 2 bytes × layers × (6 × hidden + 3 × intermediate size) (bf16, compiled
     layers): within 10 % of what was measured at the Qwen2.5-0.5B, 1.5B and Llama-3-8B shapes
     (docs/BENCHMARKS.md, section 5); 1.5 times that for eager layers (measured 1.43 at 0.5B);
@@ -189,8 +203,10 @@ class TrainingEngine:
         self._queued: deque[tuple[object, int]] = deque()
         # Tokens in one forward/backward: bounds a step's activation memory (about 2.6 MB per
         # token for the default model in float32 on a CPU). 0 on a GPU: sized to the memory
-        # free at the first step (:func:`gpu_micro_batch_tokens`).
+        # free at the first step (:func:`gpu_micro_batch_tokens`), at most auto_most_tokens
+        # (a trainer process sets its own: AUTO_MOST_TOKENS).
         self.micro_batch_tokens = config.micro_batch_tokens or (0 if self.device.type == "cuda" else 512)
+        self.auto_most_tokens = AUTO_MOST_TOKENS["thread"]
         self.max_wait_s: float | None = None  # evaluation waits at most this long for a gap (None: forever)
         queue = os.environ.get("IDLETUNE_TRAIN_QUEUE_LAYERS")  # set: for every mode, user active or away
         self.queued_layers = int(queue or QUEUED_LAYERS)
@@ -368,9 +384,9 @@ class TrainingEngine:
         try:
             free, _ = torch.cuda.mem_get_info(self.device)
         except RuntimeError as e:  # a device or driver that does not report it
-            log.warning("training: free GPU memory unknown (%s); micro-batches of at most %d tokens",
-                        e, UNKNOWN_MEMORY_MICRO_BATCH)
-            return UNKNOWN_MEMORY_MICRO_BATCH
+            tokens = min(UNKNOWN_MEMORY_MICRO_BATCH, self.auto_most_tokens)
+            log.warning("training: free GPU memory unknown (%s); micro-batches of at most %d tokens", e, tokens)
+            return tokens
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         from ..gpu.loss import plain_head
         from ..gpu.training import layers_compiled
@@ -384,7 +400,7 @@ class TrainingEngine:
         head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
         # the loss builds (N, V) logits unless the output layer is a plain one (data.py)
         tokens = gpu_micro_batch_tokens(lm, free, checkpointing=self.config.gradient_checkpointing,
-                                        compiled=layers_compiled(self.model),
+                                        compiled=layers_compiled(self.model), most=self.auto_most_tokens,
                                         head_logits=head is None or plain_head(head) is None)
         log.info("training: micro-batches of at most %d tokens (%.1f GB free on the GPU)", tokens, free / 1e9)
         return tokens

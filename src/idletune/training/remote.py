@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from ..config import TrainingConfig
-from .engine import Preempted, TrainingEngine, read_metrics
+from .engine import AUTO_MOST_TOKENS, Preempted, TrainingEngine, read_metrics
 
 log = logging.getLogger("idletune.trainer")
 TRAINER_PROCESS_NAME = "idletune-trainer"
@@ -386,6 +386,7 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
                                 lock=_HeldFlag(lock, holding, first.device if first.is_cuda else None, catch_up),
                                 should_yield=activity.should_yield, idle_for=activity.idle_for,
                                 metrics_path=metrics_path, weights=ws, is_stopping=activity.is_stopping)
+        engine.auto_most_tokens = AUTO_MOST_TOKENS["process"]  # compiled for it: service._compile_training
         if compile_layers:
             from ..gpu.training import compile_layers as compile_them
 
