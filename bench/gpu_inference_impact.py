@@ -22,6 +22,7 @@ Usage: python bench/gpu_inference_impact.py [OUT.json] [--shape qwen2.5-0.5b] [-
        [--clients 1,8] [--per-client 4,2] [--warmup-steps 3] [--sample-threads]
        [--micro-batch-tokens 2048]   (training in bounded memory: layers in units; runs BS, BV, BZ)
        [--mode full]   (full fine-tuning: every weight trains, the live copy served)
+       [--trainer process [--unsplit-auto]]   (the product's trainer process; its automatic size as before run EQ)
 """
 import argparse
 import gc
@@ -65,6 +66,9 @@ def main():
     ap.add_argument("--trainer", default="thread", help="training.trainer: thread (the engine in this process, "
                     "as every run up to EI), or process (the product's trainer process: the engine's calls go over a "
                     "pipe, and the examples are real text it encodes itself)")
+    ap.add_argument("--unsplit-auto", action="store_true", help="with --trainer process: its automatic micro-batch "
+                    "size as before run EQ (up to 16384 tokens: unsplit, layer by layer, every activation kept) "
+                    "instead of at most 2048 tokens in units of 4 layers, cheap activations recomputed")
     ap.add_argument("--per-client", default="4,2", help="requests per client per block, for each --clients entry")
     ap.add_argument("--warmup-steps", type=int, default=3, help="training steps before measuring (the first "
                     "compiles and records the graphs)")
@@ -88,10 +92,19 @@ def main():
             import idletune.gpu.decoder as D
 
             D._own_cublas_workspace = contextlib.nullcontext
+        if a.unsplit_auto:
+            import idletune.service as S
+            from idletune.training.engine import AUTO_MOST_TOKENS
+
+            AUTO_MOST_TOKENS["process"] = AUTO_MOST_TOKENS["thread"]  # read when the service builds its RemoteEngine
+            shipped = S.training_compile_args
+            S.training_compile_args = lambda tc, how, auto_tokens=0: shipped(tc, how)  # layer by layer, all kept
         svc = C.service(a.shape, tmp, **{"training.compile": a.training_compile, "training.mode": a.mode,
                                          "training.micro_batch_tokens": a.micro_batch_tokens,
                                          "training.trainer": a.trainer})
         res["trainer"] = a.trainer
+        res["auto_most_tokens"] = getattr(svc.engine, "auto_most_tokens", None)
+        res["compile_layers"] = getattr(svc.engine, "compile_layers", None)
         res["mode"] = svc.weights.mode
         res["training_graphs"] = svc.engine.graphs
         res["gpu_path"] = svc.inference.fast is not None

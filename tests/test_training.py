@@ -913,25 +913,33 @@ def test_service_marks_the_engine_for_graphed_layers(tmp_path, tiny_model_dir, m
             s.close()
 
 
-def test_bounded_memory_is_the_trainer_process_default_on_a_gpu():
+def test_bounded_memory_is_the_trainer_process_default_on_a_gpu(tmp_path, tiny_model_dir):
     """The layers compile for bounded memory (units, cheap activations recomputed) where
-    micro_batch_tokens is set, and for the automatic size in a trainer process on a GPU (at most
-    2048 tokens there: its chat tail was measured the same as unsplit, run EQ); a trainer thread
-    keeps the automatic size unsplit layer by layer (its tail was measured worse, runs DP–DS),
-    and so does a CPU, whatever the trainer."""
+    micro_batch_tokens is set, and for the automatic size where it is bounded: in a trainer
+    process on a GPU, at most 2048 tokens (its chat tail was measured as unsplit's, run EQ),
+    which the trainer process is told. A trainer thread keeps the automatic size unsplit, layer
+    by layer (its tail was measured worse, runs DP–DS), and so does a CPU, whatever the trainer."""
     from idletune.service import training_compile_args
+    from idletune.training.engine import AUTO_MOST_TOKENS
+    from idletune.training.remote import RemoteEngine
 
-    def args(tokens=0, in_process=True, on_gpu=True, max_seq_len=512, how="graphs"):
+    def args(tokens=0, auto=2048, max_seq_len=512, how="graphs"):
         tc = Config.load(None, {"training.micro_batch_tokens": tokens, "training.max_seq_len": max_seq_len}).training
-        a = training_compile_args(tc, how, in_process=in_process, on_gpu=on_gpu)
+        a = training_compile_args(tc, how, auto_tokens=auto)
         return a["graphs"], a["layers_per_unit"], a["recompute_cheap"]
 
     assert args() == (True, 4, True)
-    assert args(in_process=False) == (True, 1, False)
-    assert args(on_gpu=False) == args(in_process=False, on_gpu=False) == (True, 1, False)
-    assert args(1024, in_process=False) == args(1024) == (True, 8, True)
+    assert args(auto=0) == (True, 1, False)
+    assert args(1024, auto=0) == args(1024) == (True, 8, True)
     assert args(max_seq_len=4096) == (True, 2, True)  # one example alone makes a part that long
     assert args(how="compile") == (False, 4, True)
+    assert AUTO_MOST_TOKENS == {"process": 2048, "thread": 16384}
+    cfg = Config.load(None, {"training.trainer": "process"})
+    s = build_service(tmp_path / "data", model=tiny_model_dir, config=cfg, start_scheduler=False)
+    try:
+        assert isinstance(s.engine, RemoteEngine) and s.engine.auto_most_tokens == 2048
+    finally:
+        s.close()
 
 
 def test_training_compile_setting_on_the_cpu():

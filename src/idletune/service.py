@@ -177,21 +177,21 @@ def _no_trainer_process(model) -> str | None:
     return None
 
 
-def training_compile_args(tc, how: str, *, in_process: bool, on_gpu: bool) -> dict:
+def training_compile_args(tc, how: str, *, auto_tokens: int = 0) -> dict:
     """How the decoder layers compile for training (gpu/training.py's ``compile_layers``
     arguments), for ``training`` settings ``tc`` and ``how`` (``wanted``'s "graphs" or "compile").
 
     Bounded memory: parts of at most ``micro_batch_tokens``, kept fast in units of layers, and
     fewer activations kept (recomputed in the backward pass). One example alone makes a part as
-    long as ``max_seq_len``, so units are sized for that too. The automatic size (0) in a trainer
-    process on a GPU: the same for the most it takes (``AUTO_MOST_TOKENS``), regrouped at the
-    first step where it takes less (``TrainingEngine._regroup_units``). The automatic size with a
-    trainer thread, or on a CPU (512 tokens; layers compiled only where asked): layer by layer
-    here, regrouped likewise; every activation kept."""
+    long as ``max_seq_len``, so units are sized for that too. The automatic size (0) compiles
+    the same way for ``auto_tokens``, the most it takes where that is bounded (a trainer process
+    on a GPU: ``RemoteEngine.auto_most_tokens``), and is regrouped at the first step where it
+    takes less (``TrainingEngine._regroup_units``). Otherwise (``auto_tokens`` 0: a trainer
+    thread, or a CPU, where the size is 512 and layers compile only where asked): layer by layer
+    here, regrouped likewise, every activation kept."""
     from .gpu.training import layers_per_unit
-    from .training.engine import AUTO_MOST_TOKENS
 
-    tokens = tc.micro_batch_tokens or (AUTO_MOST_TOKENS["process"] if in_process and on_gpu else 0)
+    tokens = tc.micro_batch_tokens or auto_tokens
     return {"graphs": how == "graphs", "layers_per_unit": layers_per_unit(tokens, tc.max_seq_len),
             "recompute_cheap": tokens > 0}
 
@@ -203,7 +203,8 @@ def _compile_training(config: Config, engine, fast_path: bool) -> None:
     if how:
         in_process = isinstance(engine, RemoteEngine)
         on_gpu = next(engine.model.parameters()).device.type == "cuda"
-        args = training_compile_args(config.training, how, in_process=in_process, on_gpu=on_gpu)
+        args = training_compile_args(config.training, how,
+                                     auto_tokens=engine.auto_most_tokens if in_process and on_gpu else 0)
         if in_process:  # compiled there, on its copy of the structure
             engine.compile_layers = args
             n = len(decoder_layers(engine.model))

@@ -79,6 +79,9 @@ class RemoteEngine:
         # set by the service: how the trainer process compiles its decoder layers
         # (gpu/training.py's compile_layers arguments), or None
         self.compile_layers: dict | None = None
+        # the most tokens the automatic micro-batch size takes on a GPU (the service compiles
+        # the layers for it: service.training_compile_args)
+        self.auto_most_tokens = AUTO_MOST_TOKENS["process"]
         self._model_dir = str(model_dir)
         self._activity = activity
         self._ctx = multiprocessing.get_context("spawn")
@@ -126,7 +129,8 @@ class RemoteEngine:
             target=_trainer_main, name=TRAINER_PROCESS_NAME, daemon=True,
             args=(there, self._model_dir, self.config, tensors, live, self.lock,
                   self._activity.shared(), self._holding, writes,
-                  str(self.metrics_path) if self.metrics_path else None, self.compile_layers))
+                  str(self.metrics_path) if self.metrics_path else None, self.compile_layers,
+                  self.auto_most_tokens))
         proc.start()
         there.close()
         self._proc, self._conn, self._ready = proc, here, False
@@ -347,7 +351,8 @@ class _HeldFlag:
 
 
 def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, live: dict | None, lock,
-                  activity_state, holding, writes, metrics_path: str | None, compile_layers: dict | None) -> None:
+                  activity_state, holding, writes, metrics_path: str | None, compile_layers: dict | None,
+                  auto_most_tokens: int) -> None:
     """The trainer process: the model's structure bound to the serving process's tensors, a
     TrainingEngine on it (full fine-tuning where ``live`` holds the live weights), and a loop
     answering :class:`RemoteEngine`'s calls until "stop" or until the serving process goes away."""
@@ -386,7 +391,7 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
                                 lock=_HeldFlag(lock, holding, first.device if first.is_cuda else None, catch_up),
                                 should_yield=activity.should_yield, idle_for=activity.idle_for,
                                 metrics_path=metrics_path, weights=ws, is_stopping=activity.is_stopping)
-        engine.auto_most_tokens = AUTO_MOST_TOKENS["process"]  # compiled for it: service._compile_training
+        engine.auto_most_tokens = auto_most_tokens
         if compile_layers:
             from ..gpu.training import compile_layers as compile_them
 
