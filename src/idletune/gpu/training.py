@@ -185,10 +185,11 @@ def layers_per_unit(micro_batch_tokens: int, max_seq_len: int = 0) -> int:
     (``training.micro_batch_tokens``), or ``max_seq_len`` tokens where that is more (one example
     alone makes a part that long): ``UNIT_TOKENS`` // that, from 1 to
     ``MOST_LAYERS_PER_UNIT`` — 8 for 1024-token parts, 4 for 2048, 2 for 4096, 1 above that
-    and for the automatic size (0), which on a GPU takes as many tokens as half the free memory
-    holds (16384 on an 80 GB card at the 0.5B and 1.5B shapes): the service then compiles layer
-    by layer, and the engine sizes the units at its first step, from the size it takes
-    (:func:`regroup_units`)."""
+    and for 0. The automatic size (``micro_batch_tokens`` 0) takes on a GPU as many tokens as
+    half the free memory holds, up to the most where training runs (``AUTO_MOST_TOKENS``: 2048
+    in a trainer process, 16384 with a trainer thread): the service compiles units for that
+    most in a trainer process, layer by layer with a trainer thread, and the engine regroups
+    them at its first step where the size it takes asks for others (:func:`regroup_units`)."""
     if micro_batch_tokens <= 0:
         return 1
     return max(1, min(MOST_LAYERS_PER_UNIT, UNIT_TOKENS // max(micro_batch_tokens, max_seq_len)))
