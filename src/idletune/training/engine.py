@@ -35,10 +35,10 @@ log = logging.getLogger("idletune.training")
 # by where training runs. With CUDA-graphed layers a step's peak stays allocated for the process's
 # life (the graph pool): memory the card's other users never get back.
 # - A trainer process (the GPU default): 2048, compiled as the setting 2048 is (units of 4
-#   layers, cheap activations recomputed; service._compile_training). On one H100 (run EQ, 8 ×
+#   layers, cheap activations recomputed; service.training_compile_args). On one H100 (run ER, 8 ×
 #   512 tokens) its steps took 1.90 / 3.79 GB at 0.5B / 1.5B against 4.32 / 8.52 GB unsplit, at
 #   21.4 / 11.6 steps a second against 21.5 / 12.8; beside a backlog chat's added TTFT p99 was
-#   +1.42 to +1.80 ms against +0.56 to +1.50 ms unsplit, LoRA and full fine-tuning, two machines
+#   +1.42 to +1.80 ms against +0.56 to +1.50 ms unsplit, LoRA and full fine-tuning, three machines
 #   (runs EQ–EY; docs/BENCHMARKS.md, "Eighteenth session").
 # - A trainer thread: as many as half the free memory holds, up to 16384. Capped at 2048 there,
 #   chat's added TTFT p99 was 2.3–4.2 times the unsplit default's on one machine (runs DP–DS).
