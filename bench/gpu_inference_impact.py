@@ -82,6 +82,8 @@ def main():
                     "millisecond while measuring; list the gaps of over 8 ms between samples (the interpreter "
                     "lock held elsewhere) with the stacks just before and after")
     a = ap.parse_args()
+    if a.unsplit_auto and a.trainer != "process":
+        ap.error("--unsplit-auto is for --trainer process (a trainer thread's automatic size is unsplit already)")
     from idletune.inference import GenerationParams
 
     res = C.header()

@@ -217,7 +217,8 @@ def main():
     ap.add_argument("--alone-s", type=float, default=10.0)
     ap.add_argument("--warmup-steps", type=int, default=3)
     ap.add_argument("--skip-thread", action="store_true")
-    ap.add_argument("--micro-batch-tokens", type=int, default=0, help="training.micro_batch_tokens (0: automatic)")
+    ap.add_argument("--micro-batch-tokens", type=int, default=0, help="training.micro_batch_tokens (0: automatic — "
+                    "unsplit up to b2b2ffd, as in run ER's 0; at most 2048 tokens in a trainer process since)")
     ap.add_argument("--skip-failures", action="store_true", help="leave out checks 4 and 5 (a rollback during a "
                     "round, the process killed): start, speed, memory and publish only")
     a = ap.parse_args()

@@ -1,4 +1,5 @@
 """training.trainer = "process": the engine in a process of its own, on the serving process's tensors."""
+import logging
 import os
 import signal
 import threading
@@ -39,6 +40,25 @@ def test_trains_in_its_own_process_on_the_served_tensors_and_publishes(svc):
     assert svc.queue.get_stats()["by_status"]["trained"] == 1
     m = svc.engine.get_latest_metrics()
     assert m is not None and m["step"] >= 1 and svc.engine.metrics_history()[-1]["step"] == m["step"]
+
+
+def test_the_trainer_process_logs_into_the_servers_log(tmp_path, tiny_model_dir, caplog):
+    """A spawned process has no logging set up: its lines (the engine's, e.g. the micro-batch
+    size it takes on a GPU) were dropped. They reach the serving process's loggers now, at the
+    level those log, sent from the trainer process; and what it logged before it stopped is
+    logged when the service closes."""
+    caplog.set_level(logging.INFO, logger="idletune")
+    s = make(tmp_path, tiny_model_dir)
+    try:
+        def ready():
+            return [r for r in caplog.records if r.getMessage().startswith("trainer process ready: ")]
+        assert wait_for(ready, timeout=120)
+        (record,) = ready()
+        assert record.name == "idletune.trainer" and record.process == s.engine._proc.pid != os.getpid()
+        assert "tensors shared with the serving process" in record.getMessage()
+    finally:
+        s.close()
+    assert s.engine._logs is None  # the listener stopped with the process
 
 
 def test_a_request_stops_the_trainer_process_at_its_next_layer(tmp_path, tiny_model_dir):

@@ -604,7 +604,7 @@ def test_gpu_micro_batches_are_sized_to_the_free_memory():
 
     from transformers import LlamaConfig, Qwen2Config
 
-    from idletune.training.engine import AUTO_MOST_TOKENS, gpu_micro_batch_tokens
+    from idletune.training.engine import gpu_micro_batch_tokens
 
     def shape(h, i, n, cls=Qwen2Config):
         return SimpleNamespace(config=cls(hidden_size=h, intermediate_size=i, num_hidden_layers=n,
@@ -617,9 +617,6 @@ def test_gpu_micro_batches_are_sized_to_the_free_memory():
     assert gpu_micro_batch_tokens(q15, 18e9, checkpointing=True) == 16384  # layer inputs only
     assert gpu_micro_batch_tokens(q15, 18e9, compiled=False) == 2048  # eager layers keep more
     assert gpu_micro_batch_tokens(q15, 18e9, head_logits=True) == 2048  # a training output layer's logits
-    # a trainer process (the GPU default) takes at most 2048 tokens (run EQ), less where less fits
-    most = AUTO_MOST_TOKENS["process"]
-    assert (gpu_micro_batch_tokens(q15, 80e9, most=most), gpu_micro_batch_tokens(q15, 6e9, most=most)) == (2048, 1024)
     # measured peak from start of a graphed 8 × 512 step (MB) vs the estimate for 4096 tokens
     measured = {(896, 4864, 24): 4045, (1536, 8960, 28): 7864, (4096, 14336, 32): 18600}
     for (h, i, n), mb in measured.items():
@@ -664,6 +661,15 @@ def test_the_automatic_micro_batch_is_set_once_at_the_first_step(svc, monkeypatc
     monkeypatch.setattr(torch.cuda, "mem_get_info", unknown)
     eng._micro_batches(batch)
     assert eng.micro_batch_tokens == 4096
+    # a trainer process's engine takes at most the cap the serving side sends it (2048 shipped)
+    monkeypatch.setattr(eng, "auto_most_tokens", 1024)
+    eng.micro_batch_tokens = 0
+    eng._micro_batches(batch)
+    assert eng.micro_batch_tokens == 1024  # the memory unknown
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free - 1000, 80 * 2**30))
+    eng.set_weights(eng.ws)
+    eng._micro_batches(batch)
+    assert eng.micro_batch_tokens == 1024  # 2048 fit
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own, compiling
@@ -764,6 +770,23 @@ def test_layers_compiled_in_units_train_the_same_weights_with_a_boundary_per_uni
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's, compiling
+def test_regrouped_units_keep_recomputing_cheap_activations(tmp_path, default_model_dir):
+    """A trainer process compiles its layers for bounded memory (units of 4, cheap activations
+    recomputed) and, on a card where the automatic size comes out smaller (1024 tokens), regroups
+    them into larger units at the first step: still recomputing, the memory it was sized for."""
+    from conftest import make_tiny_llama
+    from idletune.gpu.training import compile_layers, regroup_units
+    from idletune.models import load_model
+
+    model, _ = load_model(make_tiny_llama(tmp_path / "tiny5", default_model_dir, layers=5))
+    layers = adapters.decoder_layers(model)
+    compile_layers(model, layers_per_unit=4, recompute_cheap=True, backend="aot_eager")
+    assert [layer.forward._idletune_layers for layer in layers if hasattr(layer.forward, "_idletune_layers")] == [4, 1]
+    assert regroup_units(model, 8)
+    assert [layer.forward._idletune_layers for layer in layers if hasattr(layer.forward, "_idletune_layers")] == [5]
+    assert layers[0].forward._idletune_compilation.recompute_cheap
+
+
 def test_the_automatic_micro_batch_size_regroups_compiled_layers_into_units_before_the_first_pass(
         tmp_path, default_model_dir, caplog):
     """With the automatic size (a GPU's default) the service compiles layer by layer; at the first
@@ -897,7 +920,8 @@ def test_service_marks_the_engine_for_graphed_layers(tmp_path, tiny_model_dir, m
     engine runs in graph mode (padding, iteration marks, its own gradient accumulation): graphs
     without graph mode lost gradient contributions on a GPU (docs/BENCHMARKS.md, runs K, L).
     With micro_batch_tokens set (bounded memory) the layers are compiled in units and keep fewer
-    activations; with the automatic size, one layer a unit and the partitioner's default."""
+    activations; with the automatic size (a trainer thread's), one layer a unit and the
+    partitioner's default."""
     import idletune.gpu.training as G
 
     calls = []
@@ -913,14 +937,16 @@ def test_service_marks_the_engine_for_graphed_layers(tmp_path, tiny_model_dir, m
             s.close()
 
 
-def test_bounded_memory_is_the_trainer_process_default_on_a_gpu(tmp_path, tiny_model_dir):
+def test_bounded_memory_is_the_trainer_process_default_on_a_gpu(tmp_path, tiny_model_dir, monkeypatch):
     """The layers compile for bounded memory (units, cheap activations recomputed) where
     micro_batch_tokens is set, and for the automatic size where it is bounded: in a trainer
-    process on a GPU, at most 2048 tokens (its chat tail was measured as unsplit's, run EQ),
-    which the trainer process is told. A trainer thread keeps the automatic size unsplit, layer
-    by layer (its tail was measured worse, runs DP–DS), and so does a CPU, whatever the trainer."""
+    process on a GPU, at most 2048 tokens, which the trainer process is sent (its chat tail
+    measured +1.42 to +1.80 ms at p99 against +0.56 to +1.50 ms unsplit, runs EQ–EY). A trainer
+    thread keeps the automatic size unsplit, layer by layer (its tail was measured worse, runs
+    DP–DS), and so does a CPU, whatever the trainer."""
+    import multiprocessing
+
     from idletune.service import training_compile_args
-    from idletune.training.engine import AUTO_MOST_TOKENS
     from idletune.training.remote import RemoteEngine
 
     def args(tokens=0, auto=2048, max_seq_len=512, how="graphs"):
@@ -933,11 +959,18 @@ def test_bounded_memory_is_the_trainer_process_default_on_a_gpu(tmp_path, tiny_m
     assert args(1024, auto=0) == args(1024) == (True, 8, True)
     assert args(max_seq_len=4096) == (True, 2, True)  # one example alone makes a part that long
     assert args(how="compile") == (False, 4, True)
-    assert AUTO_MOST_TOKENS == {"process": 2048, "thread": 16384}
-    cfg = Config.load(None, {"training.trainer": "process"})
+    # a trainer process on a CPU, layers compiled where asked: unsplit (512-token parts there)
+    ctx, sent = multiprocessing.get_context("spawn"), []
+    real = ctx.Process
+    monkeypatch.setattr(ctx, "Process", lambda *a, **kw: sent.append(kw["args"]) or real(*a, **kw))
+    cfg = Config.load(None, {"training.trainer": "process", "training.compile": "on"})
     s = build_service(tmp_path / "data", model=tiny_model_dir, config=cfg, start_scheduler=False)
     try:
-        assert isinstance(s.engine, RemoteEngine) and s.engine.auto_most_tokens == 2048
+        assert isinstance(s.engine, RemoteEngine)
+        assert s.engine.compile_layers == {"graphs": False, "layers_per_unit": 1, "recompute_cheap": False}
+        s.engine.start()
+        (sent,) = sent
+        assert sent[-4:-2] == (s.engine.compile_layers, 2048)  # the cap, sent (used on a GPU)
     finally:
         s.close()
 

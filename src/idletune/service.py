@@ -186,9 +186,10 @@ def training_compile_args(tc, how: str, *, auto_tokens: int = 0) -> dict:
     long as ``max_seq_len``, so units are sized for that too. The automatic size (0) compiles
     the same way for ``auto_tokens``, the most it takes where that is bounded (a trainer process
     on a GPU: ``RemoteEngine.auto_most_tokens``), and is regrouped at the first step where it
-    takes less (``TrainingEngine._regroup_units``). Otherwise (``auto_tokens`` 0: a trainer
-    thread, or a CPU, where the size is 512 and layers compile only where asked): layer by layer
-    here, regrouped likewise, every activation kept."""
+    takes less (``TrainingEngine._regroup_units``). Otherwise (``auto_tokens`` 0): with a
+    trainer thread on a GPU layer by layer here, regrouped likewise, every activation kept; on a
+    CPU (512-token parts, never re-sized or regrouped; layers compile only where asked) layer by
+    layer."""
     from .gpu.training import layers_per_unit
 
     tokens = tc.micro_batch_tokens or auto_tokens

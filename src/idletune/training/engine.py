@@ -407,10 +407,12 @@ class TrainingEngine:
         return tokens
 
     def _regroup_units(self) -> None:
-        """Compiled layers (``compile_layers``: one by one for the automatic size) in units for
-        the size just taken, by the rule for a size set (``layers_per_unit``) but with every
-        activation kept as before; unless a compiled pass has run: a re-sizing after a switch of
-        weight set keeps the units as they are (gpu/training.py: ``regroup_units``)."""
+        """Compiled layers (for the automatic size: one by one with a trainer thread, in units for
+        ``auto_most_tokens`` in a trainer process) in units for the size just taken, by the rule
+        for a size set (``layers_per_unit``), with the activations kept as compiled (every one
+        with a trainer thread, the cheap ones recomputed in a trainer process); unless a compiled
+        pass has run: a re-sizing after a switch of weight set keeps the units as they are
+        (gpu/training.py: ``regroup_units``)."""
         from ..gpu.training import layers_per_unit, regroup_units
 
         tokens = self.micro_batch_tokens

@@ -34,6 +34,7 @@ How:
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import multiprocessing
 import threading
 import time
@@ -91,6 +92,7 @@ class RemoteEngine:
         self._holding = None  # set by the trainer process while it holds the model lock
         self._calls = threading.Lock()  # one call at a time on the pipe
         self._latest: dict | None = None
+        self._logs: logging.handlers.QueueListener | None = None  # the trainer processes' log records, logged here
         self._resets = 0  # reset_optimizer() calls so far; the trainer resets when it sees a new count
         self._closed = False
         self._failed: tuple[float, str] | None = None  # (when, why) the trainer process last failed to start
@@ -121,6 +123,9 @@ class RemoteEngine:
             # by name, not by open file descriptor: a model's hundreds of tensors would each keep one
             torch.multiprocessing.set_sharing_strategy("file_system")
             _check_shared_memory({**tensors, **{f"live:{n}": t for n, t in (live or {}).items()}})
+        if self._logs is None:
+            self._logs = logging.handlers.QueueListener(self._ctx.Queue(), _LogHere())
+            self._logs.start()
         here, there = self._ctx.Pipe()
         self._holding = self._ctx.RawValue("b", 0)
         writes = self._ctx.RawValue("q", 0)  # the serving process's writes of the weights in training
@@ -130,7 +135,7 @@ class RemoteEngine:
             args=(there, self._model_dir, self.config, tensors, live, self.lock,
                   self._activity.shared(), self._holding, writes,
                   str(self.metrics_path) if self.metrics_path else None, self.compile_layers,
-                  self.auto_most_tokens))
+                  self.auto_most_tokens, self._logs.queue, logging.getLogger("idletune").getEffectiveLevel()))
         proc.start()
         there.close()
         self._proc, self._conn, self._ready = proc, here, False
@@ -155,7 +160,6 @@ class RemoteEngine:
         self._failed = None
         self._ready = True
         self.graphs = bool(value.get("graphs"))
-        log.info("trainer process ready: %s", value.get("summary", ""))
 
     def _receive(self):
         conn, proc = self._conn, self._proc
@@ -247,6 +251,9 @@ class RemoteEngine:
         finally:
             if idle:
                 self._calls.release()
+            if self._logs is not None and self._proc is None:
+                self._logs.stop()  # what the stopped process logged, logged first
+                self._logs = None
 
     # ---- TrainingEngine's interface ----------------------------------------------------------------
     def train_round(self, examples, replay=(), *, batch_size=None, deadline=None):
@@ -312,6 +319,26 @@ def _check_shared_memory(tensors: dict, where: str = "/dev/shm") -> None:
             '--shm-size=…); or use training.trainer = "thread"')
 
 
+class _LogHere(logging.Handler):
+    """A trainer process's log records (its ``idletune`` loggers', sent through a queue), handled
+    in the serving process by the loggers they were logged to: one log, in the server's format,
+    with the server's handlers."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        target = logging.getLogger(record.name)
+        if target.isEnabledFor(record.levelno):
+            target.handle(record)
+
+
+def _log_there(queue, level: int) -> None:
+    """In the trainer process: its ``idletune`` log records go to the serving process's log
+    (:class:`_LogHere`) at the level the serving process logs them, and nowhere else."""
+    logger = logging.getLogger("idletune")
+    logger.handlers[:] = [logging.handlers.QueueHandler(queue)]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
 class _HeldFlag:
     """The model lock in the trainer process, flagging while it holds it (for :meth:`RemoteEngine._lost`).
     Once taken, ``on_acquire`` catches up with what the serving process changed meanwhile. On a
@@ -352,7 +379,7 @@ class _HeldFlag:
 
 def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, live: dict | None, lock,
                   activity_state, holding, writes, metrics_path: str | None, compile_layers: dict | None,
-                  auto_most_tokens: int) -> None:
+                  auto_most_tokens: int, logs, log_level: int) -> None:
     """The trainer process: the model's structure bound to the serving process's tensors, a
     TrainingEngine on it (full fine-tuning where ``live`` holds the live weights), and a loop
     answering :class:`RemoteEngine`'s calls until "stop" or until the serving process goes away."""
@@ -360,6 +387,7 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the serving process's to handle; it stops this one
+    _log_there(logs, log_level)
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -405,7 +433,8 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
                    f"{' (full fine-tuning: the weights in training, and the live weights beside)' if live else ''}"
                    f", threads {torch.get_num_threads()}") + (
             f", decoder layers compiled{' and graphed' if engine.graphs else ''}" if compile_layers else "")
-        conn.send((True, {"graphs": engine.graphs, "summary": summary}))
+        log.info("trainer process ready: %s", summary)
+        conn.send((True, {"graphs": engine.graphs}))
         resets = 0
     except Exception as e:  # the serving process reports it, and tries again at the next call
         conn.send((False, f"the trainer process could not start: {type(e).__name__}: {e}"[:900]
