@@ -58,7 +58,7 @@ def test_the_trainer_process_logs_into_the_servers_log(tmp_path, tiny_model_dir,
         assert "tensors shared with the serving process" in record.getMessage()
     finally:
         s.close()
-    assert s.engine._logs is None  # the listener stopped with the process
+    assert s.engine._logs is None and not s.engine._pump.is_alive()  # its thread ended with it
 
 
 def test_a_request_stops_the_trainer_process_at_its_next_layer(tmp_path, tiny_model_dir):

@@ -92,7 +92,8 @@ class RemoteEngine:
         self._holding = None  # set by the trainer process while it holds the model lock
         self._calls = threading.Lock()  # one call at a time on the pipe
         self._latest: dict | None = None
-        self._logs: logging.handlers.QueueListener | None = None  # the trainer processes' log records, logged here
+        self._logs = None  # the queue of the trainer process's log records, and the thread logging them here
+        self._pump: threading.Thread | None = None  # that thread, once its process is gone
         self._resets = 0  # reset_optimizer() calls so far; the trainer resets when it sees a new count
         self._closed = False
         self._failed: tuple[float, str] | None = None  # (when, why) the trainer process last failed to start
@@ -123,9 +124,10 @@ class RemoteEngine:
             # by name, not by open file descriptor: a model's hundreds of tensors would each keep one
             torch.multiprocessing.set_sharing_strategy("file_system")
             _check_shared_memory({**tensors, **{f"live:{n}": t for n, t in (live or {}).items()}})
-        if self._logs is None:
-            self._logs = logging.handlers.QueueListener(self._ctx.Queue(), _LogHere())
-            self._logs.start()
+        logs = self._ctx.Queue()  # one for each process: one killed mid-write leaves no later record stuck
+        pump = threading.Thread(target=_log_here, args=(logs,), name="idletune-trainer-log", daemon=True)
+        pump.start()
+        self._logs = (logs, pump)
         here, there = self._ctx.Pipe()
         self._holding = self._ctx.RawValue("b", 0)
         writes = self._ctx.RawValue("q", 0)  # the serving process's writes of the weights in training
@@ -135,7 +137,7 @@ class RemoteEngine:
             args=(there, self._model_dir, self.config, tensors, live, self.lock,
                   self._activity.shared(), self._holding, writes,
                   str(self.metrics_path) if self.metrics_path else None, self.compile_layers,
-                  self.auto_most_tokens, self._logs.queue, logging.getLogger("idletune").getEffectiveLevel()))
+                  self.auto_most_tokens, logs, logging.getLogger("idletune").getEffectiveLevel()))
         proc.start()
         there.close()
         self._proc, self._conn, self._ready = proc, here, False
@@ -196,7 +198,10 @@ class RemoteEngine:
                 pass
         if self._conn is not None:
             self._conn.close()
-        self._proc = self._conn = None
+        if self._logs is not None:
+            self._logs[0].put(None)  # after the process's last record: its thread logs them, then ends
+            self._pump = self._logs[1]
+        self._proc = self._conn = self._logs = None
         if self._cuda:
             import torch
 
@@ -251,9 +256,8 @@ class RemoteEngine:
         finally:
             if idle:
                 self._calls.release()
-            if self._logs is not None and self._proc is None:
-                self._logs.stop()  # what the stopped process logged, logged first
-                self._logs = None
+            if self._proc is None and self._pump is not None:
+                self._pump.join(2.0)  # what the stopped process logged, logged before the service closes
 
     # ---- TrainingEngine's interface ----------------------------------------------------------------
     def train_round(self, examples, replay=(), *, batch_size=None, deadline=None):
@@ -319,12 +323,18 @@ def _check_shared_memory(tensors: dict, where: str = "/dev/shm") -> None:
             '--shm-size=…); or use training.trainer = "thread"')
 
 
-class _LogHere(logging.Handler):
-    """A trainer process's log records (its ``idletune`` loggers', sent through a queue), handled
-    in the serving process by the loggers they were logged to: one log, in the server's format,
-    with the server's handlers."""
-
-    def emit(self, record: logging.LogRecord) -> None:
+def _log_here(queue) -> None:
+    """A trainer process's log records (its ``idletune`` loggers', sent through ``queue``),
+    handled in the serving process by the loggers they were logged to: one log, in the server's
+    format, with the server's handlers. Ends at None (put when the process is gone) or at a
+    queue left unreadable by a process killed while writing to it."""
+    while True:
+        try:
+            record = queue.get()
+        except Exception:
+            return
+        if record is None:
+            return
         target = logging.getLogger(record.name)
         if target.isEnabledFor(record.levelno):
             target.handle(record)
