@@ -71,12 +71,12 @@ class TrainingConfig:
     """Most padded tokens in one forward/backward; a larger batch is split into micro-batches
     whose gradients add up to the same step (bounds memory). 0: 512 on a CPU; on a GPU sized at
     the first step to half the free memory (a power of two from 512), at most 2048 in a trainer
-    process (the GPU default) and 16384 with a trainer thread (engine.AUTO_MOST_TOKENS). Set
-    (or automatic in a trainer process on a GPU), the compiled layers (``compile``; by default only on a
-    GPU) keep fewer activations, and at 4096 tokens or fewer (and ``max_seq_len`` no longer) run
-    in units of several layers (gpu/training.py: ``RECOMPUTE_CHEAP``, ``layers_per_unit``); with
-    a trainer thread an automatic size that small gets the units too, from the first step, but
-    keeps every activation."""
+    process (the GPU default) and 16384 with a trainer thread (engine.AUTO_MOST_TOKENS). Set, or
+    automatic in a trainer process on a GPU, the compiled layers (``compile``; by default only
+    on a GPU) keep fewer activations, and at 4096 tokens or fewer (and ``max_seq_len`` no
+    longer) run in units of several layers (gpu/training.py: ``RECOMPUTE_CHEAP``,
+    ``layers_per_unit``); with a trainer thread an automatic size that small gets the units
+    too, from the first step, but keeps every activation."""
     max_grad_norm: float = 1.0
     weight_decay: float = 0.01
     warmup_steps: int = 3

@@ -30,6 +30,10 @@ How:
   (:class:`~idletune.activity.SharedActivity`): it stops at its next layer boundary, as before.
 - A trainer process that exits is reported (the round fails with the reason) and started again
   at the next call.
+- Its ``idletune`` log records go through a queue to the serving process, which logs them with
+  its own handlers and level (:func:`_log_here`): a spawned process has no logging set up.
+- On a GPU its automatic micro-batch size takes at most ``RemoteEngine.auto_most_tokens``
+  (2048): bounded memory, its layers compiled for it (``service.training_compile_args``).
 """
 from __future__ import annotations
 
@@ -198,10 +202,11 @@ class RemoteEngine:
                 pass
         if self._conn is not None:
             self._conn.close()
-        if self._logs is not None:
-            self._logs[0].put(None)  # after the process's last record: its thread logs them, then ends
-            self._pump = self._logs[1]
-        self._proc = self._conn = self._logs = None
+        logs, self._logs = self._logs, None  # taken once: a background stop and close() may both be here
+        if logs is not None:
+            logs[0].put(None)  # after the process's last record: its thread logs them, then ends
+            self._pump = logs[1]
+        self._proc = self._conn = None
         if self._cuda:
             import torch
 
@@ -342,7 +347,7 @@ def _log_here(queue) -> None:
 
 def _log_there(queue, level: int) -> None:
     """In the trainer process: its ``idletune`` log records go to the serving process's log
-    (:class:`_LogHere`) at the level the serving process logs them, and nowhere else."""
+    (:func:`_log_here`) at the level the serving process logs them, and nowhere else."""
     logger = logging.getLogger("idletune")
     logger.handlers[:] = [logging.handlers.QueueHandler(queue)]
     logger.setLevel(level)
