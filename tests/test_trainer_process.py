@@ -81,13 +81,20 @@ def test_a_request_stops_the_trainer_process_at_its_next_layer(tmp_path, tiny_mo
         s.close()
 
 
-def test_a_trainer_process_that_dies_is_reported_then_started_again(svc):
+def test_a_trainer_process_that_dies_is_reported_then_started_again(svc, caplog):
     eng = svc.engine
     assert eng.evaluate([pair(1)], "live") > 0
-    os.kill(eng._proc.pid, signal.SIGKILL)
+    first = eng._proc.pid
+    caplog.set_level(logging.INFO, logger="idletune")  # the new process logs at this level
+    os.kill(first, signal.SIGKILL)
     with pytest.raises(TrainerProcessError, match="exited"):
         eng.evaluate([pair(1)], "live")
     assert eng.evaluate([pair(1)], "live") > 0  # a new trainer process
+    # whose log records reach this log through a queue of its own (the killed one's may be cut)
+    def ready_logged():
+        return any(r.process == eng._proc.pid != first and r.getMessage().startswith("trainer process ready")
+                   for r in caplog.records)
+    assert wait_for(ready_logged, timeout=30)
     svc.queue.add(pair(2))
     assert svc.scheduler.force_training(wait=True, timeout=90)["accepted"]
 
