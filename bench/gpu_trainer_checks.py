@@ -112,8 +112,8 @@ def run_one(kind: str, a, res: dict) -> None:
     r["used_gb_before_service"] = round(used_gb(), 2)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        settings = dict(SETTINGS, **({"training.micro_batch_tokens": a.micro_batch_tokens} if a.micro_batch_tokens else {}))
-        svc = C.service(a.shape, tmp, **{"training.trainer": kind, **settings})
+        svc = C.service(a.shape, tmp, **{"training.trainer": kind, "training.micro_batch_tokens": a.micro_batch_tokens,
+                                         **SETTINGS})
         try:
             r["service_s"] = round(time.perf_counter() - t0, 1)
             r["gpu_path"] = svc.inference.fast is not None
