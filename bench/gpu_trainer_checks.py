@@ -16,8 +16,12 @@ The option was built and tested on the CPU (fourteenth session); what a GPU run 
 4. A rollback in the middle of a round: it waits for the trainer's step (the model lock is
    both processes'), the round is not published, and the live adapter is then exactly the
    version rolled back to.
-5. A trainer process that dies (SIGKILL): its memory given back, the call reported, the next
-   call starting a new one (time to ready again) that trains.
+5. A trainer process that dies (SIGKILL) between calls: its memory given back, the call
+   reported, the next call starting a new one (time to ready again) that trains.
+6. (Since run FA.) The serving process takes the model lock in the middle of a round: how long
+   it waits for the trainer's CUDA event (``RemoteEngine._trainer_done``); then the trainer
+   process killed in the middle of a step: the round reported, the lock free, a rollback exact
+   and served, a new trainer process training.
 
 Examples are real text (random token ids decoded), encoded by the engine in whichever process
 trains: the bench's usual patch of the encoder would not reach a spawned process.
@@ -102,6 +106,79 @@ def rate(eng, examples, seconds: float) -> dict:
         steps += eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 2.0).steps
     dt = time.perf_counter() - t0
     return {"steps": steps, "seconds": round(dt, 2), "steps_per_s": round(steps / dt, 2)}
+
+
+def lock_taken_mid_round(svc, examples, times: int = 20) -> dict:
+    """The serving process takes the model lock while the trainer process trains (a publish, a
+    rollback would): how long it waits for the lock, and of that, for the trainer's CUDA event
+    (its work up to its release of the lock; ``RemoteEngine._trainer_done``)."""
+    eng, lock = svc.engine, svc.engine.lock
+    waits, took = [], []
+    inner = lock.after_acquire
+
+    def timed():
+        t0 = time.perf_counter()
+        inner()
+        waits.append(1e3 * (time.perf_counter() - t0))
+    out = {}
+    th = threading.Thread(target=lambda: out.update(r=eng.train_round(
+        examples, batch_size=8, deadline=time.monotonic() + 6.0)))
+    lock.after_acquire = timed
+    try:
+        th.start()
+        time.sleep(1.0)
+        for _ in range(times):
+            t0 = time.perf_counter()
+            with lock:
+                took.append(1e3 * (time.perf_counter() - t0))
+            time.sleep(0.1)
+    finally:
+        th.join(60)
+        lock.after_acquire = inner
+    waits, took = sorted(waits), sorted(took)
+    return {"times": len(took), "round_steps": out["r"].steps if "r" in out else None,
+            "lock_ms_p50_max": [round(took[len(took) // 2], 2), round(took[-1], 2)],
+            "event_wait_ms_p50_max": [round(waits[len(waits) // 2], 3), round(waits[-1], 3)]}
+
+
+def killed_mid_step(svc, examples, zero: dict) -> dict:
+    """SIGKILL the trainer process in the middle of a round (and so, most likely, of a step
+    whose work is queued), then: the round reported, the model lock free, a rollback to v0
+    exact and served, and a new trainer process training."""
+    from idletune.training import adapters
+    from idletune.training.remote import TrainerProcessError
+
+    eng = svc.engine
+    out = {}
+
+    def round_():
+        try:
+            out["r"] = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 20.0)
+        except TrainerProcessError as e:
+            out["error"] = str(e)
+    th = threading.Thread(target=round_)
+    th.start()
+    time.sleep(1.5)
+    os.kill(eng._proc.pid, signal.SIGKILL)
+    t0 = time.perf_counter()
+    th.join(60)
+    reported_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = eng.lock.acquire(timeout=30)
+    lock_s = time.perf_counter() - t0
+    if got:
+        eng.lock.release()
+    t0 = time.perf_counter()
+    svc.weights.rollback(0, "bench: after a trainer killed mid-step")
+    rollback_s = time.perf_counter() - t0
+    live = adapters.clone_adapter(svc.model, adapters.LIVE)
+    cand = adapters.clone_adapter(svc.model, adapters.TRAIN)
+    steps = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 30).steps
+    return {"reported": out.get("error", "no error"), "reported_s": round(reported_s, 2),
+            "lock_free": got, "lock_s": round(lock_s, 3), "rollback_s": round(rollback_s, 2),
+            "live_exactly_v0": all(torch.equal(live[k], zero[k]) for k in zero),
+            "candidate_exactly_v0": all(torch.equal(cand[k], zero[k]) for k in zero),
+            "served_vs_peft": served_vs_peft(svc), "steps_after": steps}
 
 
 def run_one(kind: str, a, res: dict) -> None:
@@ -201,6 +278,15 @@ def run_one(kind: str, a, res: dict) -> None:
                 r["after_kill"] = {"freed_gb": round(freed, 2), "reported": reported, "ready_again_s": round(again, 1),
                                    "new_pid": eng._proc.pid, "steps_after": steps, "used_gb": round(used_gb(), 2)}
                 print(f"[process] after SIGKILL: {r['after_kill']}", flush=True)
+                C.write(res, "gpu_trainer_checks.json")
+                if hasattr(svc.engine.lock, "after_acquire"):
+                    r["lock_taken_mid_round"] = lock_taken_mid_round(svc, examples)
+                    print(f"[process] the model lock taken in the middle of a round: {r['lock_taken_mid_round']}", flush=True)
+                    C.write(res, "gpu_trainer_checks.json")
+                    # 6. the trainer process killed in the middle of a step (its event recorded
+                    #    at its last release maybe still pending)
+                    r["killed_mid_step"] = killed_mid_step(svc, examples, zero)
+                    print(f"[process] killed in the middle of a step: {r['killed_mid_step']}", flush=True)
         finally:
             svc.close()
     if torch.cuda.is_available():
