@@ -19,9 +19,8 @@ The option was built and tested on the CPU (fourteenth session); what a GPU run 
 5. A trainer process that dies (SIGKILL) between calls: its memory given back, the call
    reported, the next call starting a new one (time to ready again) that trains.
 6. (Since run FA.) The serving process takes the model lock in the middle of a round: how long
-   it waits for the trainer's CUDA event (``RemoteEngine._trainer_done``); then the trainer
-   process killed in the middle of a step: the round reported, the lock free, a rollback exact
-   and served, a new trainer process training.
+   it waits; then the trainer process killed in the middle of a step: the round reported, the
+   lock free, a rollback exact and served, a new trainer process training.
 
 Examples are real text (random token ids decoded), encoded by the engine in whichever process
 trains: the bench's usual patch of the encoder would not reach a spawned process.
@@ -100,45 +99,37 @@ def served_vs_peft(svc, which_live=True) -> dict:
 
 
 def rate(eng, examples, seconds: float) -> dict:
-    """Steps a second over rounds with the user away (whole rounds, each to its deadline)."""
-    steps, t0 = 0, time.perf_counter()
+    """Steps a second over rounds with the user away (whole rounds, each to its deadline); and
+    within the rounds, as the engine timed them (``in_rounds``: without what a call costs
+    around a round — with a trainer process, the pipe and the result sent back)."""
+    steps, inside, t0 = 0, 0.0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        steps += eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 2.0).steps
+        r = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 2.0)
+        steps, inside = steps + r.steps, inside + r.seconds
     dt = time.perf_counter() - t0
-    return {"steps": steps, "seconds": round(dt, 2), "steps_per_s": round(steps / dt, 2)}
+    return {"steps": steps, "seconds": round(dt, 2), "steps_per_s": round(steps / dt, 2),
+            "in_rounds_s": round(inside, 2), "steps_per_s_in_rounds": round(steps / max(inside, 1e-9), 2)}
 
 
 def lock_taken_mid_round(svc, examples, times: int = 20) -> dict:
     """The serving process takes the model lock while the trainer process trains (a publish, a
-    rollback would): how long it waits for the lock, and of that, for the trainer's CUDA event
-    (its work up to its release of the lock; ``RemoteEngine._trainer_done``)."""
+    rollback would): how long it waits for it (the trainer's step under way, whose work is
+    done before the trainer lets go)."""
     eng, lock = svc.engine, svc.engine.lock
-    waits, took = [], []
-    inner = lock.after_acquire
-
-    def timed():
-        t0 = time.perf_counter()
-        inner()
-        waits.append(1e3 * (time.perf_counter() - t0))
-    out = {}
+    took, out = [], {}
     th = threading.Thread(target=lambda: out.update(r=eng.train_round(
         examples, batch_size=8, deadline=time.monotonic() + 6.0)))
-    lock.after_acquire = timed
-    try:
-        th.start()
-        time.sleep(1.0)
-        for _ in range(times):
-            t0 = time.perf_counter()
-            with lock:
-                took.append(1e3 * (time.perf_counter() - t0))
-            time.sleep(0.1)
-    finally:
-        th.join(60)
-        lock.after_acquire = inner
-    waits, took = sorted(waits), sorted(took)
+    th.start()
+    time.sleep(1.0)
+    for _ in range(times):
+        t0 = time.perf_counter()
+        with lock:
+            took.append(1e3 * (time.perf_counter() - t0))
+        time.sleep(0.1)
+    th.join(60)
+    took.sort()
     return {"times": len(took), "round_steps": out["r"].steps if "r" in out else None,
-            "lock_ms_p50_max": [round(took[len(took) // 2], 2), round(took[-1], 2)],
-            "event_wait_ms_p50_max": [round(waits[len(waits) // 2], 3), round(waits[-1], 3)]}
+            "lock_ms_p50_max": [round(took[len(took) // 2], 2), round(took[-1], 2)]}
 
 
 def killed_mid_step(svc, examples, zero: dict) -> dict:
@@ -279,14 +270,12 @@ def run_one(kind: str, a, res: dict) -> None:
                                    "new_pid": eng._proc.pid, "steps_after": steps, "used_gb": round(used_gb(), 2)}
                 print(f"[process] after SIGKILL: {r['after_kill']}", flush=True)
                 C.write(res, "gpu_trainer_checks.json")
-                if hasattr(svc.engine.lock, "after_acquire"):
-                    r["lock_taken_mid_round"] = lock_taken_mid_round(svc, examples)
-                    print(f"[process] the model lock taken in the middle of a round: {r['lock_taken_mid_round']}", flush=True)
-                    C.write(res, "gpu_trainer_checks.json")
-                    # 6. the trainer process killed in the middle of a step (its event recorded
-                    #    at its last release maybe still pending)
-                    r["killed_mid_step"] = killed_mid_step(svc, examples, zero)
-                    print(f"[process] killed in the middle of a step: {r['killed_mid_step']}", flush=True)
+                r["lock_taken_mid_round"] = lock_taken_mid_round(svc, examples)
+                print(f"[process] the model lock taken in the middle of a round: {r['lock_taken_mid_round']}", flush=True)
+                C.write(res, "gpu_trainer_checks.json")
+                # 6. the trainer process killed in the middle of a step
+                r["killed_mid_step"] = killed_mid_step(svc, examples, zero)
+                print(f"[process] killed in the middle of a step: {r['killed_mid_step']}", flush=True)
         finally:
             svc.close()
     if torch.cuda.is_available():

@@ -131,65 +131,6 @@ def test_the_model_lock_held_by_a_lost_trainer_process_is_released(svc):
     eng.lock.release()
 
 
-class _Pending:
-    """Stands in for the trainer process's CUDA event (none on a CPU): its work up to its last
-    release of the model lock, done once ``finish`` is set (or never)."""
-
-    def __init__(self):
-        self.finish = threading.Event()
-
-    def query(self) -> bool:
-        return self.finish.is_set()
-
-
-def _take_lock_in_thread(lock):
-    took = threading.Event()
-
-    def take():
-        with lock:
-            took.set()
-    threading.Thread(target=take, daemon=True).start()
-    return took
-
-
-def test_the_serving_process_waits_for_the_trainers_work_when_it_takes_the_model_lock(svc):
-    """On a GPU the trainer process lets go of the model lock at every step without waiting for
-    its work (it records an event); the serving process, once it has the lock, waits for that
-    work before it reads or writes the weights (a publish, a rollback) — and stops waiting if
-    the trainer process dies, whose work then never finishes."""
-    eng = svc.engine
-    eng.evaluate([pair(1)], "live")
-    eng._done = pending = _Pending()
-    took = _take_lock_in_thread(eng.lock)
-    assert not took.wait(0.5), "the lock was taken before the trainer's work was done"
-    pending.finish.set()
-    assert took.wait(5)
-
-    eng._done = _Pending()  # never done: the trainer process dies instead
-    took = _take_lock_in_thread(eng.lock)
-    assert not took.wait(0.3)
-    os.kill(eng._proc.pid, signal.SIGKILL)
-    assert took.wait(5), "the serving process kept waiting for a dead trainer process's work"
-    with pytest.raises(TrainerProcessError, match="exited"):
-        eng.evaluate([pair(1)], "live")
-    assert eng._done is None and eng.evaluate([pair(1)], "live") > 0  # a new trainer process
-
-
-def test_the_model_lock_is_let_go_when_what_follows_taking_it_fails(svc):
-    lock = svc.engine.lock
-
-    def fails():
-        raise RuntimeError("boom")
-    lock.after_acquire, kept = fails, lock.after_acquire
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            lock.acquire()
-    finally:
-        lock.after_acquire = kept
-    assert lock.acquire(timeout=5), "the lock stayed held"
-    lock.release()
-
-
 def test_save_and_load_the_trained_adapter(svc, tmp_path):
     svc.queue.add(pair(1))
     assert svc.scheduler.force_training(wait=True, timeout=90)["accepted"]

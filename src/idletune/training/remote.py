@@ -79,11 +79,6 @@ class RemoteEngine:
         self.metrics_path = Path(metrics_path) if metrics_path else None
         device = next(model.parameters()).device  # the model's, for the whole process's life
         self._cuda = device.type == "cuda"
-        # the trainer process's CUDA event, recorded each time it lets go of the model lock; this
-        # process waits for it when it takes the lock (_trainer_done), and drops it when that
-        # process is gone
-        self._done = None
-        lock.after_acquire = self._trainer_done
         lock.device = device if self._cuda else None
         self.lr_scale = 1.0
         self.max_wait_s: float | None = None
@@ -173,30 +168,6 @@ class RemoteEngine:
         self._failed = None
         self._ready = True
         self.graphs = bool(value.get("graphs"))
-        if value.get("done") is not None:
-            import torch
-
-            self._done = torch.cuda.Event.from_ipc_handle(self.lock.device, value["done"])
-
-    def _trainer_done(self) -> None:
-        """Once this process has the model lock (on a GPU): wait until the trainer process's work
-        up to its last release of the lock has run (its event, recorded then). Another CUDA
-        context's streams are not ordered with this process's; the trainer process queues its
-        next step instead of waiting for each one to finish (runs FA–, docs/BENCHMARKS.md).
-        The event is polled, not waited on: a trainer process that dies meanwhile (its event
-        then never completes) is noticed, and its work will not run any further."""
-        done, proc = self._done, self._proc
-        if done is None:
-            return
-        checked = time.monotonic()
-        while not done.query():
-            time.sleep(0.0001)
-            if self._done is not done:
-                return  # the trainer process is gone (_lost)
-            if time.monotonic() - checked > 0.05:
-                if proc is None or not proc.is_alive():
-                    return
-                checked = time.monotonic()
 
     def _receive(self):
         conn, proc = self._conn, self._proc
@@ -219,13 +190,12 @@ class RemoteEngine:
 
     def _lost(self) -> None:
         """The trainer process is gone, or is to be: stopped first (a call waiting on the pipe
-        then reads its end, and it can no longer take or give up the model lock), its CUDA event
-        no longer waited for, then the lock released if it held it."""
+        then reads its end, and it can no longer take or give up the model lock), then the lock
+        released if it held it."""
         if self._proc is not None:
             if self._proc.is_alive():
                 self._proc.kill()
             self._proc.join(10)
-        self._done = None
         if self._holding is not None and self._holding.value:
             self._holding.value = 0
             try:
@@ -392,29 +362,18 @@ class ModelLock:
 
     On a GPU, what one process queued under the lock has run before the other works under it:
     two processes' CUDA contexts do not order each other's streams, so a publish could otherwise
-    read the tail of a step, or a step the tail of a rollback's writes.
-    - The serving process synchronises its device before it lets go (:meth:`release`). It holds
-      the lock rarely (a publish, a discard, a rollback, a save; a GPU decode step never).
-    - The trainer process lets go at every training step: it records a CUDA event of its own
-      instead (interprocess; :class:`_HeldFlag`) and goes on queuing the next step, and the
-      serving process waits for that event once it has the lock (``after_acquire``:
-      :meth:`RemoteEngine._trainer_done`).
-    Only :attr:`shared` (the lock itself) goes to the trainer process."""
+    read the tail of a step, or a step write what a publish is still reading. Each process
+    synchronises its device before it lets go: this one here (:meth:`release`; it holds the lock
+    rarely: a publish, a discard, a rollback, a save, never a GPU decode step), the trainer
+    process in :class:`_HeldFlag`. Only :attr:`shared`, the lock itself, goes to the trainer
+    process."""
 
     def __init__(self) -> None:
         self.shared = multiprocessing.get_context("spawn").Lock()
-        self.after_acquire = None  # called once the lock is taken (in this process)
-        self.device = None  # a CUDA device: synchronised before the lock is let go
+        self.device = None  # set on a GPU (RemoteEngine): synchronised before the lock is let go
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
-        got = self.shared.acquire(block, timeout)
-        if got and self.after_acquire is not None:
-            try:
-                self.after_acquire()
-            except BaseException:
-                self.shared.release()
-                raise
-        return got
+        return self.shared.acquire(block, timeout)
 
     def release(self) -> None:
         if self.device is not None:
@@ -434,12 +393,15 @@ class ModelLock:
 class _HeldFlag:
     """The model lock in the trainer process, flagging while it holds it (for :meth:`RemoteEngine._lost`).
     Once taken, ``on_acquire`` catches up with what the serving process changed meanwhile. On a
-    GPU it records ``done`` (an interprocess CUDA event) as it lets go, on the stream its work
-    was queued on: the serving process waits for it when it takes the lock next
-    (:class:`ModelLock`); this process goes on queuing meanwhile."""
+    GPU its work is done before it lets go (:class:`ModelLock`): the serving process's stream
+    does not wait for this process's (another CUDA context), so a rollback's or a discard's
+    writes could otherwise meet the tail of a step still running here. (Recording an
+    interprocess CUDA event instead, for the serving process to wait on when it takes the lock,
+    so that this process queues its next step meanwhile, trained no faster: runs FA, FB,
+    docs/BENCHMARKS.md.)"""
 
-    def __init__(self, lock, flag, done=None, on_acquire=None) -> None:
-        self._lock, self._flag, self._done, self._on_acquire = lock, flag, done, on_acquire
+    def __init__(self, lock, flag, device=None, on_acquire=None) -> None:
+        self._lock, self._flag, self._device, self._on_acquire = lock, flag, device, on_acquire
 
     def acquire(self, *args, **kwargs) -> bool:
         got = self._lock.acquire(*args, **kwargs)
@@ -454,8 +416,10 @@ class _HeldFlag:
         return got
 
     def release(self) -> None:
-        if self._done is not None:
-            self._done.record()  # on the current stream: the calls run on the trainer's stream
+        if self._device is not None:
+            import torch
+
+            torch.cuda.synchronize(self._device)
         self._flag.value = 0
         self._lock.release()
 
@@ -505,9 +469,8 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
                 seen[0] = writes.value
                 ws.written_elsewhere()
         activity = SharedActivity(activity_state)
-        done = torch.cuda.Event(interprocess=True) if first.is_cuda else None
         engine = TrainingEngine(model, load_tokenizer(model_dir), config,
-                                lock=_HeldFlag(lock, holding, done, catch_up),
+                                lock=_HeldFlag(lock, holding, first.device if first.is_cuda else None, catch_up),
                                 should_yield=activity.should_yield, idle_for=activity.idle_for,
                                 metrics_path=metrics_path, weights=ws, is_stopping=activity.is_stopping)
         engine.auto_most_tokens = auto_most_tokens
@@ -525,7 +488,7 @@ def _trainer_main(conn, model_dir: str, config: TrainingConfig, tensors: dict, l
                    f", threads {torch.get_num_threads()}") + (
             f", decoder layers compiled{' and graphed' if engine.graphs else ''}" if compile_layers else "")
         log.info("trainer process ready: %s", summary)
-        conn.send((True, {"graphs": engine.graphs, "done": done.ipc_handle() if done is not None else None}))
+        conn.send((True, {"graphs": engine.graphs}))
         resets = 0
     except Exception as e:  # the serving process reports it, and tries again at the next call
         conn.send((False, f"the trainer process could not start: {type(e).__name__}: {e}"[:900]
