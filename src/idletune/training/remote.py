@@ -376,11 +376,13 @@ class ModelLock:
         return self.shared.acquire(block, timeout)
 
     def release(self) -> None:
-        if self.device is not None:
-            import torch
+        try:
+            if self.device is not None:
+                import torch
 
-            torch.cuda.synchronize(self.device)
-        self.shared.release()
+                torch.cuda.synchronize(self.device)
+        finally:
+            self.shared.release()  # even where the device failed: the lock is never left held
 
     def __enter__(self):
         self.acquire()

@@ -161,7 +161,6 @@ class FullWeights:
         # always under the model lock: a trainer process sharing them refreshes its master copies
         # when this moves (:meth:`share_writes`)
         self._writes = _Count()
-        self._shared = False
 
     def use(self, which: str) -> None:
         if which != self._current:
@@ -201,14 +200,14 @@ class FullWeights:
         """Count writes in ``counter`` from now on (a ``multiprocessing`` value a trainer process
         reads each time it takes the model lock)."""
         counter.value = self._writes.value
-        self._writes, self._shared = counter, True
+        self._writes = counter
 
     def _written(self) -> None:
-        """A write of the weights in training, other than a step: counted; where a trainer process
-        shares them, on a GPU, landed before the model lock is let go (that process's CUDA
-        context does not wait for this one's streams)."""
-        if self._shared and next(iter(self.params.values())).is_cuda:
-            torch.cuda.current_stream().synchronize()
+        """A write of the weights in training, other than a step (always under the model lock):
+        counted. Where a trainer process shares them it catches up when it takes the lock next,
+        and on a GPU the write has landed by then (``remote.ModelLock`` synchronises the device
+        before the serving process lets go: that process's CUDA context does not wait for this
+        one's streams)."""
         self._writes.value += 1
 
     def written_elsewhere(self) -> None:
