@@ -18,7 +18,7 @@ The option was built and tested on the CPU (fourteenth session); what a GPU run 
    version rolled back to.
 5. A trainer process that dies (SIGKILL) between calls: its memory given back, the call
    reported, the next call starting a new one (time to ready again) that trains.
-6. (Since run FA.) The serving process takes the model lock in the middle of a round: how long
+6. (Since run FC.) The serving process takes the model lock in the middle of a round: how long
    it waits; then the trainer process killed in the middle of a step: the round reported, the
    lock free, a rollback exact and served, a new trainer process training.
 
@@ -117,8 +117,7 @@ def lock_taken_mid_round(svc, examples, times: int = 20) -> dict:
     done before the trainer lets go)."""
     eng, lock = svc.engine, svc.engine.lock
     took, out = [], {}
-    th = threading.Thread(target=lambda: out.update(r=eng.train_round(
-        examples, batch_size=8, deadline=time.monotonic() + 6.0)))
+    th = threading.Thread(target=_round, args=(eng, examples, 6.0, out))
     th.start()
     time.sleep(1.0)
     for _ in range(times):
@@ -128,8 +127,22 @@ def lock_taken_mid_round(svc, examples, times: int = 20) -> dict:
         time.sleep(0.1)
     th.join(60)
     took.sort()
-    return {"times": len(took), "round_steps": out["r"].steps if "r" in out else None,
+    return {"times": len(took), "round": _outcome(th, out),
             "lock_ms_p50_max": [round(took[len(took) // 2], 2), round(took[-1], 2)]}
+
+
+def _round(eng, examples, seconds: float, out: dict) -> None:
+    """One round in a thread of its own; its result or its error into ``out``."""
+    try:
+        out["steps"] = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + seconds).steps
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+
+
+def _outcome(th: threading.Thread, out: dict) -> str:
+    if th.is_alive():
+        return "still running"
+    return f"{out['steps']} steps" if "steps" in out else out.get("error", "?")
 
 
 def killed_mid_step(svc, examples, zero: dict) -> dict:
@@ -137,23 +150,21 @@ def killed_mid_step(svc, examples, zero: dict) -> dict:
     whose work is queued), then: the round reported, the model lock free, a rollback to v0
     exact and served, and a new trainer process training."""
     from idletune.training import adapters
-    from idletune.training.remote import TrainerProcessError
 
     eng = svc.engine
     out = {}
-
-    def round_():
-        try:
-            out["r"] = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 20.0)
-        except TrainerProcessError as e:
-            out["error"] = str(e)
-    th = threading.Thread(target=round_)
+    th = threading.Thread(target=_round, args=(eng, examples, 20.0, out))
     th.start()
     time.sleep(1.5)
+    t0 = time.perf_counter()
+    while not eng._holding.value and time.perf_counter() - t0 < 5:  # in a step: the lock held there
+        time.sleep(0.0005)
+    held = bool(eng._holding.value)
     os.kill(eng._proc.pid, signal.SIGKILL)
     t0 = time.perf_counter()
     th.join(60)
     reported_s = time.perf_counter() - t0
+    reported = _outcome(th, out)
     t0 = time.perf_counter()
     got = eng.lock.acquire(timeout=30)
     lock_s = time.perf_counter() - t0
@@ -165,7 +176,7 @@ def killed_mid_step(svc, examples, zero: dict) -> dict:
     live = adapters.clone_adapter(svc.model, adapters.LIVE)
     cand = adapters.clone_adapter(svc.model, adapters.TRAIN)
     steps = eng.train_round(examples, batch_size=8, deadline=time.monotonic() + 30).steps
-    return {"reported": out.get("error", "no error"), "reported_s": round(reported_s, 2),
+    return {"held_the_lock_when_killed": held, "reported": reported, "reported_s": round(reported_s, 2),
             "lock_free": got, "lock_s": round(lock_s, 3), "rollback_s": round(rollback_s, 2),
             "live_exactly_v0": all(torch.equal(live[k], zero[k]) for k in zero),
             "candidate_exactly_v0": all(torch.equal(cand[k], zero[k]) for k in zero),
@@ -294,8 +305,9 @@ def main():
     ap.add_argument("--skip-thread", action="store_true")
     ap.add_argument("--micro-batch-tokens", type=int, default=0, help="training.micro_batch_tokens (0: automatic — "
                     "unsplit up to b2b2ffd, as in run ER's 0; at most 2048 tokens in a trainer process since)")
-    ap.add_argument("--skip-failures", action="store_true", help="leave out checks 4 and 5 (a rollback during a "
-                    "round, the process killed): start, speed, memory and publish only")
+    ap.add_argument("--skip-failures", action="store_true", help="leave out checks 4 to 6 (a rollback during a "
+                    "round, the process killed between calls, the lock taken mid-round, the process killed mid-step): "
+                    "start, speed, memory and publish only")
     a = ap.parse_args()
     res = C.header() if torch.cuda.is_available() else {"device": "cpu", "command": "cpu check"}
     res.update(question='training.trainer = "process" on a GPU', shape=a.shape, micro_batch_tokens=a.micro_batch_tokens,

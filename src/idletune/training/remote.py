@@ -65,7 +65,7 @@ class RemoteEngine:
         tokenizer: the model's tokenizer (the trainer process loads its own from ``model_dir``).
         config: a validated TrainingConfig.
         model_dir: the model's folder (its config.json gives the trainer the model's structure).
-        lock: the model lock, a lock of both processes (:meth:`make_lock`).
+        lock: the model lock, a lock of both processes: a :class:`ModelLock` (:meth:`make_lock`).
         activity: the serving process's ActivityTracker.
         metrics_path: where the trainer appends each step's metrics.
         weights: the WeightUpdater's weight set (LoRA or full): what the trainer process binds.
@@ -231,7 +231,7 @@ class RemoteEngine:
             if self._cuda:
                 import torch
 
-                torch.cuda.current_stream().synchronize()  # what this process queued (a discard, a load) lands first
+                torch.cuda.current_stream().synchronize()  # what this thread queued outside the model lock, too
             state = {"lr_scale": self.lr_scale, "max_wait_s": self.max_wait_s, "resets": self._resets}
             try:
                 self._conn.send((name, args, kwargs, state))
@@ -361,16 +361,19 @@ class ModelLock:
     generation on the CPU path, a publish, a rollback exclude each other in both.
 
     On a GPU, what one process queued under the lock has run before the other works under it:
-    two processes' CUDA contexts do not order each other's streams, so a publish could otherwise
-    read the tail of a step, or a step write what a publish is still reading. Each process
-    synchronises its device before it lets go: this one here (:meth:`release`; it holds the lock
-    rarely: a publish, a discard, a rollback, a save, never a GPU decode step), the trainer
-    process in :class:`_HeldFlag`. Only :attr:`shared`, the lock itself, goes to the trainer
-    process."""
+    two processes' CUDA contexts do not order each other's streams, so a rollback's writes could
+    otherwise meet the tail of a step, or a step write what a snapshot's copy is still reading.
+    The trainer process synchronises its device before it lets go (:class:`_HeldFlag`); this
+    (serving) process its thread's current stream (:meth:`release`), into which every change
+    of the live weights on the serving stream is joined (``GpuServing.changing``). Not the whole
+    device here: a decoder may be capturing a CUDA graph in another thread meanwhile. This
+    process holds the lock rarely: a publish, a discard, a rollback, a save, a generation on the
+    Hugging Face path (never a fast-path decode step). Only :attr:`shared`, the lock itself,
+    goes to the trainer process."""
 
     def __init__(self) -> None:
         self.shared = multiprocessing.get_context("spawn").Lock()
-        self.device = None  # set on a GPU (RemoteEngine): synchronised before the lock is let go
+        self.device = None  # set on a GPU (RemoteEngine): its current stream synchronised before the lock is let go
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
         return self.shared.acquire(block, timeout)
@@ -380,7 +383,7 @@ class ModelLock:
             if self.device is not None:
                 import torch
 
-                torch.cuda.synchronize(self.device)
+                torch.cuda.current_stream(self.device).synchronize()
         finally:
             self.shared.release()  # even where the device failed: the lock is never left held
 
@@ -418,12 +421,14 @@ class _HeldFlag:
         return got
 
     def release(self) -> None:
-        if self._device is not None:
-            import torch
+        try:
+            if self._device is not None:
+                import torch
 
-            torch.cuda.synchronize(self._device)
-        self._flag.value = 0
-        self._lock.release()
+                torch.cuda.synchronize(self._device)
+        finally:
+            self._flag.value = 0
+            self._lock.release()
 
     def __enter__(self):
         self.acquire()

@@ -205,9 +205,9 @@ class FullWeights:
     def _written(self) -> None:
         """A write of the weights in training, other than a step (always under the model lock):
         counted. Where a trainer process shares them it catches up when it takes the lock next,
-        and on a GPU the write has landed by then (``remote.ModelLock`` synchronises the device
-        before the serving process lets go: that process's CUDA context does not wait for this
-        one's streams)."""
+        and on a GPU the write has landed by then (``remote.ModelLock`` synchronises the current
+        stream before the serving process lets go: that process's CUDA context does not wait for
+        this one's streams)."""
         self._writes.value += 1
 
     def written_elsewhere(self) -> None:
