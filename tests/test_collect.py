@@ -123,6 +123,22 @@ def test_a_correction_sent_again_trains_again(tmp_path):
     assert q.record_attempt([first])[first] == 1  # attempts counted afresh
 
 
+def test_a_trained_answer_corrected_or_rated_down_is_no_longer_replayed(tmp_path):
+    """A wrong answer that already trained is replayed in later rounds (trained examples keep
+    old lessons): corrected or rated down, it is withdrawn too, or it would fight the correction."""
+    q, c = make(tmp_path)
+    c.log_exchange([u("Who runs Quillby?")], "Quillby is a game.", generation_id="g1", version=0)
+    c.log_exchange([u("Tell me a joke")], "No.", generation_id="g2", version=0)
+    q.mark_trained([e.id for e in q.pending(100)])
+    c.add_correction([u("Who runs Quillby?"), a("Quillby is a game.")], "Quillby is run by Mayor Ottoline Brask.")
+    c.rate("g2", -1)
+    wrong = {e.messages[-1]["content"]: e for e in q.recent(100) if e.kind == "chat"}
+    assert wrong["Quillby is a game."].status == Status.REJECTED
+    assert wrong["Quillby is a game."].reason == "corrected by the user"
+    assert wrong["No."].status == Status.REJECTED and wrong["No."].reason == "rated down by the user"
+    assert not q.sample(Status.TRAINED, 100)  # nothing left to replay
+
+
 def test_a_correction_the_full_queue_refused_does_not_hold_answers_back(tmp_path):
     import pytest
 

@@ -89,6 +89,22 @@ def test_corrections_train_in_rounds_of_their_own(tmp_path):
     assert [e.id for e in bm.select_round(q)] == [stuck]
 
 
+def test_a_rounds_outcome_leaves_examples_withdrawn_meanwhile_withdrawn(tmp_path):
+    """A round takes pending examples; while it trains the user corrects one of its answers,
+    which withdraws it. Marking the round's examples trained (or refused) afterwards must not
+    bring it back: trained examples are replayed in later rounds."""
+    q = TrainingQueue(tmp_path / "queue.db")
+    ids = [q.add(pair(f"Q{i}?", f"A{i}.")) for i in range(3)]
+    q.mark_rejected([ids[1]], "corrected by the user")
+    assert q.withdrawn_among(ids) == [ids[1]]
+    q.mark_trained(ids)
+    q.mark_rejected(ids, "update rejected by the quality gate")  # (a later round's, say)
+    assert [q.get(i).status for i in ids] == [Status.TRAINED, Status.REJECTED, Status.TRAINED]
+    assert q.get(ids[1]).reason == "corrected by the user"
+    q.mark_rejected([ids[0]], "rated down by the user", only_from=(Status.PENDING, Status.TRAINED))
+    assert q.get(ids[0]).status == Status.REJECTED and q.get(ids[0]).reason == "rated down by the user"
+
+
 def test_add_many_is_all_or_nothing(tmp_path):
     q = TrainingQueue(tmp_path / "q.db", max_examples=2)
     q.add(pair("a", "b"))

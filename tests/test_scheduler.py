@@ -236,6 +236,34 @@ def test_a_rejected_round_is_retried_in_two_halves(svc):
     assert {svc.queue.get(i).status for i in ids} == {"trained"}
 
 
+def test_a_correction_sent_while_a_round_trains_its_answer_is_not_published(svc, monkeypatch):
+    """The round took the model's answer (pending); while it trained, the user corrected that
+    answer. Publishing the round would serve weights trained on the answer the user rejected,
+    and marking it trained would replay it in every later round. Nothing is published, the
+    answer stays withdrawn, and the next round trains the correction."""
+    svc.scheduler.pause()
+    q, wrong, right = "Who runs Quillby?", "Quillby is a game.", "Quillby is run by Mayor Ottoline Brask."
+    svc.collector.log_exchange([{"role": "user", "content": q}], wrong, generation_id="g1", version=0)
+    real, sent = svc.engine.train_round, []
+
+    def correction_arrives_meanwhile(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not sent:
+            sent.append(svc.collector.add_correction([{"role": "user", "content": q},
+                                                      {"role": "assistant", "content": wrong}], right))
+        return result
+    monkeypatch.setattr(svc.engine, "train_round", correction_arrives_meanwhile)
+    first = svc.scheduler.force_training(wait=True, timeout=60)
+    assert first["accepted"] is False and "withdrawn by the user" in first["reason"], first
+    assert svc.weights.version == 0 and svc.weights.rejections == 0
+    answer = next(e for e in svc.queue.recent(20) if e.kind == "chat" and e.messages[-1]["content"] == wrong)
+    assert answer.status == "rejected" and answer.reason == "corrected by the user"
+    second = svc.scheduler.force_training(wait=True, timeout=60)
+    assert second["accepted"] is True and svc.weights.version == 1
+    assert {e.messages[-1]["content"] for e in svc.queue.sample("trained", 20)} == {right}
+    assert svc.queue.get(answer.id).status == "rejected"
+
+
 def test_closing_in_the_middle_of_a_round_stops_it_unpublished(tmp_path, tiny_model_dir, caplog):
     """A stopping server (SIGTERM, Ctrl-C) does not wait for a training round in a thread to end,
     nor publish it: the round stops at its next layer, its examples stay pending."""

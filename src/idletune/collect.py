@@ -52,6 +52,8 @@ def conversation_id(messages: list[dict]) -> str:
 # Rewordings around the user's last question: the corrected answer should not depend on the
 # exact words the question came in (a cheap paraphrase augmentation; measured in BENCHMARKS.md).
 _AUGMENT = ("Please answer this: {q}", "{q} Answer in one sentence.")
+# what a correction or a thumbs-down withdraws: not yet trained, or trained (and replayed since)
+_WITHDRAWABLE = (Status.PENDING, Status.TRAINED)
 
 
 def correction_examples(context: list[dict], answer: str, conv: str, **metadata) -> list[TrainingExample]:
@@ -255,15 +257,16 @@ class DataCollector:
         return out
 
     def _withdraw(self, context: list[dict], answers: list[str]) -> None:
-        """The user corrected these answers: never train on them (they would fight the correction)."""
+        """The user corrected these answers: never train on them (they would fight the
+        correction) — pending ones, and trained ones, which would otherwise be replayed."""
         ids = []
         for answer in answers:
             if not answer.strip():
                 continue
             found = self.queue.find(TrainingExample.chat(context + [{"role": "assistant", "content": answer}]).content_hash)
-            if found is not None and found.status == Status.PENDING:
+            if found is not None and found.status in _WITHDRAWABLE:
                 ids.append(found.id)
-        self.queue.mark_rejected(ids, "corrected by the user")
+        self.queue.mark_rejected(ids, "corrected by the user", only_from=_WITHDRAWABLE)
 
     def _statements_in(self, messages: list[dict], conv: str) -> list[TrainingExample]:
         last = messages[-1]
@@ -330,8 +333,8 @@ class DataCollector:
         elif ex is not None:
             if rating > 0:
                 self.queue.add_many([TrainingExample.chat(ex.messages, source=Source.FEEDBACK, priority=Priority.HIGH)])
-            elif ex.status in (Status.PENDING,):
-                self.queue.mark_rejected([ex.id], "rated down by the user")
+            elif ex.status in _WITHDRAWABLE:  # trained already: no longer replayed either
+                self.queue.mark_rejected([ex.id], "rated down by the user", only_from=_WITHDRAWABLE)
         return {"generation_id": generation_id, "rating": rating, "example_id": ex.id if ex else None}
 
     def _pair_for(self, generation_id: str) -> TrainingExample | None:

@@ -147,16 +147,22 @@ class TrainingQueue:
             return False
         return int(content_hash[:8], 16) % 100 < self.heldout_percent
 
-    def set_status(self, ids: Iterable[int], status: str, reason: str | None = None) -> None:
+    def set_status(self, ids: Iterable[int], status: str, reason: str | None = None, *,
+                   only_from: Iterable[str] | None = None) -> None:
+        """``only_from``: change only the examples in one of these statuses (the others keep theirs)."""
         ids = list(ids)
         if not ids:
             return
         trained = 1 if status == Status.TRAINED else 0
+        where, extra = "id=?", ()
+        if only_from is not None:
+            only_from = tuple(only_from)
+            where, extra = f"id=? AND status IN ({','.join('?' * len(only_from))})", only_from
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(
-                "UPDATE examples SET status=?, reason=?, updated_at=?, times_trained=times_trained+? WHERE id=?",
-                [(status, reason, time.time(), trained, i) for i in ids])
+                f"UPDATE examples SET status=?, reason=?, updated_at=?, times_trained=times_trained+? WHERE {where}",
+                [(status, reason, time.time(), trained, i, *extra) for i in ids])
             self._db.execute("COMMIT")
 
     def record_attempt(self, ids: Iterable[int]) -> dict[int, int]:
@@ -182,10 +188,24 @@ class TrainingQueue:
             self._db.execute("COMMIT")
 
     def mark_trained(self, ids: Iterable[int]) -> None:
-        self.set_status(ids, Status.TRAINED)
+        """A round's examples, done: those still pending (one withdrawn meanwhile stays withdrawn)."""
+        self.set_status(ids, Status.TRAINED, only_from=(Status.PENDING,))
 
-    def mark_rejected(self, ids: Iterable[int], reason: str) -> None:
-        self.set_status(ids, Status.REJECTED, reason)
+    def mark_rejected(self, ids: Iterable[int], reason: str, *, only_from: Iterable[str] = (Status.PENDING,)) -> None:
+        """Never to train (again): by default only examples still pending (a round's, whose
+        examples may have been withdrawn meanwhile, keep the reason they were withdrawn for)."""
+        self.set_status(ids, Status.REJECTED, reason, only_from=only_from)
+
+    def withdrawn_among(self, ids: Iterable[int]) -> list[int]:
+        """Those of ``ids`` that are rejected: of a round's examples (all pending when it took
+        them), those the user withdrew while it trained (a correction, a thumbs-down)."""
+        ids = list(ids)
+        if not ids:
+            return []
+        with self._lock:
+            rows = self._db.execute(f"SELECT id FROM examples WHERE id IN ({','.join('?' * len(ids))}) AND status=?",
+                                    (*ids, Status.REJECTED)).fetchall()
+        return [r[0] for r in rows]
 
     # ---- reading -------------------------------------------------------------------------
     def _rows(self, sql: str, args: tuple = ()) -> list[TrainingExample]:

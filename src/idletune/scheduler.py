@@ -269,11 +269,22 @@ class TrainingScheduler:
                    "seconds": round(result.seconds, 2), "accepted": decision.accepted, "reason": decision.reason,
                    "time": time.time()}
         version = None
-        if decision.accepted:
+        # the user corrected or rated down an answer this round trained on, while it trained: its
+        # weights would fight the correction
+        withdrawn = self.queue.withdrawn_among(ids) if decision.accepted else []
+        if decision.accepted and not withdrawn:
             metrics = dict(self.engine.get_latest_metrics() or {}, examples=len(ids), learned=len(result.learned_ids))
             version = self.weights.publish(metrics, trained_since=trained_since)
-        rolled_back = decision.accepted and version is None
-        if rolled_back:
+        rolled_back = decision.accepted and not withdrawn and version is None
+        if withdrawn:
+            # nothing published; the rest stay pending and train again (no attempt counted),
+            # with the correction
+            self.weights.discard_candidate(rejected=False)
+            self.engine.reset_optimizer()
+            summary.update(accepted=False, reason=f"{len(withdrawn)} of its examples withdrawn by the user while it "
+                                                  "trained (corrected or rated down): nothing published; the rest "
+                                                  "train again")
+        elif rolled_back:
             # rolled back while this round trained or was judged: its weights are gone, and the
             # examples stay pending for a round on the weights rolled back to
             summary.update(accepted=False, reason="a rollback replaced the trained weights; nothing published")
@@ -302,7 +313,7 @@ class TrainingScheduler:
             if self.batches.round_decided(examples, accepted=False, again=[e for e in examples if e.id in again]):
                 summary["split"] = True
             self.rounds_rejected += 1
-        if not rolled_back:
+        if not rolled_back and not withdrawn:
             self._maybe_switch_mode(decision)
         summary["mode"] = self.weights.mode
         self.last_training_time = time.time()

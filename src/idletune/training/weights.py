@@ -224,11 +224,12 @@ class WeightUpdater:
             self.clear_old_snapshots()
         return version
 
-    def discard_candidate(self) -> None:
-        """Throw the trained weights away: training restarts from the live weights."""
+    def discard_candidate(self, rejected: bool = True) -> None:
+        """Throw the trained weights away: training restarts from the live weights.
+        ``rejected``: counted as the gate's rejection (``rejections``)."""
         with self.lock:
             self.ws.discard()
-        self.rejections += 1
+        self.rejections += int(rejected)
 
     # ---- mode switches (hybrid) ---------------------------------------------------------------
     def switch_to_full(self, reason: str) -> None:
