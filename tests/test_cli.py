@@ -121,6 +121,14 @@ def test_one_server_per_data_directory_and_it_says_serving_once_bound(start_serv
     with pytest.raises(RuntimeError, match="another idletune server is using"):
         second.start(timeout=120)
     assert f"(pid {first.proc.pid})" in second.log_path.read_text()
+    # the other commands find it on its port (no --url, no IDLETUNE_URL): through it, not beside it
+    r = idletune("status", "--data-dir", data, env={"IDLETUNE_URL": ""})
+    assert r.returncode == 0 and '"live_version": 0' in r.stdout and "not running" not in r.stdout, r.stdout[-800:]
+    # where it does not answer at the URL given, nothing trains or rolls back beside it
+    for command in (["train"], ["rollback", "0"], ["chat", "--local"]):
+        r = idletune(*command, "--data-dir", data, "--model", tiny_model_dir, "--url", "http://127.0.0.1:9", input="")
+        assert r.returncode == 2 and f"a server (pid {first.proc.pid}) is using" in r.stderr, (command, r.stderr[-800:])
+        assert first.url in r.stderr and "Traceback" not in r.stderr
     # a port already taken: refused, and no line claims it is serving there
     r = idletune("serve", "--data-dir", tmp_path / "other", "--model", tiny_model_dir, "--port", first.port,
                  "--set", "scheduler.enable_background_training=false", timeout=180)

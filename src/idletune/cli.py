@@ -62,7 +62,7 @@ def cmd_serve(args) -> int:
     if insecure:
         logging.getLogger("idletune").warning("WARNING: %s", insecure)
     print(f"[idletune] data directory: {args.data_dir}", file=sys.stderr, flush=True)
-    held = _hold_data_dir(Path(args.data_dir).expanduser())
+    held = _hold_data_dir(Path(args.data_dir).expanduser(), _local_url(config.server.host, config.server.port))
     print("[idletune] loading the model…", file=sys.stderr, flush=True)
     from .service import build_service
 
@@ -85,11 +85,12 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _hold_data_dir(data_dir: Path):
+def _hold_data_dir(data_dir: Path, url: str):
     """An exclusive lock on ``DATA_DIR/serve.lock`` for as long as this server runs: a second
     server on the same data directory trained the same queue and published versions over the
-    first one's, which went on serving its own. Refused with the holder's pid. (No lock where
-    the platform has no ``fcntl``.)"""
+    first one's, which went on serving its own. Refused with the holder's pid. The file holds
+    the pid and ``url``, where the other commands find this server (:func:`server_of`). (No
+    lock where the platform has no ``fcntl``.)"""
     try:
         import fcntl
     except ImportError:
@@ -100,7 +101,7 @@ def _hold_data_dir(data_dir: Path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        pid = f.read().strip()
+        pid = (f.read().split() or [""])[0]
         f.close()
         raise ValueError(f"another idletune server is using {data_dir}{f' (pid {pid})' if pid else ''}: "
                          "stop it first, or give this one another --data-dir") from None
@@ -111,9 +112,63 @@ def _hold_data_dir(data_dir: Path):
         return None
     f.seek(0)
     f.truncate()
-    f.write(f"{os.getpid()}\n")
+    f.write(f"{os.getpid()}\n{url}\n")
     f.flush()
     return f
+
+
+def _local_url(host: str, port: int) -> str:
+    """Where a command on this machine reaches a server bound to ``host``."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def server_of(data_dir: Path) -> tuple[int, str | None] | None:
+    """The server using ``data_dir`` (its pid and URL, from ``serve.lock``), or None where none
+    runs: the file's pid is no longer a running idletune process (a stopped server leaves it)."""
+    try:
+        lines = (Path(data_dir).expanduser() / "serve.lock").read_text(encoding="utf-8").split()
+        pid = int(lines[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # another user's process: alive
+    try:  # a pid reused by another program since (Linux)
+        if b"idletune" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return None
+    except OSError:
+        pass
+    return pid, (lines[1] if len(lines) > 1 else None)
+
+
+def _resolve_url(args) -> None:
+    """``--url``, else ``IDLETUNE_URL``, else the URL of the server using the data directory,
+    else the default (:data:`DEFAULT_URL`): the commands reach a server on any port by itself."""
+    if getattr(args, "url", "") is not None:
+        return
+    running = server_of(Path(args.data_dir))
+    args.url = (running[1] if running and running[1] else None) or DEFAULT_URL
+
+
+def _not_beside_a_server(args, what: str) -> None:
+    """Refuse to ``what`` in this process where a server uses the data directory but does not
+    answer at ``args.url``: this process would train, publish or roll back behind its back."""
+    running = server_of(Path(args.data_dir))
+    if running is not None:
+        pid, url = running
+        raise RuntimeError(
+            f"a server (pid {pid}) is using {args.data_dir}, but {args.url} does not answer"
+            + (f" (it serves {url}; it may still be starting)" if url and url != args.url else " (it may still be starting)")
+            + f": not {what} here beside it. Wait for it, give --url, or stop it first")
 
 
 def _serve(uvicorn, app, host: str, port: int, on_started=None) -> None:
@@ -184,6 +239,8 @@ def cmd_chat(args) -> int:
     if args.system:
         history.append({"role": "system", "content": args.system})
     remote = not args.local and _server_up(args.url)
+    if not remote:
+        _not_beside_a_server(args, "loading the model and training")
     if remote:
         from openai import OpenAI
 
@@ -284,7 +341,10 @@ def cmd_status(args) -> int:
         from .queue import TrainingQueue
 
         q = TrainingQueue(Path(args.data_dir) / "queue.db")
-        st = {"server": f"not running at {args.url}", "queue": q.get_stats()}
+        running = server_of(Path(args.data_dir))
+        st = {"server": (f"not answering at {args.url}, but a server (pid {running[0]}) is using this data "
+                         "directory: it may still be starting" if running else f"not running at {args.url}"),
+              "queue": q.get_stats()}
     print(json.dumps(st, indent=2, default=str))
     return 0
 
@@ -295,6 +355,7 @@ def cmd_train(args) -> int:
         res = _http("POST", f"{args.url}/api/training/force", params={"wait": "true"}, timeout=3600).json()
         print(json.dumps(res.get("result", res), indent=2, default=str))
         return 0
+    _not_beside_a_server(args, "training")
     svc = _service(args, start_scheduler=True)
     try:
         print(json.dumps(svc.scheduler.force_training(wait=True, timeout=3600), indent=2, default=str))
@@ -391,6 +452,7 @@ def cmd_rollback(args) -> int:
             return 1
         print(f"live weights are now v{body['live_version']}")
         return 0
+    _not_beside_a_server(args, "rolling back")
     svc = _service(args, start_scheduler=False)
     try:
         v = svc.weights.rollback(version, "requested on the command line")
@@ -409,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", default=None, help="a TOML config file (default: DATA_DIR/idletune.toml if present)")
     common.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config field, e.g. --set training.learning_rate=5e-4 (repeatable)")
-    common.add_argument("--url", default=os.environ.get("IDLETUNE_URL", DEFAULT_URL),
-                        help="a running idletune server (default: %(default)s)")
+    common.add_argument("--url", default=os.environ.get("IDLETUNE_URL") or None,
+                        help=f"a running idletune server (default: $IDLETUNE_URL, else the server using the "
+                             f"data directory, else {DEFAULT_URL})")
 
     p = argparse.ArgumentParser(prog="idletune", description="A local chat model that learns from you while idle.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -454,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _resolve_url(args)
     logging.basicConfig(level=logging.INFO, format="[idletune] %(message)s")
     for noisy in ("httpx", "httpx2", "httpcore", "openai", "transformers", "peft"):  # httpx2: what openai's client logs as
         logging.getLogger(noisy).setLevel(logging.WARNING)
