@@ -134,3 +134,26 @@ def test_one_server_per_data_directory_and_it_says_serving_once_bound(start_serv
                  "--set", "scheduler.enable_background_training=false", timeout=180)
     assert r.returncode != 0 and "address already in use" in r.stderr, r.stderr[-1500:]
     assert "[idletune] serving" not in r.stderr, r.stderr[-1500:]
+
+
+def test_a_response_cut_off_at_the_stop_is_one_line_in_the_log_not_a_traceback():
+    """uvicorn cancels what is still running at the end of the shutdown's grace period and logs
+    each as an error with the cancellation's traceback; a user sees one line instead. Other
+    errors keep their tracebacks, and so does a cancellation while the server is not stopping."""
+    import asyncio
+    import logging
+    import threading
+
+    from idletune.cli import _CutShort
+
+    def record(exc):
+        return logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "Exception in ASGI application\n",
+                                 (), (type(exc), exc, None))
+    stopping = threading.Event()
+    keep = _CutShort(stopping)
+    r = record(asyncio.CancelledError("Task cancelled, timeout graceful shutdown exceeded"))
+    assert keep.filter(r) and r.exc_info is not None  # not stopping: as it was
+    stopping.set()
+    assert keep.filter(r) and r.exc_info is None and "cut short: the server is stopping" in r.getMessage()
+    other = record(ValueError("boom"))
+    assert keep.filter(other) and other.exc_info is not None

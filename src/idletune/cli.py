@@ -176,10 +176,20 @@ def _serve(uvicorn, app, host: str, port: int, on_started=None) -> None:
     uvicorn itself raises the signal again once it has shut down, which ends the process before
     the service closes (a trainer process left to notice on its own, make's "Terminated"). The
     shutdown waits at most ``SHUTDOWN_GRACE_S`` for open responses: the web page's status
-    stream (``/api/events``) never ends on its own, and kept the server up while a page was open."""
+    stream (``/api/events``) never ends on its own, and kept the server up while a page was open;
+    it now ends when the shutdown begins (``app.state.stopping``). A response still in progress
+    at the end of the grace period is cut off with one line in the log, not a traceback."""
     import contextlib
 
+    stopping = getattr(app.state, "stopping", None)
+    logging.getLogger("uvicorn.error").addFilter(_CutShort(stopping))
+
     class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if stopping is not None:
+                stopping.set()
+            super().handle_exit(sig, frame)
+
         @contextlib.contextmanager
         def capture_signals(self):
             with super().capture_signals():
@@ -196,6 +206,25 @@ def _serve(uvicorn, app, host: str, port: int, on_started=None) -> None:
 
 
 SHUTDOWN_GRACE_S = 3  # seconds a stopping server lets responses in progress finish
+
+
+class _CutShort(logging.Filter):
+    """uvicorn logs a response it cancels at the end of the shutdown's grace period as an error
+    with the cancellation's traceback: one line says what happened instead."""
+
+    def __init__(self, stopping) -> None:
+        super().__init__()
+        self.stopping = stopping
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import asyncio
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, asyncio.CancelledError) and (self.stopping is None or self.stopping.is_set()):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                f"a response still in progress after {SHUTDOWN_GRACE_S} s was cut short: the server is stopping",
+                (), None, None)
+        return True
 
 
 def _auth_headers() -> dict:

@@ -1,6 +1,7 @@
 """The app factory: one FastAPI app around one Service."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -19,6 +20,9 @@ def create_app(svc) -> FastAPI:
     app = FastAPI(title="idletune", version="0.1.0",
                   description="A local chat model that learns from its conversations while idle.")
     app.state.svc = svc
+    # set when the server begins to stop (``cli._serve``): open status streams end then, rather
+    # than being cut off at the end of the shutdown's grace period
+    app.state.stopping = threading.Event()
     errors.install(app)
     limits.install(app, svc.config.server)  # body size (declared or chunked), queue full → 507
     app.add_middleware(MarkChatInFlight, activity=svc.activity)  # training yields once a chat's body is in

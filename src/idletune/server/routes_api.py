@@ -44,11 +44,16 @@ def make_api_router(svc) -> APIRouter:
         """Server-sent events: the status every ``interval`` seconds (0.2–10), for live pages."""
         interval = min(10.0, max(0.2, interval))
 
-        async def stream():
-            while not await request.is_disconnected():
+        stopping = request.app.state.stopping
+
+        async def stream():  # ends when the page goes away, or when the server begins to stop
+            while not stopping.is_set() and not await request.is_disconnected():
                 data = await run_in_threadpool(status_of, svc)
                 yield f"event: status\ndata: {json.dumps(data, default=str)}\n\n"
-                await asyncio.sleep(interval)
+                waited = 0.0
+                while waited < interval and not stopping.is_set():
+                    await asyncio.sleep(0.1)
+                    waited += 0.1
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
