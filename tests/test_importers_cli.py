@@ -22,8 +22,8 @@ def test_summary_lines_progress_and_exit_codes(tmp_path):
     bad = tmp_path / "bad.pdf"
     bad.write_bytes(b"nope")
     out = Terminal()
-    code = run_import([str(notes), str(chats), str(bad), str(tmp_path / "missing.txt"), "http://10.0.0.1/"],
-                      queue, out=out)
+    code = run_import([str(notes), str(chats), str(bad), str(tmp_path / "missing.txt"), "http://10.0.0.1/",
+                       "ftp://example.org/x.txt"], queue, out=out)
     assert code == 1
     lines = [ln.strip("\r ") for ln in out.getvalue().split("\n") if ln.strip()]
     summaries = [ln.split("\r")[-1].strip() for ln in lines]
@@ -32,7 +32,9 @@ def test_summary_lines_progress_and_exit_codes(tmp_path):
     assert summaries[2].startswith(f"failed   {bad}: ") and "named .pdf" in summaries[2]
     assert summaries[3].startswith("failed") and "no such file" in summaries[3]
     assert summaries[4].startswith("failed") and "allow_hosts" in summaries[4]
-    assert len(summaries) == 5
+    # another scheme is a URL too, not a file name (whose path it would mangle)
+    assert summaries[5].startswith("failed   ftp://example.org/x.txt: only http:// and https:// URLs"), summaries[5]
+    assert len(summaries) == 6
     assert "] " in out.getvalue() and "#" in out.getvalue()  # a progress bar was drawn on the terminal
     plain = io.StringIO()
     assert run_import([str(notes)], queue, out=plain) == 0

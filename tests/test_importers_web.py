@@ -197,7 +197,9 @@ def test_unreachable_host(queue):
     s.close()  # nothing listens there now
     with pytest.raises(ImportFailed) as e:
         importer(queue).import_website(f"http://127.0.0.1:{port}/")
-    assert e.value.code in ("robots_unavailable", "unreachable") and "127.0.0.1" in str(e.value)
+    # the site cannot be reached (its robots.txt, fetched first, is not to blame)
+    assert e.value.code == "unreachable" and "127.0.0.1" in str(e.value) and "cannot be reached" in str(e.value)
+    assert "robots.txt of" not in str(e.value) and "rules are unknown" not in str(e.value)
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1/", "http://localhost:8000/x", "http://[::1]/", "http://10.1.2.3/",

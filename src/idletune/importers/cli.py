@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from typing import TextIO
 
@@ -55,7 +56,7 @@ def run_import(sources: list[str], queue, *, depth: int = 0, max_pages: int = 20
     for source in sources:
         bar = _Bar(out, source)
         try:
-            if source.startswith(("http://", "https://")):
+            if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", source):  # a URL (other than http(s): refused, saying so)
                 result = importers.web.import_website(source, depth=depth, max_pages=max_pages, progress=bar)
             elif source == "-":
                 result = importers.text.import_text(sys.stdin.read(), name="stdin", progress=bar)

@@ -283,6 +283,9 @@ class WebsiteImporter:
                 if e.code == "blocked_address":
                     raise
                 cache[origin] = RobotsTxt(disallow_all=True)
+                if e.code in ("unreachable", "timeout"):  # the site itself, not its rules
+                    what = "did not answer in time" if e.code == "timeout" else "cannot be reached"
+                    raise ImportFailed(f"{origin} {what} ({e.message})", code=e.code, source=url) from None
                 raise ImportFailed(f"robots.txt of {origin} could not be read ({e.message}); not fetching pages "
                                    "of a site whose rules are unknown", code="robots_unavailable", source=url) from None
             if resp.status >= 500:
