@@ -27,11 +27,12 @@ def test_chat_locally_with_correction_and_training(tmp_path, tiny_model_dir):
 
 def test_chat_through_a_running_server(start_server, tiny_model_dir):
     server = start_server(model=tiny_model_dir, extra=["--set", "scheduler.enable_background_training=false"])
-    r = idletune("chat", "--url", server.url, "--max-tokens", "4", input="/help\nHello there\n/quit\n")
+    r = idletune("chat", "--url", server.url, "--max-tokens", "4", input="/help\n/bogus\nHello there\n/quit\n")
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"connected to {server.url}" in r.stdout and "[idletune-v0]" in r.stdout
     assert "HTTP Request" not in r.stdout + r.stderr  # the HTTP client's log lines stay out of the chat
     assert "/correct TEXT    the right answer" in r.stdout and r.stdout.count("bot>") == 1  # /help: not a message
+    assert "unknown command /bogus" in r.stdout  # nor a mistyped command
 
 
 def test_status_import_snapshots_export(tmp_path, tiny_model_dir):
@@ -132,8 +133,8 @@ def test_one_server_per_data_directory_and_it_says_serving_once_bound(start_serv
     # a port already taken: refused, and no line claims it is serving there
     r = idletune("serve", "--data-dir", tmp_path / "other", "--model", tiny_model_dir, "--port", first.port,
                  "--set", "scheduler.enable_background_training=false", timeout=180)
-    assert r.returncode != 0 and "address already in use" in r.stderr, r.stderr[-1500:]
-    assert "[idletune] serving" not in r.stderr, r.stderr[-1500:]
+    assert r.returncode == 2 and "address already in use" in r.stderr, r.stderr[-1500:]
+    assert "[idletune] serving" not in r.stderr and "loading the model" not in r.stderr, r.stderr[-1500:]  # at once
 
 
 def test_a_response_cut_off_at_the_stop_is_one_line_in_the_log_not_a_traceback():

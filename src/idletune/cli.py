@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def cmd_serve(args) -> int:
     insecure = check_bind(config.server)  # refuses a public address without a key, before loading anything
     if insecure:
         logging.getLogger("idletune").warning("WARNING: %s", insecure)
+    _check_port(config.server.host, config.server.port)  # before a minute of loading, not after
     print(f"[idletune] data directory: {args.data_dir}", file=sys.stderr, flush=True)
     held = _hold_data_dir(Path(args.data_dir).expanduser(), _local_url(config.server.host, config.server.port))
     print("[idletune] loading the model…", file=sys.stderr, flush=True)
@@ -115,6 +117,24 @@ def _hold_data_dir(data_dir: Path, url: str):
     f.write(f"{os.getpid()}\n{url}\n")
     f.flush()
     return f
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port another program holds, before the model loads (uvicorn would say so only
+    once it has). The server binds it again moments later."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {host!r}: cannot be resolved ({e})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(addr)
+        except OSError as e:
+            raise ValueError(f"cannot serve on {host}:{port}: {e.strerror.lower() if e.strerror else e} "
+                             "(another server there? choose another with --port, or PORT=… for make serve)") from None
 
 
 def _local_url(host: str, port: int) -> str:
@@ -259,7 +279,8 @@ CHAT_HELP = """commands:
   /correct TEXT    the right answer to the model's last one: queued to train first
   /train           train now on what is pending, and wait for the round
   /status          the live version, the queue and the latest training step
-  /quit            leave (also /exit, Ctrl-D)"""
+  /quit            leave (also /exit, Ctrl-D)
+  //TEXT           a message that starts with a slash"""
 
 
 def cmd_chat(args) -> int:
@@ -342,6 +363,11 @@ def cmd_chat(args) -> int:
             st = _http("GET", f"{args.url}/api/status").json() if remote else _local_status(svc)
             print(json.dumps({k: st[k] for k in ("live_version", "queue", "training")}, indent=1, default=str))
             continue
+        if re.fullmatch(r"/[A-Za-z]+", line.split(maxsplit=1)[0]):  # a mistyped command is not a message to learn from
+            print(f"unknown command {line.split(maxsplit=1)[0]}; /help lists them (start a message with // to send a slash)")
+            continue
+        if line.startswith("//"):
+            line = line[1:]
         history.append({"role": "user", "content": line})
         print("bot> ", end="", flush=True)
         try:
@@ -477,8 +503,7 @@ def cmd_rollback(args) -> int:
         r = _http("POST", f"{args.url}/api/snapshots/rollback", json={"version": version})
         body = r.json()
         if r.status_code != 200:
-            print(f"error: {body['error']['message']}", file=sys.stderr)
-            return 1
+            raise ValueError(body["error"]["message"])
         print(f"live weights are now v{body['live_version']}")
         return 0
     _not_beside_a_server(args, "rolling back")
