@@ -263,6 +263,9 @@ def test_train_now_updates_step_chart_and_rollback(open_page, server):
     page.click("#train-now")
     expect(page.locator("#train-msg")).to_contain_text("Training round started")
     expect(page.locator("#live-version")).to_have_text(f"v{version_before + 1}", timeout=60_000)
+    # the message says how the round it started ended
+    expect(page.locator("#train-msg")).to_have_text(
+        re.compile(rf"Round done: now serving v{version_before + 1} \(\d+ of \d+ examples? learned\)\."))
     after = status(server)
     assert after["training"]["step"] > (before["training"] or {}).get("step", 0)
     expect(page.locator('#train-stats [data-k="step"]')).to_have_text(str(after["training"]["step"]))

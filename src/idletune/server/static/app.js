@@ -342,6 +342,11 @@ function renderStatus(s) {
   stat("rounds", `${sched.training_count} (${sched.rounds_rejected} rejected)`);
 
   const r = sched.last_round;
+  if (roundWatch && r && r.time !== roundWatch.before) {  // the round "Train now" started is decided
+    roundWatch = null;
+    trainMessage(r.accepted ? `Round done: now serving v${r.version} (${r.learned} of ${fmt.n(r.examples, "example")} learned).`
+      : `Round done, nothing published: ${r.reason}.`, !r.accepted);
+  }
   setText("#last-round", r
     ? `${r.accepted ? "accepted" : "rejected"} · ${fmt.n(r.examples, "example")}, ${fmt.n(r.steps, "step")} in ${r.seconds} s` +
       (r.version !== undefined && r.version !== null ? ` → v${r.version}` : "") + ` · ${fmt.ago(sched.time_since_last_training)}`
@@ -442,6 +447,8 @@ async function connectEvents() {
 }
 
 // ---- Training controls and snapshots ---------------------------------------------------------
+
+let roundWatch = null;  // {before: the last round's time when "Train now" was clicked}
 
 function trainMessage(text, isError = false) {
   const msg = $("#train-msg");
@@ -600,9 +607,14 @@ document.addEventListener("DOMContentLoaded", () => {
       return out.scheduler.paused ? "Background training paused." : "Background training resumed.";
     });
   });
-  $("#train-now").addEventListener("click", (ev) => control(ev.target, "/api/training/force", (out) =>
-    out.result.pending ? `Training round started on ${fmt.n(out.result.pending, "pending example")}.`
-      : "Nothing is pending: teach it something (correct an answer, import) first."));
+  $("#train-now").addEventListener("click", (ev) => {
+    const before = lastStatus && lastStatus.scheduler.last_round ? lastStatus.scheduler.last_round.time : null;
+    control(ev.target, "/api/training/force", (out) => {
+      if (!out.result.pending) return "Nothing is pending: teach it something (correct an answer, import) first.";
+      roundWatch = { before };  // the outcome replaces this message when the round is decided
+      return `Training round started on ${fmt.n(out.result.pending, "pending example")}.`;
+    });
+  });
   $("#rollback-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const version = Number($("#snapshots").value);
