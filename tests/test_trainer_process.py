@@ -131,18 +131,20 @@ def test_the_model_lock_held_by_a_lost_trainer_process_is_released(svc):
     eng.lock.release()
 
 
-def test_the_model_lock_is_let_go_even_where_the_device_sync_fails():
-    """On a GPU the serving process synchronises its device before it lets go of the model lock
+def test_the_model_lock_is_let_go_even_where_the_device_sync_fails(monkeypatch):
+    """On a GPU the serving process synchronises its stream before it lets go of the model lock
     (the trainer process's CUDA context does not wait for its streams); a failing sync must not
     leave the lock held, or training, publishes and rollbacks would all wait forever."""
     lock = RemoteEngine.make_lock()
     with lock:
         pass  # no device: a plain lock of both processes
     assert lock.acquire(timeout=1)
-    lock.device = torch.device("cuda", 0)  # no CUDA here: its synchronize fails
-    if torch.cuda.is_available():
-        pytest.skip("needs a torch without CUDA to make the sync fail")
-    with pytest.raises(Exception):
+
+    def lost(device=None):
+        raise RuntimeError("CUDA error: the device was lost")
+    monkeypatch.setattr(torch.cuda, "current_stream", lost)  # as a failing device would, here or on a GPU
+    lock.device = torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match="device was lost"):
         lock.release()
     lock.device = None
     assert lock.acquire(timeout=1), "the lock stayed held after the failed sync"

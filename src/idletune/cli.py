@@ -103,7 +103,7 @@ def _hold_data_dir(data_dir: Path, url: str):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        pid = (f.read().split() or [""])[0]
+        pid, _ = _holder(f.read())
         f.close()
         raise ValueError(f"another idletune server is using {data_dir}{f' (pid {pid})' if pid else ''}: "
                          "stop it first, or give this one another --data-dir") from None
@@ -146,15 +146,21 @@ def _local_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _holder(text: str) -> tuple[int | None, str | None]:
+    """``serve.lock``'s contents (:func:`_hold_data_dir`): the server's pid and URL, where given."""
+    fields = text.split()
+    pid = int(fields[0]) if fields and fields[0].isdigit() else None
+    return pid, (fields[1] if len(fields) > 1 else None)
+
+
 def server_of(data_dir: Path) -> tuple[int, str | None] | None:
     """The server using ``data_dir`` (its pid and URL, from ``serve.lock``), or None where none
     runs: the file's pid is no longer a running idletune process (a stopped server leaves it)."""
     try:
-        lines = (Path(data_dir).expanduser() / "serve.lock").read_text(encoding="utf-8").split()
-        pid = int(lines[0])
-    except (OSError, ValueError, IndexError):
+        pid, url = _holder((Path(data_dir).expanduser() / "serve.lock").read_text(encoding="utf-8"))
+    except OSError:
         return None
-    if pid == os.getpid():
+    if pid is None or pid == os.getpid():
         return None
     try:
         os.kill(pid, 0)
@@ -167,7 +173,7 @@ def server_of(data_dir: Path) -> tuple[int, str | None] | None:
             return None
     except OSError:
         pass
-    return pid, (lines[1] if len(lines) > 1 else None)
+    return pid, url
 
 
 def _resolve_url(args) -> None:
@@ -185,10 +191,10 @@ def _not_beside_a_server(args, what: str) -> None:
     running = server_of(Path(args.data_dir))
     if running is not None:
         pid, url = running
-        raise RuntimeError(
-            f"a server (pid {pid}) is using {args.data_dir}, but {args.url} does not answer"
-            + (f" (it serves {url}; it may still be starting)" if url and url != args.url else " (it may still be starting)")
-            + f": not {what} here beside it. Wait for it, give --url, or stop it first")
+        where = f"it serves {url}; " if url and url != args.url else ""
+        raise RuntimeError(f"a server (pid {pid}) is using {args.data_dir}, but {args.url} does not answer "
+                           f"({where}it may still be starting): not {what} here beside it. Wait for it, give "
+                           "--url, or stop it first")
 
 
 def _serve(uvicorn, app, host: str, port: int, on_started=None) -> None:
@@ -363,8 +369,9 @@ def cmd_chat(args) -> int:
             st = _http("GET", f"{args.url}/api/status").json() if remote else _local_status(svc)
             print(json.dumps({k: st[k] for k in ("live_version", "queue", "training")}, indent=1, default=str))
             continue
-        if re.fullmatch(r"/[A-Za-z]+", line.split(maxsplit=1)[0]):  # a mistyped command is not a message to learn from
-            print(f"unknown command {line.split(maxsplit=1)[0]}; /help lists them (start a message with // to send a slash)")
+        word = line.split(maxsplit=1)[0]
+        if re.fullmatch(r"/[A-Za-z]+", word):  # a mistyped command is not a message to learn from
+            print(f"unknown command {word}; /help lists them (start a message with // to send a slash)")
             continue
         if line.startswith("//"):
             line = line[1:]
