@@ -73,7 +73,7 @@ def train_until_done(svc, limit_rounds: int = 20) -> int:
 
 
 def retention_rise(svc) -> float:
-    probes = svc.probes()[1::2]  # the half that is only measured, never replayed
+    probes = svc.probes().gate  # only measured, never replayed
     base = svc.weights._base_retention(svc.engine, probes)
     now = svc.engine.evaluate(probes, "live")
     return now / base - 1

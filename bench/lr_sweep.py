@@ -39,11 +39,11 @@ def run(lr: float, replay: int, steps: int, model: str | None) -> str:
         for i, e in enumerate(exs):
             e.id = i + 1
         probes = svc.probes()
-        base = svc.engine.evaluate(probes[1::2], "live")
+        base = svc.engine.evaluate(probes.gate, "live")
         t0 = time.perf_counter()
-        r = svc.engine.train_round(exs, svc.batches.replay(svc.queue, probes[0::2]))
+        r = svc.engine.train_round(exs, svc.batches.replay(svc.queue, probes.rehearsal))
         dt = time.perf_counter() - t0
-        after = svc.engine.evaluate(probes[1::2], "candidate")
+        after = svc.engine.evaluate(probes.gate, "candidate")
         svc.weights.publish()
         hits = n = 0
         for q, _, key, paraphrases in FACTS:

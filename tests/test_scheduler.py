@@ -279,3 +279,22 @@ def test_closing_in_the_middle_of_a_round_stops_it_unpublished(tmp_path, tiny_mo
     assert s.scheduler._thread is not None and not s.scheduler._thread.is_alive()
     assert s.weights.version == 0 and s.scheduler.last_round is None
     assert "training round cut short: the service is stopping" in caplog.text
+
+
+def test_a_forced_round_waited_for_without_a_running_scheduler_says_so(tmp_path, tiny_model_dir):
+    """Waiting for a forced round that no scheduler thread would run blocked silently until the
+    timeout (ten minutes by default): a library user who built the service with
+    ``start_scheduler=False`` saw a hang."""
+    cfg = Config.load(None, {"gate.num_retention_probes": 4})
+    s = build_service(tmp_path / "data", model=tiny_model_dir, config=cfg, start_scheduler=False)
+    try:
+        s.collector.add_correction([{"role": "user", "content": "Who runs Quillby?"}], "Mayor Brask.")
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="scheduler is not running"):
+            s.scheduler.force_training(wait=True, timeout=60)
+        assert time.monotonic() - t0 < 5
+        assert s.scheduler.force_training(wait=False)["started"]  # asked for: the next start runs it
+        s.scheduler.start()
+        assert wait_for(lambda: s.weights.version >= 1 or s.scheduler.rounds_rejected, 120)
+    finally:
+        s.close()

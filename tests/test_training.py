@@ -1009,3 +1009,120 @@ def test_retention_probes_never_set_the_shared_tokenizer_padding(tiny_model_dir)
     probes = record_probes(model, tok, 4, max_new_tokens=4)
     assert calls and not any(kw.get("padding") for kw in calls)
     assert len(probes) == 4 and tok.padding_side == "right"
+
+
+def test_probes_cut_off_by_the_token_limit_train_and_measure_without_an_end_of_turn(tmp_path, tiny_model_dir):
+    """A probe answer cut off at ``max_new_tokens`` ended with an end-of-turn token where the base
+    model wanted to go on: about 10 nats on that one token, a third of the probes' loss, and
+    replaying it taught the model to stop in the middle of its answers. Probes recorded that way
+    (no ``format``) are recorded again; the gate's and the rehearsal's are disjoint."""
+    import json
+
+    from idletune.models import load_model
+    from idletune.training import probes as probes_mod
+    from idletune.training.data import encode
+
+    model, tok = load_model(tiny_model_dir)
+    path = tmp_path / "probes.json"
+    old = {"model": "m", "probes": [{"prompt": p, "answer": "Cut off in the mid"} for p in probes_mod.PROMPTS[:6]]}
+    path.write_text(json.dumps(old))
+    ps = probes_mod.load_or_record(path, model, tok, 6, "m", rehearsal=3)
+    data = json.loads(path.read_text())
+    assert data["format"] == probes_mod.FORMAT and all("complete" in p for p in data["probes"])
+    assert len(ps.gate) == 3 and len(ps.rehearsal) == 3 + 3
+    assert not {e.messages[0]["content"] for e in ps.gate} & {e.messages[0]["content"] for e in ps.rehearsal}
+    assert {e.messages[0]["content"] for e in ps.rehearsal} >= set(probes_mod.REHEARSAL_PROMPTS[:3])
+    # a random 2-layer model seldom stops within 48 tokens: its answers are cut off
+    cut = [e for e in ps.gate + ps.rehearsal if e.metadata.get("open_end")]
+    assert cut
+    for e in ps.gate + ps.rehearsal:
+        labels = encode(e, tok, 512).labels
+        assert (labels[-1] == tok.eos_token_id) == (not e.metadata.get("open_end"))
+    # what a complete answer is, read from what was generated
+    data["probes"][0].update(answer="Paris.", complete=True)
+    data["probes"][1].update(complete=False)
+    path.write_text(json.dumps(data))
+    again = probes_mod.load_or_record(path, model, tok, 6, "m", rehearsal=3)
+    assert not again.rehearsal[0].metadata.get("open_end") and again.gate[0].metadata.get("open_end")
+    assert encode(again.rehearsal[0], tok, 512).labels[-1] == tok.eos_token_id
+
+
+def test_cut_off_probe_answers_are_told_from_complete_ones(default_model_dir):
+    """On the real default model: an answer that ended is complete, one the token limit cut is not."""
+    from idletune.models import load_model
+    from idletune.training.probes import record_probes
+
+    model, tok = load_model(default_model_dir)
+    probes = record_probes(model, tok, 8, max_new_tokens=12)
+    assert {p["complete"] for p in probes} == {True, False}, probes
+    for p in probes:
+        ids = tok(p["answer"], add_special_tokens=False)["input_ids"]
+        assert p["complete"] or len(ids) >= 11, p  # cut only where the limit was reached
+
+
+def test_the_base_models_retention_loss_is_measured_again_for_new_probes(tmp_path, tiny_model_dir):
+    """BASELINE.json keeps the base model's retention loss with the probes it was measured on;
+    probes recorded again (another format, count or model) are measured again, not compared
+    with a figure measured on other text."""
+    import json
+
+    from idletune.training import probes as probes_mod
+
+    cfg = Config.load(None, {"gate.num_retention_probes": 4, "training.rehearsal_probes": 2})
+    s = build_service(tmp_path / "d", model=tiny_model_dir, config=cfg, start_scheduler=False)
+    gate = s.probes().gate
+    f = tmp_path / "d" / "snapshots" / "BASELINE.json"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps({"retention_loss": 123.0}))  # measured on probes of another time
+    measured = s.weights._base_retention(s.engine, gate)
+    assert measured != 123.0 and abs(measured - s.engine.evaluate(gate, LIVE)) < 1e-4
+    kept = json.loads(f.read_text())
+    assert kept == {"retention_loss": measured, "probes": probes_mod.fingerprint(gate)}
+    f.write_text(json.dumps(dict(kept, retention_loss=1.5)))
+    s.weights._baselines.clear()
+    assert s.weights._base_retention(s.engine, gate) == 1.5  # the same probes: read, not measured
+    s.close()
+
+
+def test_each_round_rehearses_every_rehearsal_probe_and_trained_examples(tmp_path):
+    from idletune.config import TrainingConfig
+    from idletune.examples import Status
+    from idletune.queue import TrainingQueue
+    from idletune.training.batching import BatchManager
+
+    q = TrainingQueue(tmp_path / "q.db")
+    ids = [q.add(TrainingExample.chat([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]))
+           for i in range(12)]
+    q.mark_trained(ids)
+    probes = [TrainingExample.chat([{"role": "user", "content": f"p{i}"}, {"role": "assistant", "content": "x"}],
+                                   source="probe") for i in range(30)]
+    pool = BatchManager(TrainingConfig(replay_examples=2)).replay(q, probes)
+    assert [e for e in pool if e.source == "probe"] == probes
+    trained = [e for e in pool if e.source != "probe"]
+    assert len(trained) == 8 and all(e.status == Status.TRAINED for e in trained)
+    assert BatchManager(TrainingConfig(replay_examples=0)).replay(q, probes) == []
+    q.close()
+
+
+def test_a_batch_replays_an_earlier_lesson_and_a_probe_in_turn():
+    """Drawn evenly from forty probes and eight lessons, an import's round rehearsed a lesson in
+    one step of eight and forgot the lessons taught just before it: half the replayed places
+    (rounded up) go to earlier lessons while there are any."""
+    from idletune.config import TrainingConfig
+    from idletune.training.batching import BatchManager
+    from idletune.training.data import Encoded
+
+    def item(key):
+        return Encoded(key, [1, 2, 3], [-100, 2, 3])
+
+    todo = [item(100 + i) for i in range(6)]
+    lessons, probes = [item(i) for i in range(8)], [item(None) for _ in range(40)]
+    bm = BatchManager(TrainingConfig(replay_examples=2))
+    for step in range(20):
+        batch = bm.compose(todo, lessons + probes, 4, step)
+        assert [b.key >= 100 for b in batch[:2]] == [True, True]
+        assert sum(b in lessons for b in batch[2:]) == 1 and sum(b in probes for b in batch[2:]) == 1
+    only_probes = bm.compose(todo, probes, 4)
+    assert len(only_probes) == 4 and all(b in probes for b in only_probes[2:])
+    three = BatchManager(TrainingConfig(replay_examples=3)).compose(todo, lessons + probes, 6)
+    assert sum(b in lessons for b in three[3:]) == 2 and sum(b in probes for b in three[3:]) == 1

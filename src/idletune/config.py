@@ -89,8 +89,12 @@ class TrainingConfig:
     target_loss_text: float = 0.5
     """The same for text chunks: their opening words cannot be predicted from nothing, so
     memorising them verbatim is neither possible in a few steps nor the point."""
-    replay_examples: int = 1
-    """Already-trained examples or retention probes mixed into each batch so old lessons are kept."""
+    replay_examples: int = 2
+    """Replayed examples in each batch (in its ``batch_size``): already-trained ones, so old lessons
+    are kept, and the base model's own answers to generic prompts, so general behaviour is."""
+    rehearsal_probes: int = 40
+    """Generic prompts (besides the gate's) whose base-model answers are only replayed: the more
+    varied, the less a lesson moves the rest (0–40; docs/BENCHMARKS.md, "How many lessons")."""
     full_learning_rate_factor: float = 0.1
     """Full fine-tuning (and hybrid after the switch) uses learning_rate times this."""
     plateau_window: int = 20
@@ -132,6 +136,8 @@ class TrainingConfig:
         _check(_num(self.target_loss) and self.target_loss >= 0, "training.target_loss", "must be ≥ 0")
         _check(_num(self.target_loss_text) and self.target_loss_text >= 0, "training.target_loss_text", "must be ≥ 0")
         _check(_int(self.replay_examples) and 0 <= self.replay_examples <= 16, "training.replay_examples", "must be in 0–16")
+        _check(_int(self.rehearsal_probes) and 0 <= self.rehearsal_probes <= 40, "training.rehearsal_probes",
+               f"must be an integer in 0–40, got {self.rehearsal_probes!r}")
         _check(_num(self.full_learning_rate_factor) and 0 < self.full_learning_rate_factor <= 1, "training.full_learning_rate_factor", "must be in (0, 1]")
         _check(_int(self.plateau_window) and self.plateau_window >= 2, "training.plateau_window", "must be ≥ 2")
         _check(self.compile in ("auto", "graphs", "on", "off"), "training.compile",

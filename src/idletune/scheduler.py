@@ -21,6 +21,7 @@ from .config import SchedulerConfig
 from .durable import remove_durably, write_atomic
 from .examples import Status
 from .training.engine import Preempted
+from .training.probes import ProbeSet
 from .training.screen import screen
 
 log = logging.getLogger("idletune.scheduler")
@@ -28,7 +29,7 @@ log = logging.getLogger("idletune.scheduler")
 
 class TrainingScheduler:
     def __init__(self, queue, engine, weights, batches, *, activity: ActivityTracker,
-                 config: SchedulerConfig | None = None, probes: Callable[[], list] = list,
+                 config: SchedulerConfig | None = None, probes: Callable[[], ProbeSet] = ProbeSet,
                  heldout_examples: int = 32, max_attempts: int = 3, training_mode: str = "lora",
                  paused_file: str | Path | None = None):
         self.queue, self.engine, self.weights, self.batches = queue, engine, weights, batches
@@ -115,6 +116,9 @@ class TrainingScheduler:
         self._wake.set()
         if not wait:
             return {"started": True, "pending": self.queue.pending_count()}
+        if not (self._thread and self._thread.is_alive()):  # nothing would run it: no silent wait
+            raise RuntimeError("the training scheduler is not running (start() it, or build the service "
+                               "with start_scheduler=True) — nothing would train this round")
         deadline = time.monotonic() + timeout
         with self._round_done:
             while self._force.is_set() or self._busy:
@@ -234,7 +238,7 @@ class TrainingScheduler:
         # Noise, repetition and superseded corrections never train; each is marked with why.
         # Select again until something is left to train (or nothing is pending).
         probes = self.probes()
-        reference = self.weights.reference_loss(self.engine, probes[1::2]) if probes else None
+        reference = self.weights.reference_loss(self.engine, probes.gate) if probes.gate else None
         while True:
             examples = self.batches.select_round(self.queue)
             if not examples:
@@ -245,11 +249,10 @@ class TrainingScheduler:
             self.screened_out += len(refused)
             if examples:
                 break
-        # Half the probes are replayed (self-distillation), the other half only measure forgetting:
-        # measuring on what was replayed would hide it.
-        replay_probes, gate_probes = probes[0::2], probes[1::2]
+        # Probes: some replayed (self-distillation), the others only measure forgetting: measuring
+        # on what was replayed would hide it (training/probes.py).
         self.state = "training"
-        replay = self.batches.replay(self.queue, replay_probes)
+        replay = self.batches.replay(self.queue, probes.rehearsal)
         trained_since = self.weights.restores  # a rollback from here on replaces what this round trains
         bs = self.batches.batch_size(self.activity.idle_for())
         deadline = time.monotonic() + (slice_ms or self.config.max_idle_time_ms) / 1000
@@ -263,7 +266,7 @@ class TrainingScheduler:
         # Gate: retention probes and held-out examples, trained weights vs live weights.
         self.state = "evaluating"
         heldout = self.queue.sample(Status.HELD_OUT, self.heldout_examples) if self.heldout_examples else []
-        decision = self.weights.evaluate(self.engine, gate_probes, heldout)
+        decision = self.weights.evaluate(self.engine, probes.gate, heldout)
         ids = [e.id for e in examples]
         summary = {"examples": len(ids), "learned": len(result.learned_ids), "steps": result.steps,
                    "seconds": round(result.seconds, 2), "accepted": decision.accepted, "reason": decision.reason,

@@ -46,12 +46,13 @@ class Service:
     """What was found wrong at start (damaged files moved aside, ...); shown in /api/status."""
     _probes: list | None = field(default=None, repr=False)
 
-    def probes(self) -> list:
-        """Retention probes, recorded with the base model on first use."""
+    def probes(self) -> probes_mod.ProbeSet:
+        """Retention probes (the gate's and the rehearsal's), recorded with the base model on first use."""
         if self._probes is None:
             with self.engine.lock:
                 self._probes = probes_mod.load_or_record(self.data_dir / "probes.json", self.model, self.tokenizer,
-                                                         self.config.gate.num_retention_probes, str(self.model_dir))
+                                                         self.config.gate.num_retention_probes, str(self.model_dir),
+                                                         rehearsal=self.config.training.rehearsal_probes)
         return self._probes
 
     @property

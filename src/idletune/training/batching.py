@@ -95,22 +95,29 @@ class BatchManager:
         self._retry[:0] = [[e.id for e in ordered[:half]], [e.id for e in ordered[half:]]]
         return True
 
-    def replay(self, queue, probes: list[TrainingExample], n: int | None = None) -> list[TrainingExample]:
-        """Examples to mix in: half already-trained examples, half retention probes."""
-        n = self.config.replay_examples * 4 if n is None else n
-        trained = queue.sample(Status.TRAINED, n // 2) if n else []
-        pool = list(probes)
-        self._rng.shuffle(pool)
-        return trained + pool[: n - len(trained)]
+    def replay(self, queue, probes: list[TrainingExample]) -> list[TrainingExample]:
+        """The round's pool of examples to mix in: a sample of already-trained ones (four per
+        replayed place in a batch) and every rehearsal probe — the more varied the general
+        text beside a lesson, the less the lesson moves the rest (training/probes.py)."""
+        if not self.config.replay_examples:
+            return []
+        return queue.sample(Status.TRAINED, 4 * self.config.replay_examples) + list(probes)
 
     def compose(self, todo: list[Encoded], replay: list[Encoded], batch_size: int, step: int = 0) -> list[Encoded]:
         """One step's batch: unlearned examples first (rotating with ``step`` so each gets its
-        turn), then ``replay_examples`` replayed ones."""
+        turn), then ``replay_examples`` replayed ones, earlier lessons and probes in turn."""
         n_replay = min(self.config.replay_examples, len(replay), max(0, batch_size - 1))
         k = max(1, batch_size - n_replay)
         start = (step * k) % len(todo) if len(todo) > k else 0
         batch = (todo[start:] + todo[:start])[:k]
-        batch += self._rng.sample(replay, n_replay) if n_replay else []
+        if n_replay:
+            # half the places (rounded up) for earlier lessons, the rest for the probes: a pool
+            # of forty probes drawn from evenly left an import's round rehearsing a lesson in
+            # one step of eight, and the lessons taught just before were forgotten
+            lessons = [r for r in replay if r.key is not None]  # probes have no queue id
+            probes = [r for r in replay if r.key is None]
+            n_lessons = min(len(lessons), max((n_replay + 1) // 2, n_replay - len(probes)))
+            batch += self._rng.sample(lessons, n_lessons) + self._rng.sample(probes, min(len(probes), n_replay - n_lessons))
         # keep within the token budget (padded length × batch)
         while len(batch) > 1 and max(len(e.input_ids) for e in batch) * len(batch) > self.token_budget:
             batch.pop()

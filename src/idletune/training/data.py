@@ -13,7 +13,7 @@ IGNORE = -100
 
 @dataclass
 class Encoded:
-    key: object  # the example's id (or a probe's name)
+    key: object  # the example's queue id (None for a retention probe)
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss is taken
     kind: str = "chat"
@@ -24,9 +24,12 @@ class Encoded:
 
 
 def encode(example: TrainingExample, tokenizer, max_len: int) -> Encoded:
-    """Chat: loss on the final assistant turn only (with its end-of-turn token). Text: on all tokens."""
+    """Chat: loss on the final assistant turn only (with its end-of-turn token, unless the answer
+    was cut off: ``open_end`` in its metadata). Text: on all tokens."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if example.kind == "chat":
+        if example.metadata.get("open_end"):
+            eos = []
         prompt = tokenizer.apply_chat_template(example.messages[:-1], add_generation_prompt=True,
                                                tokenize=True, return_dict=False)
         if hasattr(prompt, "keys"):

@@ -2,16 +2,25 @@
 
 Their loss under new weights measures forgetting without any dataset; replaying them
 (self-distillation) keeps the model's general behaviour while it learns new facts.
+
+An answer cut off at ``max_new_tokens`` is recorded as such (``complete: false``) and trains and
+measures without an end-of-turn token: the base model wanted to go on there (about 10 nats
+on that one token, a third of the probes' whole loss), and replaying it taught the model to
+stop in the middle of its answers (docs/BENCHMARKS.md, "How many lessons").
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..examples import TrainingExample
+
+FORMAT = 2  # 1 (unmarked): cut-off answers ended with an end-of-turn token; re-recorded
 
 PROMPTS = [
     "What is the capital of France?",
@@ -40,10 +49,54 @@ PROMPTS = [
     "Why is the sky blue?",
 ]
 
+# Replayed only, never measured: the more varied the general text rehearsed beside a lesson, the
+# less the lesson moves the rest (with these, taught facts cost the gate's probes several times
+# less: docs/BENCHMARKS.md, "How many lessons"). Unlike the gate's prompts in topic and form, so
+# the gate does not measure what was rehearsed in other words.
+REHEARSAL_PROMPTS = [
+    "Write a limerick about a clumsy giraffe.", "Retell the story of the tortoise and the hare in three sentences.",
+    "What should a beginner know before running a marathon?", "Explain how a rainbow forms.",
+    "How do I make a simple tomato soup?", "Why is it good to learn a second language?",
+    "How can I keep my houseplants alive?", "Describe how bread rises.",
+    "Write a short note thanking a neighbour for their help.", "What is the difference between a lake and a sea?",
+    "Tell me a short story about a brave mouse.", "How do I start learning to play the guitar?",
+    "Why do birds migrate?", "List some ways to save energy at home.", "What makes a good friend?",
+    "Explain what a budget is and why it helps.", "How does a refrigerator keep food cold?",
+    "Write a slogan for a bicycle shop.", "What happens when you mix yellow and blue paint?",
+    "Give me advice for my first day at a new job.", "Describe a busy market in the morning.",
+    "How do bees make honey?", "Explain the rules of tic-tac-toe.", "Why is exercise good for the heart?",
+    "Write a birthday message for a grandmother.", "What is a balanced lunch?", "Explain recycling to a child.",
+    "How can I fall asleep faster?", "What causes thunder?", "Write a short review of a favourite song.",
+    "How do I plant a tomato seed?", "What is the purpose of a library?",
+    "Give three ideas for a school science project.", "How does the moon affect the tides?",
+    "Describe how to tie a shoelace.", "What are the main parts of a flower?",
+    "Why should we drink water every day?", "How do the gears on a bicycle help a rider?",
+    "What is a good way to study for an exam?", "Write a friendly welcome message for a new club member.",
+]
 
-def record_probes(model, tokenizer, n: int, max_new_tokens: int = 48) -> list[dict]:
-    """Greedy answers of the *base* model (adapters disabled) to the first ``n`` prompts."""
-    prompts = PROMPTS[:n]
+
+@dataclass
+class ProbeSet:
+    """The base model's answers: ``gate`` only measured (forgetting), ``rehearsal`` only replayed
+    (self-distillation) — measuring on what was replayed would hide the forgetting."""
+    gate: list[TrainingExample] = field(default_factory=list)
+    rehearsal: list[TrainingExample] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.gate or self.rehearsal)
+
+
+def record_probes(model, tokenizer, n: int, max_new_tokens: int = 48, rehearsal: int = 0) -> list[dict]:
+    """Greedy answers of the *base* model (adapters disabled) to the first ``n`` prompts and the
+    first ``rehearsal`` rehearsal prompts (those marked ``rehearsal``)."""
+    return (record_answers(model, tokenizer, PROMPTS[:n], max_new_tokens)
+            + [dict(a, rehearsal=True) for a in record_answers(model, tokenizer, REHEARSAL_PROMPTS[:rehearsal],
+                                                                max_new_tokens)])
+
+
+def record_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[dict]:
+    """The base model's greedy answers to ``prompts`` ({"prompt", "answer", "complete"}; empty
+    answers left out)."""
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -61,23 +114,53 @@ def record_probes(model, tokenizer, n: int, max_new_tokens: int = 48) -> list[di
         model.eval()
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
-    answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [{"prompt": p, "answer": a.strip()} for p, a in zip(prompts, answers) if a.strip()]
+    generated = out[:, enc["input_ids"].shape[1]:]
+    answers = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    stops = _stop_ids(model, tokenizer)
+    complete = [bool(stops & set(row.tolist())) for row in generated]
+    return [{"prompt": p, "answer": a.strip(), "complete": c}
+            for p, a, c in zip(prompts, answers, complete) if a.strip()]
 
 
-def load_or_record(path: Path, model, tokenizer, n: int, model_id: str) -> list[TrainingExample]:
-    """Probes from ``path``, recorded first if missing or made for another model."""
+def _stop_ids(model, tokenizer) -> set[int]:
+    """The ids that end a generation: the tokenizer's end of sequence and the model's own."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def load_or_record(path: Path, model, tokenizer, n: int, model_id: str, rehearsal: int = 0) -> ProbeSet:
+    """Probes from ``path``, recorded first if missing, made for another model or another count.
+    Of the first ``n`` prompts every second one is replayed, the others measured; the rehearsal
+    prompts are replayed."""
     data = None
     if path.exists():
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             data = None
-    if not data or data.get("model") != model_id or len(data.get("probes", [])) < min(n, len(PROMPTS)) * 0.5:
-        data = {"model": model_id, "probes": record_probes(model, tokenizer, n)}
+    wanted = {"model": model_id, "format": FORMAT, "prompts": min(n, len(PROMPTS)),
+              "rehearsal": min(rehearsal, len(REHEARSAL_PROMPTS))}
+    if not data or any(data.get(k) != v for k, v in wanted.items()):
+        data = dict(wanted, probes=record_probes(model, tokenizer, n, rehearsal=rehearsal))
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
         os.replace(tmp, path)
-    return [TrainingExample.chat([{"role": "user", "content": p["prompt"]},
-                                  {"role": "assistant", "content": p["answer"]}], source="probe")
-            for p in data["probes"][:n]]
+    examples = [(p.get("rehearsal", False), as_example(p)) for p in data["probes"]]
+    fixed = [e for r, e in examples if not r]
+    return ProbeSet(gate=fixed[1::2], rehearsal=fixed[0::2] + [e for r, e in examples if r])
+
+
+def as_example(answer: dict) -> TrainingExample:
+    """A recorded answer as a chat example; one cut off by the token limit has no end of turn."""
+    return TrainingExample.chat([{"role": "user", "content": answer["prompt"]},
+                                 {"role": "assistant", "content": answer["answer"]}],
+                                source="probe", **({} if answer["complete"] else {"open_end": True}))
+
+
+def fingerprint(probes: list[TrainingExample]) -> str:
+    """What a loss measured on ``probes`` was measured on (the base model's is kept on disk)."""
+    text = json.dumps([[e.messages, bool(e.metadata.get("open_end"))] for e in probes], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

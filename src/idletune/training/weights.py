@@ -28,6 +28,7 @@ import torch
 from ..config import GateConfig
 from ..durable import fsync, write_atomic
 from . import adapters
+from . import probes as probes_mod
 from .adapters import LIVE, TRAIN
 from .weightsets import FullWeights, LoraWeights, hf_name, merge_live_adapter, read_base_weights
 
@@ -169,14 +170,17 @@ class WeightUpdater:
         return self._baselines[key]
 
     def _base_retention(self, engine, probes) -> float:
-        """The base model's retention loss: measured once (LoRA on the original base), kept on disk."""
+        """The base model's retention loss: measured once (LoRA on the original base), kept on disk
+        with the probes it was measured on (re-recorded probes are measured again)."""
         key = ("retention-base", 0)
         if key in self._baselines:
             return self._baselines[key]
         f = self.dir / "BASELINE.json"
+        made_on = probes_mod.fingerprint(probes)
         try:
-            value = json.loads(f.read_text())["retention_loss"]
-        except (OSError, ValueError, KeyError):
+            kept = json.loads(f.read_text())
+            value = kept["retention_loss"] if kept.get("probes") == made_on else None
+        except (OSError, ValueError, KeyError, AttributeError):
             value = None
         if value is None and self.mode == "lora" and self.base_id == "original":
             # measured in the candidate's slot (kept aside meanwhile): the live weights, which
@@ -189,9 +193,10 @@ class WeightUpdater:
             finally:
                 with self.lock:
                     adapters.load_adapter_tensors(self.model, TRAIN, candidate)
-            write_atomic(f, json.dumps({"retention_loss": value}))
+            write_atomic(f, json.dumps({"retention_loss": value, "probes": made_on}))
         if value is None:  # nothing recorded before the base changed: measure against live
             value = engine.evaluate(probes, LIVE)
+            write_atomic(f, json.dumps({"retention_loss": value, "probes": made_on, "measured_on": f"v{self.version}"}))
         self._baselines[key] = value
         return value
 
