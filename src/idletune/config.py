@@ -188,7 +188,7 @@ class GateConfig:
     max_example_loss_margin: float = 8.0
     """Screening: an example whose mean token loss under the live model is more than this many
     nats above the model's loss on natural text (its retention probes) is noise. On the default
-    model: probes ~1, natural text in English, German or code 1.5–6.5, random tokens 14+.
+    model: probes ~0.7, natural text in English, German or code 1.5–6.5, random tokens 14+.
     0 turns it off."""
     min_compression_ratio: float = 0.12
     """Screening: a target of 200+ bytes that compresses below this share of its size is
