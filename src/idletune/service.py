@@ -44,7 +44,7 @@ class Service:
     importers_config: object = None
     problems: list[str] = field(default_factory=list)
     """What was found wrong at start (damaged files moved aside, ...); shown in /api/status."""
-    _probes: list | None = field(default=None, repr=False)
+    _probes: probes_mod.ProbeSet | None = field(default=None, repr=False)
 
     def probes(self) -> probes_mod.ProbeSet:
         """Retention probes (the gate's and the rehearsal's), recorded with the base model on first use."""

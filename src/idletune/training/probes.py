@@ -82,9 +82,6 @@ class ProbeSet:
     gate: list[TrainingExample] = field(default_factory=list)
     rehearsal: list[TrainingExample] = field(default_factory=list)
 
-    def __bool__(self) -> bool:
-        return bool(self.gate or self.rehearsal)
-
 
 def record_probes(model, tokenizer, n: int, max_new_tokens: int = 48, rehearsal: int = 0) -> list[dict]:
     """Greedy answers of the *base* model (adapters disabled) to the first ``n`` prompts and the
@@ -143,7 +140,7 @@ def load_or_record(path: Path, model, tokenizer, n: int, model_id: str, rehearsa
             data = None
     wanted = {"model": model_id, "format": FORMAT, "prompts": min(n, len(PROMPTS)),
               "rehearsal": min(rehearsal, len(REHEARSAL_PROMPTS))}
-    if not data or any(data.get(k) != v for k, v in wanted.items()):
+    if not isinstance(data, dict) or any(data.get(k) != v for k, v in wanted.items()):
         data = dict(wanted, probes=record_probes(model, tokenizer, n, rehearsal=rehearsal))
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -157,7 +154,7 @@ def as_example(answer: dict) -> TrainingExample:
     """A recorded answer as a chat example; one cut off by the token limit has no end of turn."""
     return TrainingExample.chat([{"role": "user", "content": answer["prompt"]},
                                  {"role": "assistant", "content": answer["answer"]}],
-                                source="probe", **({} if answer["complete"] else {"open_end": True}))
+                                source="probe", **({} if answer.get("complete", True) else {"open_end": True}))
 
 
 def fingerprint(probes: list[TrainingExample]) -> str:
