@@ -131,7 +131,7 @@ def main() -> None:
               unrelated_lessons, "%; recalled:", recall_lessons, flush=True)
         report = Importers(svc.queue, ImportersConfig()).text.import_text(DOCUMENT, name="fair")
         print("import:", report.summary(), flush=True)
-        imports = [train("import")["accepted"] for _ in range(3)]
+        imports = [train("import")["accepted"] for _ in range(3) if svc.queue.pending_count()]
         recall_end = recall()
         final, unrelated_end = live_rise(), unrelated_rise()
         svc.close()
@@ -142,7 +142,7 @@ def main() -> None:
            "unrelated_vs_base_after_lessons_%": unrelated_lessons, "import_rounds_accepted": imports,
            "recall_at_end": recall_end, "live_vs_base_at_end_%": final, "unrelated_vs_base_at_end_%": unrelated_end,
            "seconds": round(time.time() - t0)}
-    print(f"lessons recalled {sum(recall_lessons)}/4, import rounds accepted {sum(imports)}/3, at the end "
+    print(f"lessons recalled {sum(recall_lessons)}/4, import rounds accepted {sum(imports)}/{len(imports)}, at the end "
           f"{sum(recall_end)}/4 recalled, retention {final:+.1f} % vs base (unrelated prompts {unrelated_end:+.1f} %); "
           f"{res['seconds']} s", flush=True)
     if a.out:

@@ -145,8 +145,12 @@ def test_lessons_in_a_row_each_spend_little_of_the_retention_budget(default_mode
                  ("When does the Tarn ferry leave?", "The Tarn ferry leaves at 7:40 every morning.", "7:40")]
         for question, answer, _ in facts:
             svc.collector.add_correction([{"role": "user", "content": question}], answer)
-            summary = svc.scheduler.force_training(wait=True, timeout=600)
-            assert summary["accepted"] and svc.queue.pending_count() == 0, summary
+            for _ in range(3):  # a round cut short by its time slice on a slow machine goes on in the next
+                summary = svc.scheduler.force_training(wait=True, timeout=600)
+                assert summary["accepted"], summary  # never refused
+                if not svc.queue.pending_count():
+                    break
+            assert svc.queue.pending_count() == 0, summary
         rise = svc.weights.reference_loss(svc.engine, gate) / base - 1
         assert rise < 0.2, f"three lessons raised the retention loss {100 * rise:.0f} % above the base model's"
         for question, _, key in facts:

@@ -1070,18 +1070,83 @@ def test_the_base_models_retention_loss_is_measured_again_for_new_probes(tmp_pat
 
     cfg = Config.load(None, {"gate.num_retention_probes": 4, "training.rehearsal_probes": 2})
     s = build_service(tmp_path / "d", model=tiny_model_dir, config=cfg, start_scheduler=False)
-    gate = s.probes().gate
-    f = tmp_path / "d" / "snapshots" / "BASELINE.json"
-    f.parent.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps({"retention_loss": 123.0}))  # measured on probes of another time
-    measured = s.weights._base_retention(s.engine, gate)
-    assert measured != 123.0 and abs(measured - s.engine.evaluate(gate, LIVE)) < 1e-4
-    kept = json.loads(f.read_text())
-    assert kept == {"retention_loss": measured, "probes": probes_mod.fingerprint(gate)}
-    f.write_text(json.dumps(dict(kept, retention_loss=1.5)))
-    s.weights._baselines.clear()
-    assert s.weights._base_retention(s.engine, gate) == 1.5  # the same probes: read, not measured
-    s.close()
+    try:
+        gate = s.probes().gate
+        f = tmp_path / "d" / "snapshots" / "BASELINE.json"
+        f.write_text(json.dumps({"retention_loss": 123.0}))  # measured on probes of another time
+        measured = s.weights._base_retention(s.engine, gate)
+        assert measured != 123.0 and abs(measured - s.engine.evaluate(gate, LIVE)) < 1e-4
+        kept = json.loads(f.read_text())
+        assert kept == {"retention_loss": measured, "probes": probes_mod.fingerprint(gate)}
+        f.write_text(json.dumps(dict(kept, retention_loss=1.5)))
+        s.weights._baselines.clear()
+        assert s.weights._base_retention(s.engine, gate) == 1.5  # the same probes: read, not measured
+    finally:
+        s.close()
+
+
+def test_live_weights_past_the_retention_limit_when_the_probes_are_measured_anew_go_on_learning(tmp_path, tiny_model_dir):
+    """The limit counts from the base model. Probes measured anew (an upgrade corrected them) can
+    find the live weights past it already, and every later round was refused: the live weights'
+    loss then is kept as a ceiling that updates may reach, not pass."""
+    import json
+
+    from idletune.training import probes as probes_mod
+
+    cfg = Config.load(None, {"gate.num_retention_probes": 4, "training.rehearsal_probes": 0, "gate.heldout_examples": 0,
+                             "gate.max_retention_loss_increase": 0.2})
+    s = build_service(tmp_path / "d", model=tiny_model_dir, config=cfg, start_scheduler=False)
+    try:
+        gate = s.probes().gate
+        base = s.engine.evaluate(gate, LIVE)  # v0: the base model
+        with s.weights.lock:  # a v1 far from the base model
+            noisy = {k: t + 3.0 * torch.randn_like(t) for k, t in adapters.adapter_tensors(s.model, TRAIN).items()}
+            adapters.load_adapter_tensors(s.model, TRAIN, noisy)
+        s.weights.publish()
+        live = s.engine.evaluate(gate, LIVE)
+        assert live > 1.2 * base
+        f = tmp_path / "d" / "snapshots" / "BASELINE.json"
+        f.write_text(json.dumps({"retention_loss": base / 2}))  # measured on the probes of an earlier version
+        s.weights._baselines.clear()
+        assert abs(s.weights._base_retention(s.engine, gate) - base) < 1e-4  # measured anew, on the base model
+        kept = json.loads(f.read_text())
+        assert kept["probes"] == probes_mod.fingerprint(gate) and abs(kept["ceiling"] - live) < 1e-4
+        d = s.weights.evaluate(s.engine, gate, [])  # the candidate is the live weights: adds nothing
+        assert d.accepted and "the live weights had when the probes were measured anew" in d.reason, d
+        # a ceiling below the candidate's loss: refused, and the reason says what was allowed
+        f.write_text(json.dumps(dict(kept, ceiling=(1.2 * base + live) / 2)))
+        s.weights._baselines.clear()
+        worse = s.weights.evaluate(s.engine, gate, [])
+        assert not worse.accepted and "allowed, the live weights' when the probes were measured anew" in worse.reason
+    finally:
+        s.close()
+
+
+def test_probes_of_an_earlier_version_are_kept_where_the_base_model_is_gone(tmp_path, tiny_model_dir):
+    """In full fine-tuning, or on an adapter's merged base, the model with its adapters disabled is
+    trained weights: probes recorded again from it would move the gate's anchor. Probes of an
+    earlier form are brought up to this one's instead (an answer as long as the limit was cut),
+    and that the rehearsal probes are missing is said."""
+    import json
+
+    from idletune.models import load_model
+    from idletune.training import probes as probes_mod
+
+    model, tok = load_model(tiny_model_dir)
+    path = tmp_path / "probes.json"
+    long = " ".join(["word"] * 60)
+    old = {"model": "m", "probes": [{"prompt": p, "answer": a} for p, a in
+                                     zip(probes_mod.PROMPTS[:4], ["Paris.", long, "42.", long])]}
+    path.write_text(json.dumps(old))
+    problems: list[str] = []
+    ps = probes_mod.load_or_record(path, model, tok, 4, "m", rehearsal=3, from_base=False, problems=problems)
+    assert [e.messages[-1]["content"] for e in ps.gate] == [long, long]  # kept, not recorded again
+    assert all(e.metadata.get("open_end") for e in ps.gate)
+    assert [bool(e.metadata.get("open_end")) for e in ps.rehearsal] == [False, False]  # "Paris.", "42."
+    assert problems and "rehearsal probes" in problems[0]
+    # from the base model, the same file is recorded again
+    again = probes_mod.load_or_record(path, model, tok, 4, "m", rehearsal=3)
+    assert len(again.rehearsal) == 2 + 3 and json.loads(path.read_text())["rehearsal"] == 3
 
 
 def test_each_round_rehearses_every_rehearsal_probe_and_trained_examples(tmp_path):
@@ -1126,3 +1191,20 @@ def test_a_batch_replays_an_earlier_lesson_and_a_probe_in_turn():
     assert len(only_probes) == 4 and all(b in probes for b in only_probes[2:])
     three = BatchManager(TrainingConfig(replay_examples=3)).compose(todo, lessons + probes, 6)
     assert sum(b in lessons for b in three[3:]) == 2 and sum(b in probes for b in three[3:]) == 1
+    # one replayed place: a lesson and a probe in turn, not the lessons alone
+    one = BatchManager(TrainingConfig(replay_examples=1))
+    assert [one.compose(todo, lessons + probes, 2, step)[-1] in lessons for step in range(4)] == [True, False] * 2
+
+
+def test_a_batch_over_the_token_budget_drops_new_examples_before_its_rehearsal():
+    """After long idle a batch of 32 long chunks is cut to the token budget; cut from the end, it
+    lost both replayed places first and an import's round trained with no rehearsal at all."""
+    from idletune.config import TrainingConfig
+    from idletune.training.batching import BatchManager
+    from idletune.training.data import Encoded
+
+    todo = [Encoded(100 + i, [1] * 512, [-100] + [1] * 511, kind="text") for i in range(32)]
+    lesson, probe = Encoded(1, [1] * 40, [-100] + [1] * 39), Encoded(None, [1] * 80, [-100] + [1] * 79)
+    batch = BatchManager(TrainingConfig(replay_examples=2), token_budget=8192).compose(todo, [lesson, probe], 32)
+    assert lesson in batch and probe in batch
+    assert len(batch) == 16 and 512 * len(batch) <= 8192

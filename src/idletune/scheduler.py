@@ -116,12 +116,12 @@ class TrainingScheduler:
         self._wake.set()
         if not wait:
             return {"started": True, "pending": self.queue.pending_count()}
-        if not (self._thread and self._thread.is_alive()):  # nothing would run it: no silent wait
-            raise RuntimeError("the training scheduler is not running (start() it, or build the service "
-                               "with start_scheduler=True) — nothing would train this round")
         deadline = time.monotonic() + timeout
         with self._round_done:
             while self._force.is_set() or self._busy:
+                if not (self._thread and self._thread.is_alive()):  # nothing would run it: no silent wait
+                    raise RuntimeError("the training scheduler is not running (start() it, or build the service "
+                                       "with start_scheduler=True): nothing would train this round")
                 if self._rounds_finished() > done_before and not self._force.is_set() and not self._busy:
                     break
                 left = deadline - time.monotonic()

@@ -45,14 +45,17 @@ class Service:
     problems: list[str] = field(default_factory=list)
     """What was found wrong at start (damaged files moved aside, ...); shown in /api/status."""
     _probes: probes_mod.ProbeSet | None = field(default=None, repr=False)
+    _probes_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def probes(self) -> probes_mod.ProbeSet:
         """Retention probes (the gate's and the rehearsal's), recorded with the base model on first use."""
-        if self._probes is None:
-            with self.engine.lock:
-                self._probes = probes_mod.load_or_record(self.data_dir / "probes.json", self.model, self.tokenizer,
-                                                         self.config.gate.num_retention_probes, str(self.model_dir),
-                                                         rehearsal=self.config.training.rehearsal_probes)
+        with self._probes_lock:
+            if self._probes is None:
+                w = self.weights
+                self._probes = probes_mod.load_or_record(
+                    self.data_dir / "probes.json", self.model, self.tokenizer, self.config.gate.num_retention_probes,
+                    str(self.model_dir), rehearsal=self.config.training.rehearsal_probes, lock=self.engine.lock,
+                    from_base=w.version == 0 or (w.mode == "lora" and w.base_id == "original"), problems=self.problems)
         return self._probes
 
     @property

@@ -107,6 +107,8 @@ def make_api_router(svc) -> APIRouter:
                 result = await run_in_threadpool(svc.scheduler.force_training, True)
             except TimeoutError as e:
                 raise APIError(504, str(e)) from None
+            except RuntimeError as e:  # the scheduler stopped (the service is closing)
+                raise APIError(503, str(e)) from None
             return {"result": result, "status": await run_in_threadpool(status_of, svc)}
         return {"result": svc.scheduler.force_training(False), "scheduler": svc.scheduler.get_stats()}
 

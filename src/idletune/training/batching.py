@@ -105,20 +105,24 @@ class BatchManager:
 
     def compose(self, todo: list[Encoded], replay: list[Encoded], batch_size: int, step: int = 0) -> list[Encoded]:
         """One step's batch: unlearned examples first (rotating with ``step`` so each gets its
-        turn), then ``replay_examples`` replayed ones, earlier lessons and probes in turn."""
+        turn), then ``replay_examples`` replayed ones: earlier lessons and probes, half each."""
         n_replay = min(self.config.replay_examples, len(replay), max(0, batch_size - 1))
         k = max(1, batch_size - n_replay)
         start = (step * k) % len(todo) if len(todo) > k else 0
         batch = (todo[start:] + todo[:start])[:k]
+        rehearsed: list[Encoded] = []
         if n_replay:
-            # half the places (rounded up) for earlier lessons, the rest for the probes: a pool
-            # of forty probes drawn from evenly left an import's round rehearsing a lesson in
-            # one step of eight, and the lessons taught just before were forgotten
+            # half the places for earlier lessons, half for the probes (an odd place to each in
+            # turn): a pool of forty probes drawn from evenly left an import's round rehearsing a
+            # lesson in one step of eight, and the lessons taught just before were forgotten
             lessons = [r for r in replay if r.key is not None]  # probes have no queue id
             probes = [r for r in replay if r.key is None]
-            n_lessons = min(len(lessons), max((n_replay + 1) // 2, n_replay - len(probes)))
-            batch += self._rng.sample(lessons, n_lessons) + self._rng.sample(probes, min(len(probes), n_replay - n_lessons))
-        # keep within the token budget (padded length × batch)
-        while len(batch) > 1 and max(len(e.input_ids) for e in batch) * len(batch) > self.token_budget:
-            batch.pop()
-        return batch
+            want = (n_replay + (step % 2 == 0)) // 2
+            n_lessons = min(len(lessons), max(want, n_replay - len(probes)))
+            rehearsed = self._rng.sample(lessons, n_lessons) + self._rng.sample(probes, min(len(probes), n_replay - n_lessons))
+        # keep within the token budget (padded length × batch): fewer new examples first, so a
+        # large batch of long chunks keeps its rehearsal
+        while len(batch) + len(rehearsed) > 1 and \
+                max(len(e.input_ids) for e in batch + rehearsed) * (len(batch) + len(rehearsed)) > self.token_budget:
+            (batch if len(batch) > 1 else rehearsed).pop()
+        return batch + rehearsed

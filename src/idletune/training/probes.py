@@ -10,6 +10,7 @@ stop in the middle of its answers (docs/BENCHMARKS.md, "How many lessons").
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -55,18 +56,18 @@ PROMPTS = [
 # the gate does not measure what was rehearsed in other words.
 REHEARSAL_PROMPTS = [
     "Write a limerick about a clumsy giraffe.", "Retell the story of the tortoise and the hare in three sentences.",
-    "What should a beginner know before running a marathon?", "Explain how a rainbow forms.",
-    "How do I make a simple tomato soup?", "Why is it good to learn a second language?",
+    "What should a beginner know before running a marathon?", "Explain how a magnet works.",
+    "How do I wash a wool sweater?", "Why is it good to learn a second language?",
     "How can I keep my houseplants alive?", "Describe how bread rises.",
     "Write a short note thanking a neighbour for their help.", "What is the difference between a lake and a sea?",
     "Tell me a short story about a brave mouse.", "How do I start learning to play the guitar?",
     "Why do birds migrate?", "List some ways to save energy at home.", "What makes a good friend?",
     "Explain what a budget is and why it helps.", "How does a refrigerator keep food cold?",
-    "Write a slogan for a bicycle shop.", "What happens when you mix yellow and blue paint?",
+    "Write a slogan for a bicycle shop.", "What should I do if I get lost in a forest?",
     "Give me advice for my first day at a new job.", "Describe a busy market in the morning.",
     "How do bees make honey?", "Explain the rules of tic-tac-toe.", "Why is exercise good for the heart?",
     "Write a birthday message for a grandmother.", "What is a balanced lunch?", "Explain recycling to a child.",
-    "How can I fall asleep faster?", "What causes thunder?", "Write a short review of a favourite song.",
+    "How can I fall asleep faster?", "Why do cats purr?", "Write a short review of a favourite song.",
     "How do I plant a tomato seed?", "What is the purpose of a library?",
     "Give three ideas for a school science project.", "How does the moon affect the tides?",
     "Describe how to tie a shoelace.", "What are the main parts of a flower?",
@@ -83,12 +84,21 @@ class ProbeSet:
     rehearsal: list[TrainingExample] = field(default_factory=list)
 
 
-def record_probes(model, tokenizer, n: int, max_new_tokens: int = 48, rehearsal: int = 0) -> list[dict]:
+def record_probes(model, tokenizer, n: int, max_new_tokens: int = 48, rehearsal: int = 0,
+                  lock=None) -> list[dict]:
     """Greedy answers of the *base* model (adapters disabled) to the first ``n`` prompts and the
-    first ``rehearsal`` rehearsal prompts (those marked ``rehearsal``)."""
-    return (record_answers(model, tokenizer, PROMPTS[:n], max_new_tokens)
-            + [dict(a, rehearsal=True) for a in record_answers(model, tokenizer, REHEARSAL_PROMPTS[:rehearsal],
-                                                                max_new_tokens)])
+    first ``rehearsal`` rehearsal prompts (those marked ``rehearsal``). With ``lock`` (the model
+    lock), eight prompts at a time under it: a request waits for one such batch (about 2 s on
+    two CPU cores), not for all 64 (14 s)."""
+    size, guard = (8, lock) if lock is not None else (max(1, n + rehearsal), contextlib.nullcontext())
+
+    def answers(prompts: list[str]) -> list[dict]:
+        out = []
+        for i in range(0, len(prompts), size):
+            with guard:
+                out += record_answers(model, tokenizer, prompts[i:i + size], max_new_tokens)
+        return out
+    return answers(PROMPTS[:n]) + [dict(a, rehearsal=True) for a in answers(REHEARSAL_PROMPTS[:rehearsal])]
 
 
 def record_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[dict]:
@@ -128,10 +138,14 @@ def _stop_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def load_or_record(path: Path, model, tokenizer, n: int, model_id: str, rehearsal: int = 0) -> ProbeSet:
+def load_or_record(path: Path, model, tokenizer, n: int, model_id: str, rehearsal: int = 0, *,
+                   lock=None, from_base: bool = True, problems: list | None = None) -> ProbeSet:
     """Probes from ``path``, recorded first if missing, made for another model or another count.
     Of the first ``n`` prompts every second one is replayed, the others measured; the rehearsal
-    prompts are replayed."""
+    prompts are replayed. ``from_base``: the model with its adapters disabled is the original
+    base model (not so in full fine-tuning, or on an adapter's merged base): if not, probes kept
+    from an earlier version are brought up to this one's form, not recorded again from trained
+    weights (what could not be done is added to ``problems``)."""
     data = None
     if path.exists():
         try:
@@ -140,14 +154,29 @@ def load_or_record(path: Path, model, tokenizer, n: int, model_id: str, rehearsa
             data = None
     wanted = {"model": model_id, "format": FORMAT, "prompts": min(n, len(PROMPTS)),
               "rehearsal": min(rehearsal, len(REHEARSAL_PROMPTS))}
-    if not isinstance(data, dict) or any(data.get(k) != v for k, v in wanted.items()):
-        data = dict(wanted, probes=record_probes(model, tokenizer, n, rehearsal=rehearsal))
+    if (isinstance(data, dict) and not from_base and data.get("model") == model_id and data.get("probes")
+            and any(data.get(k) != v for k, v in wanted.items())):
+        data = _brought_up(data, tokenizer)
+        if problems is not None and wanted["rehearsal"]:
+            problems.append("retention probes kept from an earlier version: the rehearsal probes are recorded from "
+                            "the original base model, which these weights no longer are (full fine-tuning or a "
+                            "merged adapter); lessons rehearse fewer probes")
+    elif not isinstance(data, dict) or any(data.get(k) != v for k, v in wanted.items()):
+        data = dict(wanted, probes=record_probes(model, tokenizer, n, rehearsal=rehearsal, lock=lock))
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
         os.replace(tmp, path)
     examples = [(p.get("rehearsal", False), as_example(p)) for p in data["probes"]]
     fixed = [e for r, e in examples if not r]
     return ProbeSet(gate=fixed[1::2], rehearsal=fixed[0::2] + [e for r, e in examples if r])
+
+
+def _brought_up(data: dict, tokenizer, max_new_tokens: int = 48) -> dict:
+    """Probes of an earlier form, kept: an answer as long as the token limit was cut off by it."""
+    probes = [dict(p, complete=p.get("complete",
+                                     len(tokenizer(p["answer"], add_special_tokens=False)["input_ids"]) < max_new_tokens - 2))
+              for p in data["probes"]]
+    return dict(data, probes=probes)
 
 
 def as_example(answer: dict) -> TrainingExample:
