@@ -17,7 +17,7 @@ chat: setup
 	$(VENV)/bin/idletune chat $(ARGS)
 
 test: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
