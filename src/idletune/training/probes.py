@@ -155,14 +155,14 @@ def load_or_record(path: Path, model, tokenizer, n: int, model_id: str, rehearsa
             data = None
     wanted = {"model": model_id, "format": FORMAT, "prompts": min(n, len(PROMPTS)),
               "rehearsal": min(rehearsal, len(REHEARSAL_PROMPTS))}
-    if (isinstance(data, dict) and not from_base and data.get("model") == model_id and data.get("probes")
-            and any(data.get(k) != v for k, v in wanted.items())):
+    stale = not isinstance(data, dict) or any(data.get(k) != v for k, v in wanted.items())
+    if stale and not from_base and isinstance(data, dict) and data.get("model") == model_id and data.get("probes"):
         data = _brought_up(data, tokenizer)
         if problems is not None and wanted["rehearsal"]:
             problems.append("retention probes kept from an earlier version: the rehearsal probes are recorded from "
                             "the original base model, which these weights no longer are (full fine-tuning or a "
                             "merged adapter); lessons rehearse fewer probes")
-    elif not isinstance(data, dict) or any(data.get(k) != v for k, v in wanted.items()):
+    elif stale:
         data = dict(wanted, probes=record_probes(model, tokenizer, n, rehearsal=rehearsal, lock=lock))
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
