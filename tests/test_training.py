@@ -627,6 +627,31 @@ def test_gpu_micro_batches_are_sized_to_the_free_memory():
         assert gpu_micro_batch_tokens(m, 2 * 4096 * per_token - 1) == 2048  # it does not: rounded down
 
 
+def test_a_trainer_process_takes_fewer_tokens_a_part_for_a_large_model():
+    """A trainer process's automatic size takes at most 2048 tokens and at most about 4.5 GiB of
+    activations: 2048 at the Qwen2.5-0.5B and 1.5B shapes, 1024 at Llama-3-8B (2048-token parts
+    took 21.6 % of the plain PEFT loop's peak there, 1024-token ones 11.2 %: run FI), never
+    under 512; the serving side's RemoteEngine takes it from its model (no process started)."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, Qwen2Config
+
+    from idletune.training.engine import PROCESS_ACTIVATION_BYTES, activation_bytes_per_token, process_most_tokens
+    from idletune.training.remote import RemoteEngine
+
+    def shape(h, i, n, cls=Qwen2Config, vocab=151936):
+        return SimpleNamespace(config=cls(hidden_size=h, intermediate_size=i, num_hidden_layers=n, vocab_size=vocab,
+                                          num_attention_heads=8, num_key_value_heads=2))
+
+    q05, q15, l8 = shape(896, 4864, 24), shape(1536, 8960, 28), shape(4096, 14336, 32, LlamaConfig, 128256)
+    assert [process_most_tokens(m) for m in (q05, q15, l8)] == [2048, 2048, 1024]
+    assert 1024 * activation_bytes_per_token(l8) <= PROCESS_ACTIVATION_BYTES < 2048 * activation_bytes_per_token(l8)
+    assert process_most_tokens(shape(8192, 28672, 80, LlamaConfig)) == 512  # a 70B shape: never below 512
+    tiny = SimpleNamespace(config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4), parameters=lambda: iter([torch.zeros(1)]))
+    assert RemoteEngine(tiny, None, None, lock=SimpleNamespace(), model_dir="x", activity=None).auto_most_tokens == 2048
+
+
 def test_the_automatic_micro_batch_is_set_once_at_the_first_step(svc, monkeypatch):
     """On a GPU the automatic size is taken at the first step (the decoder's KV cache and serving
     copies are allocated by then), from the free memory plus what torch's allocator holds unused,

@@ -34,7 +34,8 @@ log = logging.getLogger("idletune.training")
 # The most tokens the automatic micro-batch size (training.micro_batch_tokens = 0) takes on a GPU,
 # by where training runs. With CUDA-graphed layers a step's peak stays allocated for the process's
 # life (the graph pool): memory the card's other users never get back.
-# - A trainer process (the GPU default): 2048, compiled as the setting 2048 is (units of 4
+# - A trainer process (the GPU default): 2048 (fewer for large models: PROCESS_ACTIVATION_BYTES),
+#   compiled as the setting 2048 is (units of 4
 #   layers, cheap activations recomputed; service.training_compile_args). On one H100 (run ER, 8 ×
 #   512 tokens) its steps took 1.90 / 3.79 GB at 0.5B / 1.5B against 4.32 / 8.52 GB unsplit, at
 #   21.4 / 11.6 steps a second against 21.5 / 12.8; beside a backlog chat's added TTFT p99 was
@@ -43,6 +44,39 @@ log = logging.getLogger("idletune.training")
 # - A trainer thread: as many as half the free memory holds, up to 16384. Capped at 2048 there,
 #   chat's added TTFT p99 was 2.3–4.2 times the unsplit default's on one machine (runs DP–DS).
 AUTO_MOST_TOKENS = {"process": 2048, "thread": 16384}
+# A trainer process's parts also keep at most this much of activations (as estimated by
+# activation_bytes_per_token): its graph pool holds a step's peak for the process's life. That
+# leaves 2048 tokens at the Qwen2.5-0.5B and 1.5B shapes and takes 1024 at Llama-3-8B, where a
+# large model's products keep the GPU busy in smaller parts: on one H100 (run FI, 8 × 512 tokens)
+# 2048-token parts took 21.6 % of the plain PEFT loop's peak at 1.68× its speed, 1024-token parts
+# 11.2 % at 1.55× (docs/BENCHMARKS.md, "Twenty-first session").
+PROCESS_ACTIVATION_BYTES = int(4.5 * 2**30)
+
+
+def activation_bytes_per_token(model, *, checkpointing: bool = False, compiled: bool = True,
+                               head_logits: bool = False) -> int:
+    """The GPU memory a training step keeps a token (bf16): 2 bytes × layers × (6 × hidden + 3 ×
+    intermediate size) with compiled layers — within 10 % of what was measured at the
+    Qwen2.5-0.5B, 1.5B and Llama-3-8B shapes (docs/BENCHMARKS.md, section 5); 1.5 times that for
+    eager layers (measured 1.43 at 0.5B); with gradient checkpointing, each layer's input plus
+    one layer's activations; and where the output layer is not a plain bias-free linear one
+    (``head_logits``), the float32 logits the loss then builds and their gradient, 8 bytes × the
+    vocabulary (a plain one, frozen or trained, computes the loss in chunks: gpu/loss.py)."""
+    cfg = adapters.text_config(model)
+    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
+    layer = 6 * hidden + 3 * (getattr(cfg, "intermediate_size", None) or 4 * hidden)
+    per_token = 2 * (layers * hidden + layer if checkpointing else layers * layer)
+    if not compiled:
+        per_token = per_token * 3 // 2
+    return per_token + (8 * cfg.vocab_size if head_logits else 0)
+
+
+def process_most_tokens(model) -> int:
+    """The most tokens a trainer process's automatic micro-batch size takes for ``model`` on a
+    GPU: ``AUTO_MOST_TOKENS["process"]``, or the largest power of two (at least 512) whose
+    activations fit :data:`PROCESS_ACTIVATION_BYTES` where that is fewer."""
+    fits = PROCESS_ACTIVATION_BYTES // activation_bytes_per_token(model)
+    return max(512, min(AUTO_MOST_TOKENS["process"], 1 << max(fits.bit_length() - 1, 0)))
 
 
 def gpu_micro_batch_tokens(model, free_bytes: float, *, checkpointing: bool = False, compiled: bool = True,
@@ -50,22 +84,11 @@ def gpu_micro_batch_tokens(model, free_bytes: float, *, checkpointing: bool = Fa
     """The most tokens in one forward/backward on a GPU when ``training.micro_batch_tokens`` is 0:
     as many as fit in half of ``free_bytes`` (the other half stays for chat and anything else on
     the card), rounded down to a power of two, within ``least``–``most`` (:data:`AUTO_MOST_TOKENS`:
-    where training runs). A token's activations
-    are estimated at 2 bytes × layers × (6 × hidden + 3 × intermediate size) (bf16, compiled
-    layers): within 10 % of what was measured at the Qwen2.5-0.5B, 1.5B and Llama-3-8B shapes
-    (docs/BENCHMARKS.md, section 5); 1.5 times that for eager layers (measured 1.43 at 0.5B);
-    with gradient checkpointing, each layer's input plus one layer's activations; and where the
-    output layer is not a plain bias-free linear one (``head_logits``), the float32 logits the
-    loss then builds and their gradient, 8 bytes × the vocabulary (a plain one, frozen or
-    trained, computes the loss in chunks: gpu/loss.py). A larger batch
-    is split and its gradients accumulated: the same step, in bounded memory."""
-    cfg = adapters.text_config(model)
-    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
-    layer = 6 * hidden + 3 * (getattr(cfg, "intermediate_size", None) or 4 * hidden)
-    per_token = 2 * (layers * hidden + layer if checkpointing else layers * layer)
-    if not compiled:
-        per_token = per_token * 3 // 2
-    per_token += 8 * cfg.vocab_size if head_logits else 0
+    where training runs; a trainer process's is :func:`process_most_tokens`), a token's memory
+    estimated by :func:`activation_bytes_per_token`. A larger batch is split and its gradients
+    accumulated: the same step, in bounded memory."""
+    per_token = activation_bytes_per_token(model, checkpointing=checkpointing, compiled=compiled,
+                                           head_logits=head_logits)
     fits = int(max(free_bytes, 0) // 2 // per_token)
     return max(least, min(most, 1 << max(fits.bit_length() - 1, 0)))
 

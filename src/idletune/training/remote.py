@@ -33,7 +33,9 @@ How:
 - Its ``idletune`` log records go through a queue to the serving process, which logs them with
   its own handlers and level (:func:`_log_here`): a spawned process has no logging set up.
 - On a GPU its automatic micro-batch size takes at most ``RemoteEngine.auto_most_tokens``
-  (2048): bounded memory, its layers compiled for it (``service.training_compile_args``).
+  (2048 tokens, and at most about 4.5 GiB of activations: 1024 at Llama-3-8B;
+  ``engine.process_most_tokens``): bounded memory, its layers compiled for it
+  (``service.training_compile_args``).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ import time
 from pathlib import Path
 
 from ..config import TrainingConfig
-from .engine import AUTO_MOST_TOKENS, Preempted, TrainingEngine, read_metrics
+from .engine import Preempted, TrainingEngine, process_most_tokens, read_metrics
 
 log = logging.getLogger("idletune.trainer")
 TRAINER_PROCESS_NAME = "idletune-trainer"
@@ -87,8 +89,9 @@ class RemoteEngine:
         # (gpu/training.py's compile_layers arguments), or None
         self.compile_layers: dict | None = None
         # the most tokens the automatic micro-batch size takes on a GPU (the service compiles
-        # the layers for it: service.training_compile_args)
-        self.auto_most_tokens = AUTO_MOST_TOKENS["process"]
+        # the layers for it: service.training_compile_args): 2048, 1024 for a model as large as
+        # Llama-3-8B
+        self.auto_most_tokens = process_most_tokens(model)
         self._model_dir = str(model_dir)
         self._activity = activity
         self._ctx = multiprocessing.get_context("spawn")
