@@ -106,8 +106,24 @@ def warm_training(url: str, steps: int, timeout: float = 600) -> dict:
     return {"steps": now - start, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def latency(url: str, n: int, max_tokens: int, gap: float, warm_steps: int = 0, on_measure=None) -> dict:
-    """``on_measure``: called once the backlog is in and training warmed up, as measuring starts."""
+def summary(rs: list[dict]) -> dict:
+    """Time to first token and total time (p50, p99), ms a token, the slowest five."""
+    per_tok = [(r["total"] - r["ttft"]) / max(1, r["tokens"] - 1) for r in rs]
+    return {"n": len(rs), "ttft_p50_ms": 1e3 * statistics.median(r["ttft"] for r in rs),
+            "ttft_p99_ms": 1e3 * pct([r["ttft"] for r in rs], 99),
+            "total_p50_ms": 1e3 * statistics.median(r["total"] for r in rs),
+            "total_p99_ms": 1e3 * pct([r["total"] for r in rs], 99),
+            "per_token_p50_ms": 1e3 * statistics.median(per_tok),
+            "training_active_at_arrival": sum(r["training_was_active"] for r in rs),
+            "ttft_ms_slowest": sorted((round(1e3 * r["ttft"], 2) for r in rs), reverse=True)[:5],
+            "ttft_ms_slowest_at": sorted(range(len(rs)), key=lambda i: -rs[i]["ttft"])[:5]}
+
+
+def latency(url: str, n: int, max_tokens: int, gap: float, warm_steps: int = 0, on_measure=None,
+            on_progress=None) -> dict:
+    """``on_measure``: called once the backlog is in and training warmed up, as measuring starts;
+    ``on_progress``: called with both conditions' summaries so far after every 20 requests of
+    each (a run cut short by a time limit keeps what it measured)."""
     # A backlog: many pending examples, so the scheduler always has work when allowed. Varied
     # sentences (repetitive text would be screened out before training); refilled while
     # measuring, since accepted rounds use it up (EH: 20 examples left after warming up, and
@@ -163,19 +179,11 @@ def latency(url: str, n: int, max_tokens: int, gap: float, warm_steps: int = 0, 
         r["training_was_active"] = training
         r.pop("text")
         out[cond].append(r)
+        if on_progress is not None and i % 40 == 39:
+            on_progress({"requests_a_condition": len(out["backlog"]), "off": summary(out["off"]),
+                         "backlog": summary(out["backlog"])})
     HTTP.post(f"{url}/api/training/pause")
     window.append(time.time())
-
-    def summary(rs):
-        per_tok = [(r["total"] - r["ttft"]) / max(1, r["tokens"] - 1) for r in rs]
-        return {"n": len(rs), "ttft_p50_ms": 1e3 * statistics.median(r["ttft"] for r in rs),
-                "ttft_p99_ms": 1e3 * pct([r["ttft"] for r in rs], 99),
-                "total_p50_ms": 1e3 * statistics.median(r["total"] for r in rs),
-                "total_p99_ms": 1e3 * pct([r["total"] for r in rs], 99),
-                "per_token_p50_ms": 1e3 * statistics.median(per_tok),
-                "training_active_at_arrival": sum(r["training_was_active"] for r in rs),
-                "ttft_ms_slowest": sorted((round(1e3 * r["ttft"], 2) for r in rs), reverse=True)[:5],
-                "ttft_ms_slowest_at": sorted(range(len(rs)), key=lambda i: -rs[i]["ttft"])[:5]}
 
     off, bl = summary(out["off"]), summary(out["backlog"])
     ratios = {k: bl[k] / off[k] for k in off if k.endswith("_ms")}
@@ -227,7 +235,16 @@ def main() -> None:
             if not args.skip_learning:
                 res["time_to_learn"] = time_to_learn(url, args.learn_timeout)
                 print("time to learn:", json.dumps(res["time_to_learn"]), flush=True)
-            res["latency"] = latency(url, args.requests, args.max_tokens, args.gap, args.warm_training, measuring)
+            def progress(part: dict) -> None:
+                res["latency_so_far"] = part
+                print(f'{part["requests_a_condition"]} requests a condition: TTFT p50 / p99 off '
+                      f'{part["off"]["ttft_p50_ms"]:.2f} / {part["off"]["ttft_p99_ms"]:.2f} ms, backlog '
+                      f'{part["backlog"]["ttft_p50_ms"]:.2f} / {part["backlog"]["ttft_p99_ms"]:.2f} ms', flush=True)
+                if args.out:
+                    Path(args.out).write_text(json.dumps(res, indent=1))
+            res["latency"] = latency(url, args.requests, args.max_tokens, args.gap, args.warm_training, measuring,
+                                     progress)
+            res.pop("latency_so_far", None)
         finally:
             proc.terminate()
             proc.wait(30)
