@@ -113,7 +113,7 @@ QUEUED_LAYERS = 3
 # and a request's prompt shares the SMs with all of it: one layer queued, not three. At 0.5B
 # the TTFT added under a backlog was +0.94 / +0.78 ms (p50 / p99) against +1.95 / +2.69 ms
 # (docs/BENCHMARKS.md, run DA). While the user is away QUEUED_LAYERS holds: training's speed.
-QUEUED_LAYERS_FULL_ACTIVE = 1
+QUEUED_LAYERS_FULL_ACTIVE = 0
 # The user counts as away after this long with no request. Until then, with CUDA-graphed layers,
 # a new shape is not recorded while a recorded larger one can serve, and the output layer's loss
 # is queued a chunk at a time like the layers.
@@ -228,7 +228,7 @@ class TrainingEngine:
         # Tokens in one forward/backward: bounds a step's activation memory (about 2.6 MB per
         # token for the default model in float32 on a CPU). 0 on a GPU: sized to the memory
         # free at the first step (:func:`gpu_micro_batch_tokens`), at most auto_most_tokens
-        # (a trainer process sets its own: AUTO_MOST_TOKENS).
+        # (a trainer process sets its own: process_most_tokens).
         self.micro_batch_tokens = config.micro_batch_tokens or (0 if self.device.type == "cuda" else 512)
         self.auto_most_tokens = AUTO_MOST_TOKENS["thread"]
         self.max_wait_s: float | None = None  # evaluation waits at most this long for a gap (None: forever)
@@ -654,7 +654,7 @@ class TrainingEngine:
             ev = torch.cuda.Event()
             ev.record(self._step_stream)
             self._queued.append((ev, layers if active else 1))
-            while len(self._queued) > 1 and sum(n for _, n in self._queued) > limit:
+            while self._queued and (len(self._queued) > 1 or limit == 0) and sum(n for _, n in self._queued) > limit:
                 self._queued.popleft()[0].synchronize()  # waits in this thread only, without the GIL
 
     def _forward_boundary(self, layers: int = 1) -> None:
