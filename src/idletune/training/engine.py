@@ -110,9 +110,14 @@ def graph_shape(rows: int, length: int) -> tuple[int, int]:
 QUEUED_LAYERS = 3
 # In full fine-tuning while the user is active: each layer's backward pass also computes its
 # weights' gradients (products over all the step's tokens), well over a LoRA layer's GPU work,
-# and a request's prompt shares the SMs with all of it: one layer queued, not three. At 0.5B
-# the TTFT added under a backlog was +0.94 / +0.78 ms (p50 / p99) against +1.95 / +2.69 ms
-# (docs/BENCHMARKS.md, run DA). While the user is away QUEUED_LAYERS holds: training's speed.
+# and a request's prompt shares the SMs with all of it: one layer queued, not three (at 0.5B
+# the TTFT added under a backlog was +0.94 / +0.78 ms (p50 / p99) against +1.95 / +2.69 ms, run
+# DA) — and since run FM none: the host waits for each layer (or unit) before it queues the
+# next. In a trainer process, the GPU default, that work runs in another CUDA context, beyond
+# the serving stream's priority, and shares the GPU with the request's decoding: at 0.5B
+# decoding kept ×0.983 of its speed against ×0.966 with one layer queued (TTFT p50 +0.12
+# against +0.47 ms), at 21 % fewer training steps while the user was active (docs/BENCHMARKS.md,
+# "Twenty-first session"). While the user is away QUEUED_LAYERS holds: training's speed.
 QUEUED_LAYERS_FULL_ACTIVE = 0
 # The user counts as away after this long with no request. Until then, with CUDA-graphed layers,
 # a new shape is not recorded while a recorded larger one can serve, and the output layer's loss
@@ -636,7 +641,8 @@ class TrainingEngine:
         keep at most ``queued_layers`` layers (or loss chunks) of this step's work queued on the
         device, so that a request finds little training work ahead of it (the host otherwise
         runs a whole step ahead); in full fine-tuning while the user is active,
-        ``queued_layers_full_active``. The work just queued always stays queued, however large.
+        ``queued_layers_full_active`` (0: the host waits for the work just queued too). Otherwise
+        the work just queued always stays queued, however large.
 
         ``layers``: how many layers the work this boundary closes holds (a compiled unit's
         count; 1 for a layer or a loss chunk). While the user is active (a request in the last
