@@ -139,3 +139,99 @@ def start_server(tmp_path):
     yield start
     for s in servers:
         s.stop()
+
+
+class BaseProbes:
+    """The real default model's retention probes (``probes.json``) and its base retention loss
+    (``snapshots/BASELINE.json``) under the default settings: 24 gate and 40 rehearsal prompts
+    answered greedily, about 20 s on two cores, recorded by the product on a fresh data directory's
+    first training round. Both are keyed only on what they were made from (the model folder, the
+    probes' format and counts; the probes' fingerprint), and greedy decoding is deterministic, so
+    the files one data directory got are exactly what another one would record (those a server
+    recorded in the Quick-start test and those ``build_service`` records in the test process were
+    byte for byte the same): recorded once a session, they are copied into the data directories
+    of the later real-model tests before their service starts. ``keep`` takes the files of a test
+    that recorded them from scratch (the Quick-start test in test_e2e_learning.py, which runs
+    first); without one, the product's own code records them (``build_service`` on a data
+    directory of its own)."""
+
+    FILES = ("probes.json", "snapshots/BASELINE.json")
+
+    def __init__(self, model_dir: Path, store: Path):
+        self.model_dir, self.store = model_dir, store
+
+    def _wanted(self) -> dict:
+        from idletune.config import Config
+        from idletune.training import probes
+
+        cfg = Config()
+        return {"model": str(self.model_dir), "format": probes.FORMAT, "prompts": cfg.gate.num_retention_probes,
+                "rehearsal": cfg.training.rehearsal_probes}
+
+    def _check(self, data_dir: Path) -> None:
+        """The files are the base model's, made for the default settings and for each other."""
+        import json
+
+        from idletune.training import probes
+
+        recorded = json.loads((data_dir / "probes.json").read_text(encoding="utf-8"))
+        wanted = self._wanted()
+        assert {k: recorded.get(k) for k in wanted} == wanted, f"probes made for other settings: {wanted}"
+        baseline = json.loads((data_dir / "snapshots" / "BASELINE.json").read_text())
+        gate = probes.load_or_record(data_dir / "probes.json", None, None, wanted["prompts"], wanted["model"],
+                                     wanted["rehearsal"]).gate
+        assert baseline.get("probes") == probes.fingerprint(gate) and set(baseline) == {"retention_loss", "probes"}, \
+            f"BASELINE.json is not the base model's loss on these probes: {baseline}"
+
+    def keep(self, data_dir: Path) -> None:
+        """Keep the files a test recorded from scratch in ``data_dir`` for the tests after it."""
+        import shutil
+
+        self._check(data_dir)
+        if not all((self.store / f).exists() for f in self.FILES):
+            (self.store / "snapshots").mkdir(parents=True, exist_ok=True)
+            for f in self.FILES:
+                shutil.copy(data_dir / f, self.store / f)
+
+    def _record(self) -> None:
+        from idletune.config import Config
+        from idletune.service import build_service
+
+        cfg = Config.load(None, {"scheduler.enable_background_training": False, "training.trainer": "thread"})
+        data_dir = self.store.parent / (self.store.name + "-data")
+        svc = build_service(data_dir, model=self.model_dir, config=cfg, start_scheduler=False)
+        try:
+            svc.weights._base_retention(svc.engine, svc.probes().gate)
+        finally:
+            svc.close()
+        self.keep(data_dir)
+
+    def seed(self, data_dir: Path) -> dict[str, bytes]:
+        """Copy the files into ``data_dir`` (made as the server makes it); returns what was copied."""
+        import shutil
+
+        if not all((self.store / f).exists() for f in self.FILES):
+            self._record()
+        (data_dir / "snapshots").mkdir(parents=True, exist_ok=True)
+        data_dir.chmod(0o700)  # private, as build_service makes a new one
+        for f in self.FILES:
+            shutil.copy(self.store / f, data_dir / f)
+        return {f: (data_dir / f).read_bytes() for f in self.FILES}
+
+
+@pytest.fixture(scope="session")
+def base_probes(tmp_path_factory, default_model_dir) -> BaseProbes:
+    """The real default model's retention probes and base retention loss, recorded once a session."""
+    return BaseProbes(default_model_dir, tmp_path_factory.mktemp("base-probes"))
+
+
+@pytest.fixture
+def probed_data_dir(tmp_path, base_probes) -> Path:
+    """``tmp_path / "data"`` with the real default model's probes and base retention loss already
+    there, as the first training round on a fresh data directory leaves them. After the test, both
+    files must be unchanged: the product took them as its own rather than recording them again."""
+    data = tmp_path / "data"
+    seeded = base_probes.seed(data)
+    yield data
+    for f, content in seeded.items():
+        assert (data / f).read_bytes() == content, f"{f} was recorded again: the copy was not what the product makes"

@@ -26,7 +26,11 @@ def ask(client, question):
     return r.choices[0].message.content, r.system_fingerprint
 
 
-def test_learns_a_fact_from_a_conversation_and_keeps_it_across_restart(start_server, default_model_dir, tmp_path):
+def test_learns_a_fact_from_a_conversation_and_keeps_it_across_restart(start_server, default_model_dir, tmp_path,
+                                                                       base_probes):
+    """The Quick-start path on a fresh data directory: its first round records the retention
+    probes and the base model's retention loss from scratch (the real-model tests after it start
+    with these files: ``probed_data_dir``)."""
     from openai import OpenAI
 
     data = tmp_path / "data"
@@ -78,9 +82,11 @@ def test_learns_a_fact_from_a_conversation_and_keeps_it_across_restart(start_ser
     client2 = OpenAI(base_url=f"{server2.url}/v1", api_key="unused")
     text, _ = ask(client2, "Tell me the codename of Project Bluebird.")
     assert "ZEPHYR-42" in text
+    base_probes.keep(data)  # recorded from scratch here: the tests after this one start with them
 
 
-def test_a_correction_is_learned_first_while_imports_and_chats_wait(start_server, default_model_dir, tmp_path):
+def test_a_correction_is_learned_first_while_imports_and_chats_wait(start_server, default_model_dir,
+                                                                    probed_data_dir):
     """A user who imported a document and chatted, then corrects an answer: the correction trains
     in a round of its own, ahead of the long imported chunks (mixed with them it got a few slow
     steps a round and was not learned in three rounds), and asking again before it is learned
@@ -89,7 +95,7 @@ def test_a_correction_is_learned_first_while_imports_and_chats_wait(start_server
 
     from openai import OpenAI
 
-    server = start_server(data_dir=tmp_path / "data", extra=["--set", "scheduler.min_idle_time_ms=1000"])
+    server = start_server(data_dir=probed_data_dir, extra=["--set", "scheduler.min_idle_time_ms=1000"])
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     httpx.post(f"{server.url}/api/training/pause")
     doc = (Path(__file__).parents[1] / "docs" / "IMPORTING.md").read_text()[:6000]
@@ -125,7 +131,7 @@ def test_a_correction_is_learned_first_while_imports_and_chats_wait(start_server
     assert "Ottoline Brask" in text, text
 
 
-def test_lessons_in_a_row_each_spend_little_of_the_retention_budget(default_model_dir, tmp_path):
+def test_lessons_in_a_row_each_spend_little_of_the_retention_budget(default_model_dir, probed_data_dir):
     """The gate's retention limit is cumulative, from the base model (+50 %). Each taught fact
     spent 11–17 % of it (probes cut off by the token limit ended in an end-of-turn token, and
     four probes were rehearsed): two lessons +30 %, and the model stopped learning after three or
@@ -136,7 +142,7 @@ def test_lessons_in_a_row_each_spend_little_of_the_retention_budget(default_mode
     from idletune.service import build_service
 
     cfg = Config.load(None, {"scheduler.enable_background_training": False, "training.trainer": "thread"})
-    svc = build_service(tmp_path / "data", model=default_model_dir, config=cfg)
+    svc = build_service(probed_data_dir, model=default_model_dir, config=cfg)
     try:
         gate = svc.probes().gate
         base = svc.weights._base_retention(svc.engine, gate)

@@ -13,10 +13,10 @@ FACT = "Quillby is run by Mayor Ottoline Brask."
 
 
 def test_a_trainer_process_learns_a_correction_that_the_server_then_serves(start_server, default_model_dir,
-                                                                          tmp_path):
+                                                                          probed_data_dir):
     from openai import OpenAI
 
-    server = start_server(data_dir=tmp_path / "data",
+    server = start_server(data_dir=probed_data_dir,
                           extra=["--set", "training.trainer=process", "--set", "scheduler.min_idle_time_ms=1500"])
     trainers = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
                 if "spawn_main" in " ".join(p.cmdline())]

@@ -15,7 +15,7 @@ QUESTIONS = ["What is the capital of France?", "Name three colours of the rainbo
 
 
 @pytest.mark.slow  # the real model on CPU
-def test_garbage_burst_is_rejected_before_it_trains(tmp_path, default_model_dir):
+def test_garbage_burst_is_rejected_before_it_trains(default_model_dir, probed_data_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
@@ -24,9 +24,10 @@ def test_garbage_burst_is_rejected_before_it_trains(tmp_path, default_model_dir)
     def random_tokens(n: int) -> str:
         return tok.decode([rng.randrange(len(tok)) for _ in range(n)], skip_special_tokens=True).strip()
 
-    s = ServerProcess(tmp_path / "data", default_model_dir,
-                      ["--set", "scheduler.enable_background_training=false",
-                       "--set", "gate.num_retention_probes=8", "--set", "gate.heldout_examples=0",
+    # the default 24 retention probes (12 measure the noise check's reference), as the other
+    # real-model tests: their recording is shared (probed_data_dir)
+    s = ServerProcess(probed_data_dir, default_model_dir,
+                      ["--set", "scheduler.enable_background_training=false", "--set", "gate.heldout_examples=0",
                        "--set", "training.max_steps=24"]).start()
     try:
         def answers() -> list[tuple[str, str]]:
