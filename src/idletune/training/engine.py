@@ -116,8 +116,10 @@ QUEUED_LAYERS = 3
 # next. In a trainer process, the GPU default, that work runs in another CUDA context, beyond
 # the serving stream's priority, and shares the GPU with the request's decoding: at 0.5B
 # decoding kept ×0.983 of its speed against ×0.966 with one layer queued (TTFT p50 +0.12
-# against +0.47 ms), at 21 % fewer training steps while the user was active (docs/BENCHMARKS.md,
-# "Twenty-first session"). While the user is away QUEUED_LAYERS holds: training's speed.
+# against +0.47 ms), at 21 % fewer training steps while the user was active; with a trainer
+# thread (the stream's priority in reach) decoding kept ×0.991 either way, the TTFT p50 +1.13
+# against +1.57 ms at 16 % fewer steps (runs FM–FO, docs/BENCHMARKS.md, "Twenty-first
+# session"). While the user is away QUEUED_LAYERS holds: training's speed.
 QUEUED_LAYERS_FULL_ACTIVE = 0
 # The user counts as away after this long with no request. Until then, with CUDA-graphed layers,
 # a new shape is not recorded while a recorded larger one can serve, and the output layer's loss
