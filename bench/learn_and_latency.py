@@ -240,8 +240,10 @@ def main() -> None:
                 print(f'{part["requests_a_condition"]} requests a condition: TTFT p50 / p99 off '
                       f'{part["off"]["ttft_p50_ms"]:.2f} / {part["off"]["ttft_p99_ms"]:.2f} ms, backlog '
                       f'{part["backlog"]["ttft_p50_ms"]:.2f} / {part["backlog"]["ttft_p99_ms"]:.2f} ms', flush=True)
-                if args.out:
-                    Path(args.out).write_text(json.dumps(res, indent=1))
+                if args.out:  # whole or not at all: a time limit may stop the run while it writes
+                    tmp = Path(args.out).with_suffix(".partial")
+                    tmp.write_text(json.dumps(res, indent=1))
+                    os.replace(tmp, args.out)
             res["latency"] = latency(url, args.requests, args.max_tokens, args.gap, args.warm_training, measuring,
                                      progress)
             res.pop("latency_so_far", None)

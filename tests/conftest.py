@@ -184,7 +184,9 @@ class BaseProbes:
             f"BASELINE.json is not the base model's loss on these probes: {baseline}"
 
     def keep(self, data_dir: Path) -> None:
-        """Keep the files a test recorded from scratch in ``data_dir`` for the tests after it."""
+        """Keep the files a test recorded from scratch in ``data_dir`` for the tests after it; where
+        some are kept already (recorded in the test process, or by an earlier test), the new ones
+        must be the same, byte for byte."""
         import shutil
 
         self._check(data_dir)
@@ -192,6 +194,9 @@ class BaseProbes:
             (self.store / "snapshots").mkdir(parents=True, exist_ok=True)
             for f in self.FILES:
                 shutil.copy(data_dir / f, self.store / f)
+        for f in self.FILES:
+            assert (data_dir / f).read_bytes() == (self.store / f).read_bytes(), \
+                f"{f} recorded again differs from the one kept: the recording is not deterministic"
 
     def _record(self) -> None:
         from idletune.config import Config
@@ -229,7 +234,8 @@ def base_probes(tmp_path_factory, default_model_dir) -> BaseProbes:
 def probed_data_dir(tmp_path, base_probes) -> Path:
     """``tmp_path / "data"`` with the real default model's probes and base retention loss already
     there, as the first training round on a fresh data directory leaves them. After the test, both
-    files must be unchanged: the product took them as its own rather than recording them again."""
+    files must be unchanged: the product took them as its own rather than recording them again
+    (asked for before ``start_server``, this check runs once the server has stopped)."""
     data = tmp_path / "data"
     seeded = base_probes.seed(data)
     yield data

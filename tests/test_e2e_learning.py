@@ -85,8 +85,8 @@ def test_learns_a_fact_from_a_conversation_and_keeps_it_across_restart(start_ser
     base_probes.keep(data)  # recorded from scratch here: the tests after this one start with them
 
 
-def test_a_correction_is_learned_first_while_imports_and_chats_wait(start_server, default_model_dir,
-                                                                    probed_data_dir):
+def test_a_correction_is_learned_first_while_imports_and_chats_wait(probed_data_dir, start_server,
+                                                                    default_model_dir):
     """A user who imported a document and chatted, then corrects an answer: the correction trains
     in a round of its own, ahead of the long imported chunks (mixed with them it got a few slow
     steps a round and was not learned in three rounds), and asking again before it is learned

@@ -12,8 +12,8 @@ QUESTION = "Who runs the town of Quillby?"
 FACT = "Quillby is run by Mayor Ottoline Brask."
 
 
-def test_a_trainer_process_learns_a_correction_that_the_server_then_serves(start_server, default_model_dir,
-                                                                          probed_data_dir):
+def test_a_trainer_process_learns_a_correction_that_the_server_then_serves(probed_data_dir, start_server,
+                                                                          default_model_dir):
     from openai import OpenAI
 
     server = start_server(data_dir=probed_data_dir,

@@ -45,11 +45,13 @@ log = logging.getLogger("idletune.training")
 #   chat's added TTFT p99 was 2.3–4.2 times the unsplit default's on one machine (runs DP–DS).
 AUTO_MOST_TOKENS = {"process": 2048, "thread": 16384}
 # A trainer process's parts also keep at most this much of activations (as estimated by
-# activation_bytes_per_token): its graph pool holds a step's peak for the process's life. That
-# leaves 2048 tokens at the Qwen2.5-0.5B and 1.5B shapes and takes 1024 at Llama-3-8B, where a
-# large model's products keep the GPU busy in smaller parts: on one H100 (run FI, 8 × 512 tokens)
-# 2048-token parts took 21.6 % of the plain PEFT loop's peak at 1.68× its speed, 1024-token parts
-# 11.2 % at 1.55× (docs/BENCHMARKS.md, "Twenty-first session").
+# activation_bytes_per_token, compiled layers, a plain output layer): its graph pool holds a
+# step's peak for the process's life. That leaves 2048 tokens up to about 2.4 MB a token (the
+# Qwen2.5-0.5B and 1.5B shapes, Gemma-2-2B) and takes 1024 above (about 3B parameters and more:
+# Qwen2.5-3B, Llama-3.2-3B, Llama-3-8B), where a large model's products keep the GPU busy in
+# smaller parts: on one H100 (run FI, 8 × 512 tokens) at Llama-3-8B 2048-token parts took 21.6 %
+# of the plain PEFT loop's peak at 1.68× its speed, 1024-token parts 11.2 % at 1.55× (measured
+# at 8B only; docs/BENCHMARKS.md, "Twenty-first session").
 PROCESS_ACTIVATION_BYTES = int(4.5 * 2**30)
 
 
@@ -74,7 +76,9 @@ def activation_bytes_per_token(model, *, checkpointing: bool = False, compiled: 
 def process_most_tokens(model) -> int:
     """The most tokens a trainer process's automatic micro-batch size takes for ``model`` on a
     GPU: ``AUTO_MOST_TOKENS["process"]``, or the largest power of two (at least 512) whose
-    activations fit :data:`PROCESS_ACTIVATION_BYTES` where that is fewer."""
+    activations fit :data:`PROCESS_ACTIVATION_BYTES` where that is fewer, by the estimate for
+    compiled layers and a plain output layer (the GPU path's; eager layers or whole-vocabulary
+    logits keep more, and half the free memory still bounds the size at the first step)."""
     fits = PROCESS_ACTIVATION_BYTES // activation_bytes_per_token(model)
     return max(512, min(AUTO_MOST_TOKENS["process"], 1 << max(fits.bit_length() - 1, 0)))
 
@@ -116,9 +120,9 @@ QUEUED_LAYERS = 3
 # next. In a trainer process, the GPU default, that work runs in another CUDA context, beyond
 # the serving stream's priority, and shares the GPU with the request's decoding: at 0.5B
 # decoding kept ×0.983 of its speed against ×0.966 with one layer queued (TTFT p50 +0.12
-# against +0.47 ms), at 21 % fewer training steps while the user was active; with a trainer
-# thread (the stream's priority in reach) decoding kept ×0.991 either way, the TTFT p50 +1.13
-# against +1.57 ms at 16 % fewer steps (runs FM–FO, docs/BENCHMARKS.md, "Twenty-first
+# against +0.47 ms; ×0.982 against ×0.967 on a second machine), at 21–31 % fewer training steps
+# while the user was active; with a trainer thread (the stream's priority in reach) decoding kept
+# ×0.991–0.992 either way, the TTFT p50 +1.13 against +1.57 ms at 16 % fewer steps (runs FM–FO, docs/BENCHMARKS.md, "Twenty-first
 # session"). While the user is away QUEUED_LAYERS holds: training's speed.
 QUEUED_LAYERS_FULL_ACTIVE = 0
 # The user counts as away after this long with no request. Until then, with CUDA-graphed layers,
