@@ -71,9 +71,9 @@ class TrainingConfig:
     """Most padded tokens in one forward/backward; a larger batch is split into micro-batches
     whose gradients add up to the same step (bounds memory). 0: 512 on a CPU; on a GPU sized at
     the first step to half the free memory (a power of two from 512), at most 2048 in a trainer
-    process (the GPU default; 1024 for models of about 3B parameters and more, e.g. Llama-3-8B: at
-    most about 4.5 GiB of activations by the compiled-layer estimate, engine.process_most_tokens) and 16384 with a trainer thread
-    (engine.AUTO_MOST_TOKENS). Set, or
+    process (the GPU default; 1024 for models of about 7B parameters and more, e.g. Llama-3-8B:
+    at most about 7 GiB of activations by the compiled-layer estimate,
+    engine.process_most_tokens) and 16384 with a trainer thread (engine.AUTO_MOST_TOKENS). Set, or
     automatic in a trainer process on a GPU, the compiled layers (``compile``; by default only
     on a GPU) keep fewer activations, and at 4096 tokens or fewer (and ``max_seq_len`` no
     longer) run in units of several layers (gpu/training.py: ``RECOMPUTE_CHEAP``,

@@ -46,13 +46,14 @@ log = logging.getLogger("idletune.training")
 AUTO_MOST_TOKENS = {"process": 2048, "thread": 16384}
 # A trainer process's parts also keep at most this much of activations (as estimated by
 # activation_bytes_per_token, compiled layers, a plain output layer): its graph pool holds a
-# step's peak for the process's life. That leaves 2048 tokens up to about 2.4 MB a token (the
-# Qwen2.5-0.5B and 1.5B shapes, Gemma-2-2B) and takes 1024 above (about 3B parameters and more:
-# Qwen2.5-3B, Llama-3.2-3B, Llama-3-8B), where a large model's products keep the GPU busy in
-# smaller parts: on one H100 (run FI, 8 × 512 tokens) at Llama-3-8B 2048-token parts took 21.6 %
-# of the plain PEFT loop's peak at 1.68× its speed, 1024-token parts 11.2 % at 1.55× (measured
-# at 8B only; docs/BENCHMARKS.md, "Twenty-first session").
-PROCESS_ACTIVATION_BYTES = int(4.5 * 2**30)
+# step's peak for the process's life. That leaves 2048 tokens up to about 3.6 MB a token (the
+# Qwen2.5-0.5B, 1.5B and 3B shapes) and takes 1024 above (about 7B parameters and more: Llama-3-8B,
+# Mistral-7B, Qwen2.5-7B), where a large model's products keep the GPU busy in smaller parts. On
+# one H100 (8 × 512 tokens): at Llama-3-8B 2048-token parts took 21.6 % of the plain PEFT loop's
+# peak at 1.68× its speed, 1024-token parts 11.2 % at 1.55× (run FI); at Qwen2.5-3B 20.3 % at
+# 1.96× against 10.6 % at 1.63× (run FP): there the smaller parts cost 17 % of the speed, at 8B
+# 8 % (docs/BENCHMARKS.md, "Twenty-first session").
+PROCESS_ACTIVATION_BYTES = 7 * 2**30
 
 
 def activation_bytes_per_token(model, *, checkpointing: bool = False, compiled: bool = True,
@@ -122,8 +123,9 @@ QUEUED_LAYERS = 3
 # decoding kept ×0.983 of its speed against ×0.966 with one layer queued (TTFT p50 +0.12
 # against +0.47 ms; ×0.982 against ×0.967 on a second machine), at 21–31 % fewer training steps
 # while the user was active; with a trainer thread (the stream's priority in reach) decoding kept
-# ×0.991–0.992 either way, the TTFT p50 +1.13 against +1.57 ms at 16 % fewer steps (runs FM–FO, docs/BENCHMARKS.md, "Twenty-first
-# session"). While the user is away QUEUED_LAYERS holds: training's speed.
+# ×0.991–0.992 either way, the TTFT p50 +1.13 against +1.57 ms at 16 % fewer steps (runs
+# FM–FO, docs/BENCHMARKS.md, "Twenty-first session"). While the user is away QUEUED_LAYERS
+# holds: training's speed.
 QUEUED_LAYERS_FULL_ACTIVE = 0
 # The user counts as away after this long with no request. Until then, with CUDA-graphed layers,
 # a new shape is not recorded while a recorded larger one can serve, and the output layer's loss

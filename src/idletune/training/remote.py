@@ -33,7 +33,7 @@ How:
 - Its ``idletune`` log records go through a queue to the serving process, which logs them with
   its own handlers and level (:func:`_log_here`): a spawned process has no logging set up.
 - On a GPU its automatic micro-batch size takes at most ``RemoteEngine.auto_most_tokens``
-  (2048 tokens, and at most about 4.5 GiB of activations: 1024 from about 3B parameters, e.g. Llama-3-8B;
+  (2048 tokens, and at most about 7 GiB of activations: 1024 from about 7B parameters, e.g. Llama-3-8B;
   ``engine.process_most_tokens``): bounded memory, its layers compiled for it
   (``service.training_compile_args``).
 """
@@ -89,7 +89,7 @@ class RemoteEngine:
         # (gpu/training.py's compile_layers arguments), or None
         self.compile_layers: dict | None = None
         # the most tokens the automatic micro-batch size takes on a GPU (the service compiles
-        # the layers for it: service.training_compile_args): 2048, 1024 from about 3B parameters
+        # the layers for it: service.training_compile_args): 2048, 1024 from about 7B parameters
         self.auto_most_tokens = process_most_tokens(model)
         self._model_dir = str(model_dir)
         self._activity = activity
