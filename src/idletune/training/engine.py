@@ -80,8 +80,13 @@ def process_most_tokens(model) -> int:
     activations fit :data:`PROCESS_ACTIVATION_BYTES` where that is fewer, by the estimate for
     compiled layers and a plain output layer (the GPU path's; eager layers or whole-vocabulary
     logits keep more, and half the free memory still bounds the size at the first step)."""
-    fits = PROCESS_ACTIVATION_BYTES // activation_bytes_per_token(model)
-    return max(512, min(AUTO_MOST_TOKENS["process"], 1 << max(fits.bit_length() - 1, 0)))
+    return _power_of_two_within(PROCESS_ACTIVATION_BYTES // activation_bytes_per_token(model), 512,
+                                AUTO_MOST_TOKENS["process"])
+
+
+def _power_of_two_within(fits: int, least: int, most: int) -> int:
+    """The largest power of two not above ``fits``, within ``least``–``most``."""
+    return max(least, min(most, 1 << max(int(fits).bit_length() - 1, 0)))
 
 
 def gpu_micro_batch_tokens(model, free_bytes: float, *, checkpointing: bool = False, compiled: bool = True,
@@ -94,8 +99,7 @@ def gpu_micro_batch_tokens(model, free_bytes: float, *, checkpointing: bool = Fa
     accumulated: the same step, in bounded memory."""
     per_token = activation_bytes_per_token(model, checkpointing=checkpointing, compiled=compiled,
                                            head_logits=head_logits)
-    fits = int(max(free_bytes, 0) // 2 // per_token)
-    return max(least, min(most, 1 << max(fits.bit_length() - 1, 0)))
+    return _power_of_two_within(max(free_bytes, 0) // 2 // per_token, least, most)
 
 
 def graph_shape(rows: int, length: int) -> tuple[int, int]:

@@ -126,10 +126,13 @@ class WeightUpdater:
         d = GateDecision(True, "ok", base_ret, live_ret, cand_ret, live_ho, cand_ho)
         with self.lock:
             finite = self.ws.is_finite("candidate")
+        # past the base model's limit: refused, unless within the ceiling the live weights had
+        # when the probes were measured anew (_base_retention)
+        limit = base_ret * (1 + g.max_retention_loss_increase) if base_ret else None
+        over_base = cand_ret is not None and limit is not None and cand_ret > limit
         if not finite or (cand_ret is not None and not math.isfinite(cand_ret)) or (cand_ho is not None and not math.isfinite(cand_ho)):
             d.accepted, d.reason = False, "non-finite weights or loss"
-        elif cand_ret is not None and base_ret and cand_ret > max(base_ret * (1 + g.max_retention_loss_increase),
-                                                                   self._ceiling or 0.0):
+        elif over_base and cand_ret > (self._ceiling or 0.0):
             d.accepted = False
             d.reason = (f"retention loss rose {100 * (cand_ret / base_ret - 1):.0f} % above the base model's "
                         f"(limit {100 * g.max_retention_loss_increase:.0f} %"
@@ -139,7 +142,7 @@ class WeightUpdater:
             d.accepted = False
             d.reason = (f"held-out loss rose {100 * (cand_ho / live_ho - 1):.0f} % "
                         f"(limit {100 * g.max_heldout_loss_increase:.0f} %)")
-        if d.accepted and cand_ret is not None and base_ret and cand_ret > base_ret * (1 + g.max_retention_loss_increase):
+        if d.accepted and over_base:
             d.reason = (f"retention loss {100 * (cand_ret / base_ret - 1):.0f} % above the base model's, within the "
                         f"{100 * (self._ceiling / base_ret - 1):.0f} % the live weights had when the probes were "
                         "measured anew; held-out loss within limits")
